@@ -1,0 +1,162 @@
+"""Plans: the one description of work. Merges, exports, imports and dtype conversions all build
+a :class:`Plan`; the Rust engine (CPU) and the torch path (CUDA) both execute it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .errors import MismatchError, PlanError
+from .reader import Checkpoint
+
+DTYPE_ALIASES = {
+    "f16": "F16", "fp16": "F16", "float16": "F16", "half": "F16",
+    "bf16": "BF16", "bfloat16": "BF16",
+    "f32": "F32", "fp32": "F32", "float32": "F32", "float": "F32",
+    "f64": "F64", "fp64": "F64", "float64": "F64",
+    "f8_e4m3": "F8_E4M3", "fp8": "F8_E4M3", "f8_e5m2": "F8_E5M2",
+    "same": None, "keep": None,
+}
+
+
+def parse_dtype(dtype: str | None) -> str | None:
+    """Normalises a user dtype ("f16", "bf16", "same", ...) to the header spelling or None (= same as source)."""
+    if dtype is None:
+        return None
+    key = dtype.lower()
+    if key in DTYPE_ALIASES:
+        return DTYPE_ALIASES[key]
+    if dtype.upper() in ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"):
+        return dtype.upper()
+    raise PlanError(f"unknown output dtype '{dtype}' (use f16, bf16, f32, f64 or same)")
+
+
+@dataclass
+class Output:
+    """One output tensor: a copy of one source or a mean of several, in this order."""
+
+    name: str
+    op: str  # "copy" | "mean"
+    sources: list[tuple[int, str]]  # (input index, tensor name)
+    dtype: str | None = None  # None: same as the first source
+    weights: list[float] | None = None  # normalised; None = uniform (divide by N)
+
+    def as_core(self) -> tuple[str, str | None, str, list[tuple[int, str]], list[float] | None]:
+        return (self.name, self.dtype, self.op, self.sources, self.weights)
+
+
+@dataclass
+class Plan:
+    inputs: list[Path]
+    outputs: list[Output] = field(default_factory=list)
+    accumulate: str = "f32"
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: what the builder noticed (keys missing from some inputs...), for the report
+    notes: dict[str, object] = field(default_factory=dict)
+
+    def core_args(self) -> tuple[list[str], list[tuple]]:
+        return [os.fspath(p) for p in self.inputs], [o.as_core() for o in self.outputs]
+
+    def bytes_to_read(self, checkpoints: Sequence[Checkpoint]) -> int:
+        return sum(checkpoints[i].info[k].nbytes for o in self.outputs for (i, k) in o.sources)
+
+
+def normalize(weights: Sequence[float]) -> list[float]:
+    """Weights normalised in float64 to sum 1."""
+    w = [float(x) for x in weights]
+    if any(not math.isfinite(x) for x in w):
+        raise PlanError(f"weights must be finite: {w}")
+    s = math.fsum(w)
+    if s == 0 or not math.isfinite(s):
+        raise PlanError(f"weights sum to {s}; cannot normalise")
+    return [x / s for x in w]
+
+
+KeyFilter = Iterable[str] | Callable[[str], bool] | None
+
+
+def _key_selector(keys: KeyFilter) -> Callable[[str], bool]:
+    if keys is None:
+        return lambda k: True
+    if callable(keys):
+        return keys
+    wanted = set(keys)
+    return lambda k: k in wanted
+
+
+def mean_plan(
+    checkpoints: Sequence[Checkpoint],
+    *,
+    weights: Sequence[float] | None = None,
+    normalize_weights: bool = True,
+    dtype: str | None = "F16",
+    accumulate: str = "f32",
+    keys: KeyFilter = None,
+    strict: bool = False,
+) -> Plan:
+    """The plan for a mean of whole checkpoints: every float tensor is averaged over the inputs
+    that have it (in input order), integer/bool tensors are copied from the first input that has
+    one. A key missing from some inputs is noted in ``plan.notes["missing"]`` (an error with
+    ``strict=True``)."""
+    if not checkpoints:
+        raise PlanError("mean of no inputs: give at least one file")
+    n = len(checkpoints)
+    if weights is not None:
+        if len(weights) != n:
+            raise PlanError(f"{len(weights)} weights for {n} inputs")
+        normalize(weights)  # validates
+    if accumulate not in ("f32", "f64"):
+        raise PlanError(f"accumulate must be 'f32' or 'f64', not '{accumulate}'")
+    out_dtype = parse_dtype(dtype)
+    select = _key_selector(keys)
+    order: dict[str, list[int]] = {}
+    for i, ck in enumerate(checkpoints):
+        for k in ck.info:
+            if select(k):
+                order.setdefault(k, []).append(i)
+    if not order:
+        raise PlanError("no tensors selected" + (" (check keys=)" if keys is not None else ""))
+    missing: dict[str, list[str]] = {}
+    outputs: list[Output] = []
+    for k, have in order.items():
+        infos = [checkpoints[i].info[k] for i in have]
+        kinds = {t.is_float for t in infos}
+        if len(kinds) > 1:
+            a = next(i for i, t in zip(have, infos) if t.is_float)
+            b = next(i for i, t in zip(have, infos) if not t.is_float)
+            raise MismatchError(
+                f"tensor '{k}': {checkpoints[a].info[k].dtype} in {checkpoints[a].path} but "
+                f"{checkpoints[b].info[k].dtype} in {checkpoints[b].path}"
+            )
+        if len(have) < n:
+            missing[k] = [os.path.basename(checkpoints[i].path) for i in range(n) if i not in have]
+        if not infos[0].is_float:
+            outputs.append(Output(k, "copy", [(have[0], k)], None))
+            continue
+        w = None
+        if weights is not None:
+            sub = [float(weights[i]) for i in have]
+            w = normalize(sub) if normalize_weights else sub
+        outputs.append(Output(k, "mean", [(i, k) for i in have], out_dtype, w))
+    if missing and strict:
+        k, files = next(iter(missing.items()))
+        more = f" (and {len(missing) - 1} more keys)" if len(missing) > 1 else ""
+        raise MismatchError(f"tensor '{k}': missing from {', '.join(files)}{more} (strict=True)")
+    meta = {
+        "astolfomix.op": "mean",
+        "astolfomix.dtype": out_dtype or "same",
+        "astolfomix.accumulate": accumulate,
+    }
+    if weights is not None:
+        meta["astolfomix.weights"] = json.dumps([float(x) for x in weights])
+    return Plan(
+        inputs=[Path(ck.path) for ck in checkpoints],
+        outputs=outputs,
+        accumulate=accumulate,
+        metadata=meta,
+        notes={"missing": missing},
+    )

@@ -1,0 +1,82 @@
+//! A safetensors file opened read-only through a memory map, its header validated.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::header::{self, Header, TensorInfo};
+
+/// An open checkpoint. The map stays valid as long as nobody truncates the file underneath
+/// us; this crate never writes to a file it has open as an input (see `writer`).
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub header: Header,
+    pub file_len: u64,
+    /// (device, inode): how the writer recognises an input under another name.
+    pub identity: (u64, u64),
+    index: HashMap<String, usize>,
+    mmap: Mmap,
+}
+
+impl Checkpoint {
+    /// Opens and validates `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound { path: path.to_path_buf() },
+            _ => Error::io(path, e),
+        })?;
+        if meta.is_dir() {
+            return Err(Error::IsDirectory { path: path.to_path_buf() });
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = meta.len();
+        if file_len < 8 {
+            return Err(Error::invalid(path, format!("file is {file_len} bytes, shorter than the 8-byte header length")));
+        }
+        // SAFETY: the map is read-only and private to this process. Undefined behaviour would
+        // need another process to truncate or rewrite the file while it is mapped; the writer
+        // refuses to write over any open input, and we document that inputs must not change.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        if header::looks_like_pickle(&mmap[..8]) {
+            return Err(Error::Pickle { path: path.to_path_buf() });
+        }
+        let n = header::header_len(path, &mmap, file_len)?;
+        let data_len = file_len as usize - 8 - n;
+        let header = header::parse(path, &mmap[8..8 + n], data_len)?;
+        let index = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            header,
+            file_len,
+            identity: (meta.dev(), meta.ino()),
+            index,
+            mmap,
+        })
+    }
+
+    /// The header entry for `name`.
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.header.tensors[i])
+    }
+
+    /// The stored bytes of one tensor (validated to lie inside the file at open).
+    pub fn data(&self, t: &TensorInfo) -> &[u8] {
+        let s = self.header.data_start;
+        &self.mmap[s + t.begin..s + t.end]
+    }
+
+    /// The whole file, mapped.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    /// Tells the kernel we will read the whole data section soon (readahead on cold files).
+    pub fn will_need(&self) {
+        let _ = self.mmap.advise(memmap2::Advice::WillNeed);
+    }
+}

@@ -1,0 +1,386 @@
+//! The CPU executor: runs a plan over memory-mapped inputs with rayon, chunk by chunk, each
+//! chunk's inputs added in plan order (so any thread count gives the same bits), and streams the
+//! result through the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::kernels::{self, Level};
+use crate::plan::{Accumulate, Kind, Layout, Plan, Resolved};
+use crate::writer::Writer;
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Worker threads; `None` = all cores.
+    pub threads: Option<usize>,
+    /// Elements per work item: sized so the f32 accumulator and the sources' chunks stay in L2.
+    pub chunk: usize,
+    /// Kernel level; `None` = best detected.
+    pub level: Option<Level>,
+    /// fsync before rename.
+    pub durable: bool,
+    pub overwrite: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            threads: None,
+            chunk: 1 << 16,
+            level: None,
+            durable: true,
+            overwrite: false,
+        }
+    }
+}
+
+/// Shared with whoever watches the run (the Python progress bar, Ctrl-C handling).
+#[derive(Default)]
+pub struct Progress {
+    /// Input bytes processed so far.
+    pub done: AtomicU64,
+    /// Input bytes the plan reads in all (set once the plan is resolved).
+    pub total: AtomicU64,
+    /// Set to stop the run; it ends with `Error::Cancelled` and leaves no file.
+    pub cancel: AtomicBool,
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub output: PathBuf,
+    pub tensors: usize,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub threads: usize,
+    pub kernel: &'static str,
+}
+
+/// Opens every input, failing on the first bad one (its error names it).
+pub fn open_inputs(paths: &[PathBuf]) -> Result<Vec<Checkpoint>> {
+    if paths.is_empty() {
+        return Err(Error::Plan("no input files given".into()));
+    }
+    paths.iter().map(Checkpoint::open).collect()
+}
+
+struct Item {
+    tensor: usize,
+    /// Element range, or byte range for a raw copy.
+    start: usize,
+    end: usize,
+}
+
+fn is_raw_copy(t: &Resolved) -> bool {
+    matches!(t.kind, Kind::Copy(r) if r.dtype == t.dtype)
+}
+
+fn work_items(layout: &Layout, chunk: usize) -> Vec<Item> {
+    let mut items = Vec::new();
+    for (i, t) in layout.tensors.iter().enumerate() {
+        let (len, step) = if is_raw_copy(t) { (t.out_len, chunk * 4) } else { (t.numel, chunk) };
+        let mut s = 0;
+        while s < len {
+            let e = (s + step).min(len);
+            items.push(Item { tensor: i, start: s, end: e });
+            s = e;
+        }
+    }
+    items
+}
+
+/// Per-thread scratch space, reused across items.
+#[derive(Default)]
+struct Scratch {
+    acc: Vec<f32>,
+    acc64: Vec<f64>,
+    out: Vec<u8>,
+}
+
+fn src_bytes<'a>(inputs: &'a [Checkpoint], input: usize, offset: usize, dtype: Dtype, s: usize, e: usize) -> &'a [u8] {
+    let sz = dtype.size();
+    &inputs[input].bytes()[offset + s * sz..offset + e * sz]
+}
+
+fn run_item(
+    inputs: &[Checkpoint],
+    layout: &Layout,
+    item: &Item,
+    level: Level,
+    scratch: &mut Scratch,
+    writer: &Writer,
+) -> Result<u64> {
+    let t = &layout.tensors[item.tensor];
+    let (s, e) = (item.start, item.end);
+    if is_raw_copy(t) {
+        let Kind::Copy(r) = t.kind else { unreachable!() };
+        let bytes = &inputs[r.input].bytes()[r.offset + s..r.offset + e];
+        writer.write_at((t.out_offset + s) as u64, bytes)?;
+        return Ok(bytes.len() as u64);
+    }
+    let n = e - s;
+    let osz = t.dtype.size();
+    scratch.out.resize(n * osz, 0);
+    let out = &mut scratch.out[..];
+    let mut read = 0u64;
+    let f64_path = |d: Dtype| layout.accumulate == Accumulate::F64 || !kernels::fits_f32(d) || t.dtype == Dtype::F64;
+    match &t.kind {
+        Kind::Copy(r) => {
+            let src = src_bytes(inputs, r.input, r.offset, r.dtype, s, e);
+            read += src.len() as u64;
+            if f64_path(r.dtype) {
+                scratch.acc64.resize(n, 0.0);
+                kernels::load_f64_slice(&mut scratch.acc64, src, r.dtype);
+                kernels::finish_f64(&scratch.acc64, None, out, t.dtype);
+            } else {
+                scratch.acc.resize(n, 0.0);
+                kernels::load(&mut scratch.acc, src, r.dtype);
+                kernels::finish(level, &mut scratch.acc, None, out, t.dtype);
+            }
+        }
+        Kind::Mean { sources, weights } => {
+            if layout.accumulate == Accumulate::F64 {
+                scratch.acc64.clear();
+                scratch.acc64.resize(n, 0.0);
+                for (k, r) in sources.iter().enumerate() {
+                    let src = src_bytes(inputs, r.input, r.offset, r.dtype, s, e);
+                    read += src.len() as u64;
+                    kernels::accumulate_f64(&mut scratch.acc64, src, r.dtype, weights.as_ref().map(|w| w[k]));
+                }
+                let div = weights.is_none().then_some(sources.len() as f64);
+                kernels::finish_f64(&scratch.acc64, div, out, t.dtype);
+            } else {
+                scratch.acc.clear();
+                scratch.acc.resize(n, 0.0);
+                for (k, r) in sources.iter().enumerate() {
+                    let src = src_bytes(inputs, r.input, r.offset, r.dtype, s, e);
+                    read += src.len() as u64;
+                    kernels::accumulate(level, &mut scratch.acc, src, r.dtype, weights.as_ref().map(|w| w[k] as f32));
+                }
+                let div = weights.is_none().then_some(sources.len() as f32);
+                if t.dtype == Dtype::F64 {
+                    // An f32 sum written as f64: divide in f32 (the recipe), then widen exactly.
+                    for a in scratch.acc.iter_mut() {
+                        *a = div.map_or(*a, |d| *a / d);
+                    }
+                    let widened: Vec<f64> = scratch.acc.iter().map(|&a| a as f64).collect();
+                    kernels::finish_f64(&widened, None, out, t.dtype);
+                } else {
+                    kernels::finish(level, &mut scratch.acc, div, out, t.dtype);
+                }
+            }
+        }
+    }
+    writer.write_at((t.out_offset + s * osz) as u64, out)?;
+    Ok(read)
+}
+
+/// Runs `plan` on already opened inputs and writes `output`.
+pub fn execute_with(
+    plan: &Plan,
+    inputs: &[Checkpoint],
+    output: &Path,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    let layout = plan.resolve(inputs)?;
+    progress.total.store(layout.bytes_read, Ordering::Relaxed);
+    let ids: Vec<(u64, u64)> = inputs.iter().map(|c| c.identity).collect();
+    let writer = Writer::create(output, &layout.header, layout.data_len as u64, &ids, opts.overwrite)?;
+    let level = opts.level.unwrap_or_else(Level::detect);
+    let threads = opts.threads.unwrap_or_else(rayon::current_num_threads).max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Plan(format!("cannot start {threads} threads: {e}")))?;
+    let items = work_items(&layout, opts.chunk.max(64));
+    let bytes_read = pool.install(|| {
+        items.par_iter().try_fold(
+            || (Scratch::default(), 0u64),
+            |(mut scratch, total), item| {
+                if progress.cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                let r = run_item(inputs, &layout, item, level, &mut scratch, &writer)?;
+                progress.done.fetch_add(r, Ordering::Relaxed);
+                Ok((scratch, total + r))
+            },
+        )
+        .map(|r| r.map(|(_, n)| n))
+        .try_reduce(|| 0, |a, b| Ok(a + b))
+    })?;
+    let bytes_written = writer.file_len();
+    writer.commit(opts.durable)?;
+    Ok(Report {
+        output: output.to_path_buf(),
+        tensors: layout.tensors.len(),
+        bytes_read,
+        bytes_written,
+        seconds: t0.elapsed().as_secs_f64(),
+        threads,
+        kernel: level.name(),
+    })
+}
+
+/// Opens `plan.inputs`, runs the plan and writes `output`.
+pub fn execute(plan: &Plan, output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
+    let inputs = open_inputs(&plan.inputs)?;
+    execute_with(plan, &inputs, output, opts, progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Op, OutputTensor, Source};
+    use crate::testutil::{f16_bytes, write_file};
+    use proptest::prelude::*;
+
+    fn mean_plan(inputs: Vec<PathBuf>, names: &[&str], weights: Option<Vec<f64>>) -> Plan {
+        let n = inputs.len();
+        Plan {
+            inputs,
+            outputs: names
+                .iter()
+                .map(|name| OutputTensor {
+                    name: name.to_string(),
+                    dtype: Some(Dtype::F16),
+                    op: Op::Mean {
+                        sources: (0..n).map(|i| Source { input: i, tensor: name.to_string() }).collect(),
+                        weights: weights.clone(),
+                    },
+                })
+                .collect(),
+            accumulate: Accumulate::F32,
+            metadata: Default::default(),
+        }
+    }
+
+    fn read_tensor(path: &Path, name: &str) -> Vec<u8> {
+        let c = Checkpoint::open(path).unwrap();
+        let t = c.get(name).unwrap().clone();
+        c.data(&t).to_vec()
+    }
+
+    #[test]
+    fn uniform_mean_matches_scalar_recipe() {
+        let d = tempfile::tempdir().unwrap();
+        let vals: Vec<Vec<f32>> = (0..3).map(|k| (0..1000).map(|i| (i as f32 * 0.37 + k as f32).sin() * 7.0).collect()).collect();
+        let paths: Vec<PathBuf> = (0..3)
+            .map(|k| {
+                let p = d.path().join(format!("m{k}.safetensors"));
+                write_file(&p, &[("w", Dtype::F16, vec![10, 100], f16_bytes(&vals[k])), ("ids", Dtype::I64, vec![2], vec![7; 16])]);
+                p
+            })
+            .collect();
+        let out = d.path().join("out.safetensors");
+        let mut plan = mean_plan(paths.clone(), &["w"], None);
+        plan.outputs.push(OutputTensor {
+            name: "ids".into(),
+            dtype: None,
+            op: Op::Copy(Source { input: 0, tensor: "ids".into() }),
+        });
+        let r = execute(&plan, &out, &Options::default(), &Progress::default()).unwrap();
+        assert_eq!(r.tensors, 2);
+        assert_eq!(r.bytes_read, 3 * 2000 + 16);
+        let got = read_tensor(&out, "w");
+        let expect: Vec<u8> = (0..1000)
+            .flat_map(|i| {
+                let mut acc = 0f32;
+                for v in &vals {
+                    acc += half::f16::from_f32(v[i]).to_f32();
+                }
+                half::f16::from_f32(acc / 3.0).to_bits().to_le_bytes()
+            })
+            .collect();
+        assert_eq!(got, expect);
+        assert_eq!(read_tensor(&out, "ids"), vec![7; 16]);
+    }
+
+    #[test]
+    fn error_missing_tensor_names_file() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.safetensors");
+        let b = d.path().join("b.safetensors");
+        write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
+        write_file(&b, &[("v", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
+        let out = d.path().join("o.safetensors");
+        let e = execute(&mean_plan(vec![a, b], &["w"], None), &out, &Options::default(), &Progress::default()).unwrap_err();
+        assert!(e.to_string().contains("b.safetensors") && e.to_string().contains("'w'"), "{e}");
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn error_shape_mismatch_names_both_files() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.safetensors");
+        let b = d.path().join("b.safetensors");
+        write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
+        write_file(&b, &[("w", Dtype::F16, vec![1, 2], f16_bytes(&[1.0, 2.0]))]);
+        let out = d.path().join("o.safetensors");
+        let e = execute(&mean_plan(vec![a, b], &["w"], None), &out, &Options::default(), &Progress::default()).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("a.safetensors") && s.contains("b.safetensors") && s.contains("'w'"), "{s}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn error_int_tensor_cannot_be_averaged() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.safetensors");
+        write_file(&a, &[("ids", Dtype::I64, vec![1], vec![0; 8])]);
+        let out = d.path().join("o.safetensors");
+        let e = execute(&mean_plan(vec![a], &["ids"], None), &out, &Options::default(), &Progress::default()).unwrap_err();
+        assert!(e.to_string().contains("cannot be averaged"), "{e}");
+    }
+
+    #[test]
+    fn cancel_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.safetensors");
+        write_file(&a, &[("w", Dtype::F16, vec![4096], f16_bytes(&[1.0; 4096]))]);
+        let out = d.path().join("o.safetensors");
+        let p = Progress::default();
+        p.cancel.store(true, Ordering::Relaxed);
+        let e = execute(&mean_plan(vec![a], &["w"], None), &out, &Options::default(), &p).unwrap_err();
+        assert!(matches!(e, Error::Cancelled));
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Same bytes for 1, 2 and 7 threads and any chunk size, weighted or not.
+        #[test]
+        fn thread_count_never_changes_bits(n in 1usize..6, len in 0usize..3000, chunk in 64usize..700, weighted in any::<bool>(), seed in any::<u64>()) {
+            let d = tempfile::tempdir().unwrap();
+            let mut x = seed | 1;
+            let mut rnd = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; (x % 20000) as f32 / 997.0 - 10.0 };
+            let paths: Vec<PathBuf> = (0..n).map(|k| {
+                let p = d.path().join(format!("m{k}.safetensors"));
+                let v: Vec<f32> = (0..len).map(|_| rnd()).collect();
+                let b: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                write_file(&p, &[("w", Dtype::F32, vec![len], b)]);
+                p
+            }).collect();
+            let weights = weighted.then(|| crate::plan::normalize_weights(&(1..=n).map(|i| i as f64).collect::<Vec<_>>()).unwrap());
+            let plan = mean_plan(paths, &["w"], weights);
+            let mut outs = vec![];
+            for (i, threads) in [1usize, 2, 7].into_iter().enumerate() {
+                let out = d.path().join(format!("o{i}.safetensors"));
+                let opts = Options { threads: Some(threads), chunk, durable: false, ..Options::default() };
+                execute(&plan, &out, &opts, &Progress::default()).unwrap();
+                outs.push(read_tensor(&out, "w"));
+            }
+            prop_assert_eq!(&outs[0], &outs[1]);
+            prop_assert_eq!(&outs[0], &outs[2]);
+        }
+    }
+}

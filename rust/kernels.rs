@@ -1,0 +1,565 @@
+//! Convert-and-accumulate kernels. The engine calls these on cache-sized chunks.
+//!
+//! Semantics (identical for every level, and for the CUDA executor):
+//! `acc = acc + f32(x)` or, weighted, `acc = acc + f32(w * f32(x))`, then one IEEE division by N
+//! (uniform) and round-to-nearest-even into the output dtype. No FMA, no reassociation: each
+//! element's result depends only on its own inputs in plan order, so threads never change bits.
+//!
+//! Levels are chosen once at run time: AVX-512 (F + F16 conversion), AVX2 + F16C, or scalar.
+
+use std::sync::OnceLock;
+
+use crate::dtype::Dtype;
+
+/// Which implementation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Level {
+    /// The best level this CPU supports (cached). `ASTOLFOMIX_KERNEL=scalar|avx2|avx512` caps it.
+    pub fn detect() -> Level {
+        static L: OnceLock<Level> = OnceLock::new();
+        *L.get_or_init(|| {
+            let best = Level::available().into_iter().last().unwrap_or(Level::Scalar);
+            match std::env::var("ASTOLFOMIX_KERNEL").as_deref() {
+                Ok("scalar") => Level::Scalar,
+                Ok("avx2") if best != Level::Scalar => Level::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// Every level this CPU can run, scalar first.
+    pub fn available() -> Vec<Level> {
+        #[allow(unused_mut)]
+        let mut v = vec![Level::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+                v.push(Level::Avx2);
+                if is_x86_feature_detected!("avx512f") {
+                    v.push(Level::Avx512);
+                }
+            }
+        }
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2+f16c",
+            Level::Avx512 => "avx512f",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minifloat formats: exact decode, and correctly rounded (RNE) encode from f64.
+
+/// A small IEEE-like binary float format.
+#[derive(Clone, Copy)]
+struct Mini {
+    exp_bits: u32,
+    man_bits: u32,
+    /// `fn` formats (F8_E4M3) have no infinity; all-ones is NaN and overflow becomes NaN.
+    finite_only: bool,
+}
+
+const F16: Mini = Mini { exp_bits: 5, man_bits: 10, finite_only: false };
+const BF16: Mini = Mini { exp_bits: 8, man_bits: 7, finite_only: false };
+const E5M2: Mini = Mini { exp_bits: 5, man_bits: 2, finite_only: false };
+const E4M3: Mini = Mini { exp_bits: 4, man_bits: 3, finite_only: true };
+
+fn pow2(e: i32) -> f64 {
+    f64::from_bits(((e + 1023) as u64) << 52)
+}
+
+impl Mini {
+    fn bias(self) -> i32 {
+        (1 << (self.exp_bits - 1)) - 1
+    }
+    fn sign_bit(self) -> u32 {
+        1 << (self.exp_bits + self.man_bits)
+    }
+    fn max_exp_field(self) -> u32 {
+        (1 << self.exp_bits) - 1
+    }
+    fn nan(self) -> u32 {
+        if self.finite_only {
+            (self.max_exp_field() << self.man_bits) | ((1 << self.man_bits) - 1)
+        } else {
+            (self.max_exp_field() << self.man_bits) | (1 << (self.man_bits - 1))
+        }
+    }
+    fn overflow(self) -> u32 {
+        if self.finite_only {
+            self.nan()
+        } else {
+            self.max_exp_field() << self.man_bits
+        }
+    }
+
+    fn decode(self, bits: u32) -> f64 {
+        let sign = if bits & self.sign_bit() != 0 { -1.0 } else { 1.0 };
+        let e = (bits >> self.man_bits) & self.max_exp_field();
+        let m = bits & ((1 << self.man_bits) - 1);
+        let top = e == self.max_exp_field();
+        if top && !self.finite_only {
+            return if m == 0 { sign * f64::INFINITY } else { f64::NAN.copysign(sign) };
+        }
+        if top && self.finite_only && m == (1 << self.man_bits) - 1 {
+            return f64::NAN.copysign(sign);
+        }
+        let v = if e == 0 {
+            m as f64 * pow2(1 - self.bias() - self.man_bits as i32)
+        } else {
+            (m as f64 + (1u64 << self.man_bits) as f64) * pow2(e as i32 - self.bias() - self.man_bits as i32)
+        };
+        sign * v
+    }
+
+    /// Round-to-nearest-even of `x` into this format: scale by the format's quantum at x's
+    /// binade (exact in f64), round the integer, re-encode.
+    fn encode(self, x: f64) -> u32 {
+        let sign = if x.is_sign_negative() { self.sign_bit() } else { 0 };
+        if x.is_nan() {
+            return sign | self.nan();
+        }
+        let a = x.abs();
+        if a.is_infinite() {
+            return sign | self.overflow();
+        }
+        if a < pow2(-1000) {
+            // Far below half the smallest subnormal of every format here.
+            return sign;
+        }
+        let e = ((a.to_bits() >> 52) as i32) - 1023;
+        let min_e = 1 - self.bias();
+        let mut q = e.max(min_e) - self.man_bits as i32;
+        let mut r = (a * pow2(-q)).round_ties_even() as u64;
+        if r >= 1u64 << (self.man_bits + 1) {
+            r >>= 1;
+            q += 1;
+        }
+        let bits = if r < 1u64 << self.man_bits {
+            r as u32 // subnormal or zero
+        } else {
+            let ef = (q + self.man_bits as i32 + self.bias()) as u32;
+            let man = (r - (1u64 << self.man_bits)) as u32;
+            let limit = if self.finite_only { self.max_exp_field() } else { self.max_exp_field() - 1 };
+            if ef > limit || (self.finite_only && ef == limit && man == (1 << self.man_bits) - 1) {
+                return sign | self.overflow();
+            }
+            (ef << self.man_bits) | man
+        };
+        sign | bits
+    }
+}
+
+fn f8_table(m: Mini) -> [f32; 256] {
+    let mut t = [0f32; 256];
+    for (i, v) in t.iter_mut().enumerate() {
+        *v = m.decode(i as u32) as f32;
+    }
+    t
+}
+
+fn e4m3_table() -> &'static [f32; 256] {
+    static T: OnceLock<[f32; 256]> = OnceLock::new();
+    T.get_or_init(|| f8_table(E4M3))
+}
+
+fn e5m2_table() -> &'static [f32; 256] {
+    static T: OnceLock<[f32; 256]> = OnceLock::new();
+    T.get_or_init(|| f8_table(E5M2))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar element conversions.
+
+#[inline]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+#[inline]
+fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Element `i` of `src` (stored as `dtype`) as f32. f64 rounds to nearest even.
+#[inline]
+fn load_f32(src: &[u8], dtype: Dtype, i: usize) -> f32 {
+    match dtype {
+        Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
+        Dtype::BF16 => bf16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])),
+        Dtype::F32 => f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().expect("4 bytes")),
+        Dtype::F64 => f64::from_le_bytes(src[8 * i..8 * i + 8].try_into().expect("8 bytes")) as f32,
+        Dtype::F8_E4M3 => e4m3_table()[src[i] as usize],
+        Dtype::F8_E5M2 => e5m2_table()[src[i] as usize],
+        d => unreachable!("{d} is not averageable; plans reject it"),
+    }
+}
+
+/// Element `i` as f64, exactly.
+#[inline]
+fn load_f64(src: &[u8], dtype: Dtype, i: usize) -> f64 {
+    match dtype {
+        Dtype::F64 => f64::from_le_bytes(src[8 * i..8 * i + 8].try_into().expect("8 bytes")),
+        _ => load_f32(src, dtype, i) as f64,
+    }
+}
+
+#[inline]
+fn store_f32(out: &mut [u8], dtype: Dtype, i: usize, x: f32) {
+    match dtype {
+        Dtype::F16 => out[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+        Dtype::BF16 => out[2 * i..2 * i + 2].copy_from_slice(&f32_to_bf16(x).to_le_bytes()),
+        Dtype::F32 => out[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes()),
+        _ => store_f64(out, dtype, i, x as f64),
+    }
+}
+
+#[inline]
+fn store_f64(out: &mut [u8], dtype: Dtype, i: usize, x: f64) {
+    match dtype {
+        Dtype::F64 => out[8 * i..8 * i + 8].copy_from_slice(&x.to_le_bytes()),
+        Dtype::F32 => out[4 * i..4 * i + 4].copy_from_slice(&(x as f32).to_le_bytes()),
+        Dtype::F16 => out[2 * i..2 * i + 2].copy_from_slice(&(F16.encode(x) as u16).to_le_bytes()),
+        Dtype::BF16 => out[2 * i..2 * i + 2].copy_from_slice(&(BF16.encode(x) as u16).to_le_bytes()),
+        Dtype::F8_E4M3 => out[i] = E4M3.encode(x) as u8,
+        Dtype::F8_E5M2 => out[i] = E5M2.encode(x) as u8,
+        d => unreachable!("{d} is not a float output; plans reject it"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public chunk kernels.
+
+/// `acc[i] = acc[i] + f32(src[i])`, or `acc[i] + f32(w * f32(src[i]))` when weighted.
+pub fn accumulate(level: Level, acc: &mut [f32], src: &[u8], dtype: Dtype, weight: Option<f32>) {
+    debug_assert_eq!(src.len(), acc.len() * dtype.size());
+    let done = match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe {
+            // SAFETY: Avx512 is only chosen when avx512f (and avx2/f16c) were detected.
+            x86::accumulate_avx512(acc, src, dtype, weight)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe {
+            // SAFETY: Avx2 is only chosen when avx2 and f16c were detected.
+            x86::accumulate_avx2(acc, src, dtype, weight)
+        },
+        _ => 0,
+    };
+    match weight {
+        None => {
+            for (i, a) in acc.iter_mut().enumerate().skip(done) {
+                *a += load_f32(src, dtype, i);
+            }
+        }
+        Some(w) => {
+            for (i, a) in acc.iter_mut().enumerate().skip(done) {
+                let p = w * load_f32(src, dtype, i);
+                *a += p;
+            }
+        }
+    }
+}
+
+/// `out[i] = round(acc[i] / divisor)` (or `round(acc[i])`) into `out_dtype`. Overwrites `acc`.
+pub fn finish(level: Level, acc: &mut [f32], divisor: Option<f32>, out: &mut [u8], out_dtype: Dtype) {
+    debug_assert_eq!(out.len(), acc.len() * out_dtype.size());
+    let done = match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => unsafe {
+            // SAFETY: both levels imply avx2 and f16c were detected.
+            x86::finish_avx2(acc, divisor, out, out_dtype)
+        },
+        _ => 0,
+    };
+    for i in done..acc.len() {
+        let x = match divisor {
+            Some(n) => acc[i] / n,
+            None => acc[i],
+        };
+        store_f32(out, out_dtype, i, x);
+    }
+}
+
+/// Sets `acc[i] = f32(src[i])` (a conversion, not `0 + x`: keeps -0.0).
+pub fn load(acc: &mut [f32], src: &[u8], dtype: Dtype) {
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = load_f32(src, dtype, i);
+    }
+}
+
+/// f64 accumulation: `acc = acc + f64(x)` or `acc + w * f64(x)`.
+pub fn accumulate_f64(acc: &mut [f64], src: &[u8], dtype: Dtype, weight: Option<f64>) {
+    match weight {
+        None => acc.iter_mut().enumerate().for_each(|(i, a)| *a += load_f64(src, dtype, i)),
+        Some(w) => acc.iter_mut().enumerate().for_each(|(i, a)| {
+            let p = w * load_f64(src, dtype, i);
+            *a += p
+        }),
+    }
+}
+
+/// Sets `acc[i] = f64(src[i])` exactly.
+pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
+    acc.iter_mut().enumerate().for_each(|(i, a)| *a = load_f64(src, dtype, i));
+}
+
+/// `out[i] = round(acc[i] / divisor)`, rounded once from f64 straight into `out_dtype`.
+pub fn finish_f64(acc: &[f64], divisor: Option<f64>, out: &mut [u8], out_dtype: Dtype) {
+    for (i, &a) in acc.iter().enumerate() {
+        let x = match divisor {
+            Some(n) => a / n,
+            None => a,
+        };
+        store_f64(out, out_dtype, i, x);
+    }
+}
+
+/// Whether a conversion from `dtype` is exact through f32 (everything but f64).
+pub fn fits_f32(dtype: Dtype) -> bool {
+    dtype != Dtype::F64
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Dtype;
+
+    /// Returns how many leading elements were done (a multiple of 8); the caller does the tail.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn accumulate_avx2(acc: &mut [f32], src: &[u8], dtype: Dtype, weight: Option<f32>) -> usize {
+        let n = acc.len() / 8 * 8;
+        let a = acc.as_mut_ptr();
+        let s = src.as_ptr();
+        let w = _mm256_set1_ps(weight.unwrap_or(1.0));
+        let weighted = weight.is_some();
+        macro_rules! run {
+            ($i:ident => $load:expr) => {{
+                let mut $i = 0;
+                while $i < n {
+                    // SAFETY: i + 8 <= acc.len(), and src holds acc.len() elements of dtype.
+                    let mut x = $load;
+                    if weighted {
+                        x = _mm256_mul_ps(w, x);
+                    }
+                    _mm256_storeu_ps(a.add($i), _mm256_add_ps(_mm256_loadu_ps(a.add($i)), x));
+                    $i += 8;
+                }
+                n
+            }};
+        }
+        match dtype {
+            Dtype::F16 => run!(i => _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * i) as *const __m128i))),
+            Dtype::BF16 => run!(i => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(s.add(2 * i) as *const __m128i)
+            )))),
+            Dtype::F32 => run!(i => _mm256_loadu_ps(s.add(4 * i) as *const f32)),
+            _ => 0,
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    pub unsafe fn accumulate_avx512(acc: &mut [f32], src: &[u8], dtype: Dtype, weight: Option<f32>) -> usize {
+        let n = acc.len() / 16 * 16;
+        let a = acc.as_mut_ptr();
+        let s = src.as_ptr();
+        let w = _mm512_set1_ps(weight.unwrap_or(1.0));
+        let weighted = weight.is_some();
+        macro_rules! run {
+            ($i:ident => $load:expr) => {{
+                let mut $i = 0;
+                while $i < n {
+                    // SAFETY: i + 16 <= acc.len(), and src holds acc.len() elements of dtype.
+                    let mut x = $load;
+                    if weighted {
+                        x = _mm512_mul_ps(w, x);
+                    }
+                    _mm512_storeu_ps(a.add($i), _mm512_add_ps(_mm512_loadu_ps(a.add($i)), x));
+                    $i += 16;
+                }
+                n
+            }};
+        }
+        let done = match dtype {
+            Dtype::F16 => run!(i => _mm512_cvtph_ps(_mm256_loadu_si256(s.add(2 * i) as *const __m256i))),
+            Dtype::BF16 => run!(i => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(s.add(2 * i) as *const __m256i)
+            )))),
+            Dtype::F32 => run!(i => _mm512_loadu_ps(s.add(4 * i) as *const f32)),
+            _ => 0,
+        };
+        if done == 0 {
+            return 0;
+        }
+        // Let the AVX2 loop take any 8-element block left before the scalar tail.
+        let rest = accumulate_avx2(&mut acc[done..], &src[done * dtype.size()..], dtype, weight);
+        done + rest
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn finish_avx2(acc: &mut [f32], divisor: Option<f32>, out: &mut [u8], out_dtype: Dtype) -> usize {
+        let n = acc.len() / 8 * 8;
+        let a = acc.as_ptr();
+        let o = out.as_mut_ptr();
+        let d = _mm256_set1_ps(divisor.unwrap_or(1.0));
+        let divide = divisor.is_some();
+        let mut i = 0;
+        match out_dtype {
+            Dtype::F16 | Dtype::BF16 | Dtype::F32 => {}
+            _ => return 0,
+        }
+        while i < n {
+            // SAFETY: i + 8 <= acc.len(); out holds acc.len() elements of out_dtype.
+            let mut x = _mm256_loadu_ps(a.add(i));
+            if divide {
+                x = _mm256_div_ps(x, d);
+            }
+            match out_dtype {
+                Dtype::F16 => {
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+                    _mm_storeu_si128(o.add(2 * i) as *mut __m128i, h);
+                }
+                Dtype::BF16 => {
+                    let b = _mm256_castps_si256(x);
+                    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+                    let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))));
+                    let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x40));
+                    let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+                    let v = _mm256_blendv_epi8(r, nan, is_nan);
+                    // packus works per 128-bit lane; put lanes 0 and 2 together.
+                    let p = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(v, v));
+                    _mm_storeu_si128(o.add(2 * i) as *mut __m128i, _mm256_castsi256_si128(p));
+                }
+                _ => _mm256_storeu_ps(o.add(4 * i) as *mut f32, x),
+            }
+            i += 8;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const FLOATS: [Dtype; 6] = [Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::F64, Dtype::F8_E4M3, Dtype::F8_E5M2];
+
+    fn same_bits(a: &[u8], b: &[u8], dtype: Dtype) -> bool {
+        a == b || {
+            // NaN payloads may differ in the scalar f64 path; NaN-ness may not.
+            let n = a.len() / dtype.size();
+            (0..n).all(|i| {
+                let (x, y) = (load_f64(a, dtype, i), load_f64(b, dtype, i));
+                x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
+            })
+        }
+    }
+
+    #[test]
+    fn minifloat_known_values() {
+        assert_eq!(E4M3.decode(0x7E), 448.0);
+        assert!(E4M3.decode(0x7F).is_nan());
+        assert_eq!(E4M3.encode(464.0), 0x7E); // tie to even stays finite
+        assert_eq!(E4M3.encode(470.0), 0x7F); // overflow: NaN, no inf in e4m3fn
+        assert_eq!(E5M2.encode(1e9), 0x7C); // overflow: inf
+        assert_eq!(E5M2.decode(0x7B), 57344.0);
+        assert_eq!(F16.encode(65520.0), 0x7C00);
+        assert_eq!(F16.encode(65519.0), 0x7BFF);
+        assert_eq!(F16.encode(2f64.powi(-25)), 0); // tie to even subnormal 0
+        assert_eq!(F16.encode(2f64.powi(-25) * 1.5), 1);
+        assert_eq!(F16.encode(-0.0), 0x8000);
+        assert_eq!(BF16.encode(1.0 + 2f64.powi(-8)), 0x3F80); // tie to even
+    }
+
+    #[test]
+    fn f16_encode_matches_half_on_all_f32_patterns_sampled() {
+        for b in (0u32..=u32::MAX).step_by(9973) {
+            let x = f32::from_bits(b);
+            let ours = F16.encode(x as f64) as u16;
+            let theirs = half::f16::from_f32(x).to_bits();
+            if x.is_nan() {
+                assert!(half::f16::from_bits(ours).is_nan());
+            } else {
+                assert_eq!(ours, theirs, "{x:e}");
+            }
+            if !x.is_nan() {
+                assert_eq!(BF16.encode(x as f64) as u16, f32_to_bf16(x), "{x:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn minifloat_decode_encode_round_trip() {
+        for m in [E4M3, E5M2, F16] {
+            for b in 0u32..(1 << (1 + m.exp_bits + m.man_bits)) {
+                let v = m.decode(b);
+                if !v.is_nan() {
+                    assert_eq!(m.encode(v), b, "bits {b:#x}");
+                }
+            }
+        }
+    }
+
+    fn bytes_strategy(dtype: Dtype, n: usize) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), n * dtype.size())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Every SIMD level gives the scalar kernel's exact bits (odd lengths, unaligned starts).
+        #[test]
+        fn simd_equals_scalar(
+            si in 0usize..6, oi in 0usize..3, n in 0usize..100, off in 0usize..3,
+            srcs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 800 + 8), 1..5),
+            weighted in any::<bool>(), w in -3.0f32..3.0,
+        ) {
+            let dtype = FLOATS[si];
+            let out_dtype = [Dtype::F16, Dtype::BF16, Dtype::F32][oi];
+            let weight = weighted.then_some(w);
+            let divisor = (!weighted).then_some(srcs.len() as f32);
+            let mut results = vec![];
+            for level in Level::available() {
+                let mut acc = vec![0f32; n];
+                for s in &srcs {
+                    let b = &s[off..off + n * dtype.size()];
+                    accumulate(level, &mut acc, b, dtype, weight);
+                }
+                let mut out = vec![0u8; off + n * out_dtype.size()];
+                finish(level, &mut acc, divisor, &mut out[off..], out_dtype);
+                results.push(out);
+            }
+            for r in &results[1..] {
+                prop_assert!(same_bits(&results[0][off..], &r[off..], out_dtype));
+            }
+        }
+
+        #[test]
+        fn load_is_exact(si in 0usize..6, bytes in bytes_strategy(Dtype::F64, 16)) {
+            let dtype = FLOATS[si];
+            let n = bytes.len() / dtype.size();
+            let mut acc = vec![0f32; n];
+            load(&mut acc, &bytes, dtype);
+            for (i, a) in acc.iter().enumerate() {
+                let r = load_f32(&bytes, dtype, i);
+                prop_assert!(a.to_bits() == r.to_bits() || (a.is_nan() && r.is_nan()));
+            }
+        }
+    }
+}

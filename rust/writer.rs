@@ -1,0 +1,243 @@
+//! The one streaming, atomic writer. The header is known from the plan, so it is written first
+//! and workers write their chunks straight to their place with positioned writes (`pwrite`):
+//! memory stays bounded by threads x chunk size. Everything goes to a temporary file beside the
+//! target, which is fsynced (when durable) and renamed over it; dropped uncommitted, it is removed.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// An output file being written.
+pub struct Writer {
+    target: PathBuf,
+    tmp: PathBuf,
+    file: File,
+    data_start: u64,
+    data_len: u64,
+    written: AtomicU64,
+    committed: bool,
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT))
+}
+
+/// Maps write errors so "disk full" reads as such (the `Io` error keeps ENOSPC for the Python side).
+fn write_error(path: &Path, e: std::io::Error) -> Error {
+    if is_no_space(&e) {
+        Error::io(path, std::io::Error::from_raw_os_error(libc::ENOSPC))
+    } else {
+        Error::io(path, e)
+    }
+}
+
+impl Writer {
+    /// Checks the target, creates the temporary file, reserves its space and writes the header.
+    /// `inputs` are the (device, inode) pairs of the open inputs: the target may not be one.
+    pub fn create(target: &Path, header: &[u8], data_len: u64, inputs: &[(u64, u64)], overwrite: bool) -> Result<Writer> {
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !parent.is_dir() {
+            return Err(Error::output(target, format!("folder {} does not exist", parent.display())));
+        }
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::output(target, "output path has no file name"))?
+            .to_string_lossy()
+            .into_owned();
+        match std::fs::metadata(target) {
+            Ok(m) if m.is_dir() => return Err(Error::output(target, "is a directory")),
+            Ok(m) if inputs.contains(&(m.dev(), m.ino())) => {
+                return Err(Error::output(target, "is one of the inputs; refusing to write over an input"))
+            }
+            Ok(_) if !overwrite => return Err(Error::output(target, "already exists (pass overwrite=True / --overwrite)")),
+            _ => {}
+        }
+        let tmp = parent.join(format!(".{name}.{}.{:x}.tmp", std::process::id(), nonce()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
+        let mut w = Writer {
+            target: target.to_path_buf(),
+            tmp,
+            file,
+            data_start: header.len() as u64,
+            data_len,
+            written: AtomicU64::new(0),
+            committed: false,
+        };
+        w.reserve()?;
+        w.file.write_all_at(header, 0).map_err(|e| write_error(&w.tmp, e))?;
+        Ok(w)
+    }
+
+    /// Reserves the whole file up front, so a full disk fails now rather than at the last chunk.
+    fn reserve(&mut self) -> Result<()> {
+        let len = self.data_start + self.data_len;
+        if len == 0 {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on a file descriptor we own; no memory is passed.
+        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, len as libc::off_t) };
+        match rc {
+            0 => Ok(()),
+            libc::EOPNOTSUPP | libc::EINVAL => self.file.set_len(len).map_err(|e| write_error(&self.tmp, e)),
+            e => Err(write_error(&self.tmp, std::io::Error::from_raw_os_error(e))),
+        }
+    }
+
+    /// Writes `bytes` at `offset` within the data section. Safe to call from many threads.
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        if offset + bytes.len() as u64 > self.data_len {
+            return Err(Error::Plan(format!(
+                "write of {} bytes at {offset} runs past the {}-byte data section",
+                bytes.len(),
+                self.data_len
+            )));
+        }
+        self.file
+            .write_all_at(bytes, self.data_start + offset)
+            .map_err(|e| write_error(&self.tmp, e))?;
+        self.written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes of tensor data written so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Total bytes of the finished file.
+    pub fn file_len(&self) -> u64 {
+        self.data_start + self.data_len
+    }
+
+    /// Makes the file visible under its name: fsync (if durable), rename, fsync the folder.
+    pub fn commit(mut self, durable: bool) -> Result<()> {
+        if self.written() != self.data_len {
+            return Err(Error::Plan(format!(
+                "{}: only {} of {} data bytes were written",
+                self.target.display(),
+                self.written(),
+                self.data_len
+            )));
+        }
+        if durable {
+            self.file.sync_all().map_err(|e| write_error(&self.tmp, e))?;
+        }
+        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        self.committed = true;
+        if durable {
+            if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Vec<u8> {
+        crate::header::serialize(std::iter::empty(), &Default::default())
+    }
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn error_missing_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Writer::create(&d.path().join("nope/out.safetensors"), &header(), 0, &[], false).err().unwrap();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn error_exists_without_overwrite() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("o.safetensors");
+        std::fs::write(&p, b"keep").unwrap();
+        let e = Writer::create(&p, &header(), 0, &[], false).err().unwrap();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn error_target_is_input() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("o.safetensors");
+        std::fs::write(&p, b"keep").unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        let e = Writer::create(&p, &header(), 0, &[(m.dev(), m.ino())], true).err().unwrap();
+        assert!(e.to_string().contains("one of the inputs"), "{e}");
+    }
+
+    #[test]
+    fn error_target_is_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Writer::create(d.path(), &header(), 0, &[], true).err().unwrap();
+        assert!(e.to_string().contains("directory") || e.to_string().contains("file name"), "{e}");
+    }
+
+    #[test]
+    fn dropped_writer_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("o.safetensors");
+        let w = Writer::create(&p, &header(), 16, &[], false).unwrap();
+        w.write_at(0, &[1; 8]).unwrap();
+        drop(w);
+        assert!(leftovers(d.path()).is_empty());
+    }
+
+    #[test]
+    fn incomplete_commit_is_refused_and_cleaned() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("o.safetensors");
+        let w = Writer::create(&p, &header(), 16, &[], false).unwrap();
+        w.write_at(0, &[1; 8]).unwrap();
+        assert!(w.write_at(12, &[1; 8]).is_err());
+        assert!(w.commit(false).is_err());
+        assert!(leftovers(d.path()).is_empty());
+    }
+
+    #[test]
+    fn commit_renames() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("o.safetensors");
+        let h = header();
+        let w = Writer::create(&p, &h, 4, &[], false).unwrap();
+        w.write_at(0, &[9; 4]).unwrap();
+        w.commit(true).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[h.len()..], &[9; 4]);
+        assert_eq!(leftovers(d.path()), vec!["o.safetensors"]);
+    }
+}
