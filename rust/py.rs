@@ -361,6 +361,41 @@ impl PyWriter {
     }
 }
 
+/// Lays out a file of `(name, dtype, shape)` entries: `(header bytes, data offsets, data length)`.
+#[pyfunction]
+#[pyo3(signature = (entries, metadata=BTreeMap::new()))]
+fn layout<'py>(
+    py: Python<'py>,
+    entries: Vec<(String, String, Vec<usize>)>,
+    metadata: BTreeMap<String, String>,
+) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>, usize)> {
+    let mut offsets = Vec::with_capacity(entries.len());
+    let mut dtypes = Vec::with_capacity(entries.len());
+    let mut pos = 0usize;
+    for (name, dtype, shape) in &entries {
+        let d = parse_dtype(dtype)?;
+        let numel = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+        let n = numel
+            .and_then(|n| d.byte_len(n))
+            .ok_or_else(|| PyValueError::new_err(format!("tensor '{name}': shape {shape:?} of {d} overflows")))?;
+        offsets.push(pos);
+        dtypes.push(d);
+        pos += n;
+    }
+    let ends: Vec<usize> = offsets.iter().skip(1).copied().chain([pos]).collect();
+    let header = crate::header::serialize(
+        entries.iter().enumerate().map(|(i, (name, _, shape))| crate::header::OutEntry {
+            name,
+            dtype: dtypes[i],
+            shape,
+            begin: offsets[i],
+            end: ends[i],
+        }),
+        &metadata,
+    );
+    Ok((PyBytes::new(py, &header), offsets, pos))
+}
+
 /// Names of the kernel levels this CPU can run, best last.
 #[pyfunction]
 fn kernels() -> Vec<&'static str> {
@@ -375,5 +410,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(execute, m)?)?;
     m.add_function(wrap_pyfunction!(resolve, m)?)?;
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(layout, m)?)?;
     Ok(())
 }

@@ -1,0 +1,53 @@
+"""Writing small files from numpy (synthetic checkpoints, exported configs) through the same Rust
+streaming writer the engine uses: header first, tensors at their offsets, atomic rename."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from . import _core
+
+_NP_TO_ST = {
+    np.dtype(np.bool_): "BOOL", np.dtype("u1"): "U8", np.dtype("i1"): "I8", np.dtype("i2"): "I16",
+    np.dtype("u2"): "U16", np.dtype("i4"): "I32", np.dtype("u4"): "U32", np.dtype("i8"): "I64",
+    np.dtype("u8"): "U64", np.dtype("f2"): "F16", np.dtype("f4"): "F32", np.dtype("f8"): "F64",
+    np.dtype("c8"): "C64",
+}
+
+# A tensor to save: a numpy array, or (safetensors dtype, shape, raw bytes) for BF16/F8.
+Tensor = np.ndarray | tuple[str, tuple[int, ...], np.ndarray]
+
+
+def _entry(name: str, t: Tensor) -> tuple[str, tuple[int, ...], np.ndarray]:
+    if isinstance(t, tuple):
+        dtype, shape, raw = t
+        return dtype, tuple(shape), np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    arr = np.ascontiguousarray(t)
+    dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+    if dt not in _NP_TO_ST:
+        raise ValueError(f"tensor '{name}': numpy dtype {arr.dtype} has no safetensors equivalent")
+    return _NP_TO_ST[dt], arr.shape, arr.astype(dt, copy=False).view(np.uint8).reshape(-1)
+
+
+def save(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+) -> None:
+    """Saves ``tensors`` as a safetensors file, atomically."""
+    entries = [(n, *_entry(n, t)) for n, t in tensors.items()]
+    header, offsets, data_len = _core.layout([(n, d, list(s)) for n, d, s, _ in entries], dict(metadata or {}))
+    w = _core.Writer(os.fspath(path), header, data_len, [], overwrite=overwrite)
+    try:
+        for (_, _, _, raw), off in zip(entries, offsets):
+            if raw.size:
+                w.write(off, raw)
+        w.commit(durable)
+    finally:
+        w.abort()
