@@ -1,0 +1,148 @@
+"""The ``astolfomix`` command. Subcommands only parse arguments, build plans (through the library)
+and print; errors print one clear line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from .errors import AstolfomixError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """Prints JSON with --json, else the human text."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def report_text(r) -> str:
+    return (
+        f"wrote {r.output} ({r.tensors} tensors, {human_bytes(r.bytes_written)}) in {r.seconds:.2f} s: "
+        f"read {human_bytes(r.bytes_read)} at {r.gbps:.2f} GB/s on {r.device} ({r.threads} threads, {r.kernel})"
+    )
+
+
+@command("mean")
+def cmd_mean(args: argparse.Namespace) -> int:
+    from .api import mean
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    r = mean(
+        args.inputs, args.output, weights=weights, dtype=args.dtype, accumulate=args.accumulate,
+        threads=args.threads, strict=args.strict, progress=not args.json, overwrite=args.overwrite,
+        durable=not args.no_fsync, device=args.device,
+    )
+    missing = r.notes.get("missing") or {}
+    text = report_text(r)
+    if missing:
+        text += f"\n{len(missing)} keys missing from some inputs (averaged over the others):"
+        for k, files in list(missing.items())[:10]:
+            text += f"\n  {k}: missing from {', '.join(files)}"
+    emit(args, r.as_dict(), text)
+    return 0
+
+
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else None
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    rep = bench.run(
+        n=args.n, arch=args.arch, factor=args.factor, folder=args.folder, files=args.files or None,
+        threads=threads, repeat=args.repeat, naive_torch=not args.no_naive, cuda=args.cuda, log=log,
+    )
+    emit(args, rep.as_dict(), "\n" + rep.table())
+    if args.plot:
+        from .bench import plot
+
+        plot([rep], args.plot)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="astolfomix", description="Merge dozens of Stable Diffusion checkpoints at disk speed.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"astolfomix_rs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mean", help="uniform or weighted mean of whole checkpoints")
+    m.add_argument("inputs", nargs="+")
+    m.add_argument("-o", "--output", required=True)
+    m.add_argument("--weights", help="comma-separated, normalised to sum 1")
+    m.add_argument("--dtype", default="f16", help="f16 (default), bf16, f32, f64 or same")
+    m.add_argument("--accumulate", default="f32", choices=["f32", "f64"])
+    m.add_argument("--threads", type=int)
+    m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    m.add_argument("--strict", action="store_true", help="a key missing from some inputs is an error")
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--no-fsync", action="store_true", help="skip fsync before the rename")
+    m.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="time the engine against the read/write floor and other tools")
+    b.add_argument("-n", type=int, default=4, help="number of synthetic inputs (default 4)")
+    b.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"])
+    b.add_argument("--factor", type=int, default=1, help="shrink large dimensions by this (1 = full size)")
+    b.add_argument("--folder", help="where inputs and outputs go (default ./bench-out)")
+    b.add_argument("--files", nargs="*", help="your own checkpoints instead of synthetic ones")
+    b.add_argument("--threads", help="comma-separated thread counts (default 1 and all)")
+    b.add_argument("--repeat", type=int, default=2, help="best of this many runs per contender")
+    b.add_argument("--no-naive", action="store_true", help="skip naive torch")
+    b.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None)
+    b.add_argument("--plot", help="write a PNG of GB/s per contender (needs matplotlib)")
+    b.add_argument("--json", action="store_true")
+
+    for name, fn in _extra_parsers():
+        fn(sub)
+    return p
+
+
+def _extra_parsers():
+    """Subcommands defined beside their features (recipes, anatomy)."""
+    from . import anatomy_cli, recipe_cli
+
+    return [("recipe", recipe_cli.add_parsers), ("anatomy", anatomy_cli.add_parsers)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AstolfomixError as e:
+        print(f"astolfomix {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"astolfomix {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The torch executor: runs the same plans as the Rust engine on CUDA (or, for testing, on the
+CPU), and writes through the same Rust streaming writer. The only module that imports torch.
+
+Pipeline per chunk of an output tensor: each source's bytes are copied from the memory map into
+a ring of pinned host buffers (a host memcpy, done by a small thread pool), sent to the GPU on a
+copy stream, and accumulated in fp32 on the compute stream while the next source is in flight.
+The result is converted, copied back into pinned memory and handed to the writer on a writer
+thread. GPU memory is bounded by ``gpu_memory`` (default 2 GiB).
+
+Same numbers as the CPU engine: ``acc = acc + x.float()`` in plan order, a true division by a
+device tensor holding N (dividing by a Python number would multiply by the rounded reciprocal),
+``acc + (w * x)`` as two kernels (``add_(x, alpha=w)`` could fuse into an FMA), and torch's
+round-to-nearest-even conversion to the output dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _core
+from .engine import Report
+from .errors import DeviceError
+from .plan import Plan
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - exercised where torch is absent
+    torch = None  # type: ignore[assignment]
+
+INSTALL_HINT = "the CUDA path needs torch: pip install 'astolfomix_rs[torch]' (or a torch build for your CUDA)"
+
+
+def _torch_dtypes() -> dict[str, Any]:
+    d = {
+        "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    }
+    return {k: v for k, v in d.items() if v is not None}
+
+
+ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def resolve_device(device: str):
+    """``cuda``, ``cuda:N`` or ``torch-cpu`` -> torch.device, with a clear error when unusable."""
+    if torch is None:
+        raise DeviceError(INSTALL_HINT)
+    if device == "torch-cpu":
+        return torch.device("cpu")
+    if not device.startswith("cuda"):
+        raise DeviceError(f"unknown device '{device}' (use cpu, cuda, cuda:N)")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device '{device}' asked for, but torch {torch.__version__} sees no CUDA GPU")
+    dev = torch.device(device)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device '{device}': only {torch.cuda.device_count()} CUDA devices")
+    return dev
+
+
+def _host_views(paths: list[str]) -> list[Any]:
+    """Each input's whole file as a uint8 torch tensor over the Rust memory map (no copy)."""
+    views = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the buffer is read-only; we never write it
+        for p in paths:
+            ck = _core.Checkpoint(p)
+            views.append(torch.from_numpy(np.frombuffer(ck, dtype=np.uint8)))
+    return views
+
+
+class _Executor:
+    def __init__(self, dev, gpu_memory: int, chunk: int | None, ring: int = 4):
+        self.dev = dev
+        self.cuda = dev.type == "cuda"
+        self.tdt = _torch_dtypes()
+        # acc (4 B/elt) + ring of input slots (up to 8 B/elt) + tmp (4) + out (8): elements per chunk
+        per_elt = 4 + ring * 8 + 4 + 8
+        self.chunk = max(1024, min(chunk or (1 << 26), gpu_memory // per_elt))
+        self.ring = ring
+        nbytes = self.chunk * 8
+        pin = self.cuda
+        self.stage = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(ring)]
+        self.dev_in = [torch.empty(nbytes, dtype=torch.uint8, device=dev) for _ in range(ring)] if self.cuda else self.stage
+        self.out_host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(dev)
+            self.compute = torch.cuda.current_stream(dev)
+            self.h2d_done = [torch.cuda.Event() for _ in range(ring)]
+            self.slot_free = [torch.cuda.Event() for _ in range(ring)]
+            self.out_ready = [torch.cuda.Event() for _ in range(2)]
+        self.slot = 0
+        self.out_slot = 0
+        self.pending: list[Future | None] = [None, None]
+
+    def _load(self, host: Any, offset: int, nbytes: int, dtype: str, numel: int, f64: bool):
+        """Source bytes -> device tensor of fp32 (or fp64), through the pinned ring."""
+        k = self.slot
+        self.slot = (self.slot + 1) % self.ring
+        src = host[offset:offset + nbytes]
+        if self.cuda:
+            self.slot_free[k].synchronize()  # the compute stream is done with this slot
+            self.stage[k][:nbytes].copy_(src)
+            with torch.cuda.stream(self.copy_stream):
+                self.dev_in[k][:nbytes].copy_(self.stage[k][:nbytes], non_blocking=True)
+                self.h2d_done[k].record(self.copy_stream)
+            self.compute.wait_event(self.h2d_done[k])
+            raw = self.dev_in[k][:nbytes]
+        else:
+            # Stage through an aligned buffer: tensors in a file may start at any byte.
+            raw = self.stage[k][:nbytes]
+            raw.copy_(src)
+        x = raw.view(self.tdt[dtype])[:numel]
+        x = x.double() if f64 else x.float()
+        if self.cuda:
+            self.slot_free[k].record(self.compute)
+        return x
+
+    def _emit(self, writer, offset: int, result) -> None:
+        """Device result -> pinned host buffer -> writer (on the writer thread)."""
+        b = self.out_slot
+        self.out_slot ^= 1
+        if self.pending[b] is not None:
+            self.pending[b].result()  # that pinned buffer's previous write is finished
+        flat = result.reshape(-1).view(torch.uint8)
+        n = flat.numel()
+        host = self.out_host[b][:n]
+        if self.cuda:
+            host.copy_(flat, non_blocking=True)
+            self.out_ready[b].record(self.compute)
+            ev = self.out_ready[b]
+        else:
+            host.copy_(flat)
+            ev = None
+
+        def write() -> None:
+            if ev is not None:
+                ev.synchronize()
+            writer.write(offset, host.numpy())
+
+        self.pending[b] = self.pool.submit(write)
+
+    def run(self, layout: dict, hosts: list[Any], writer, accumulate: str, progress) -> int:
+        done = 0
+        total = layout["bytes_read"]
+        with ThreadPoolExecutor(1) as self.pool:
+            for t in layout["tensors"]:
+                out_dt = t["dtype"]
+                srcs = t["sources"]
+                if t["op"] == "copy" and srcs[0][1] == out_dt:
+                    # Same dtype: the mapped bytes go straight to the writer.
+                    i, _, off = srcs[0]
+                    if t["out_len"]:
+                        writer.write(t["out_offset"], hosts[i][off:off + t["out_len"]].numpy())
+                    done += t["out_len"]
+                    continue
+                # Conversions go through f32 unless the source is f64; means use the plan's accumulator.
+                f64 = srcs[0][1] == "F64" if t["op"] == "copy" else accumulate == "f64"
+                weights = t["weights"]
+                n = len(srcs)
+                osz = ITEMSIZE[out_dt]
+                for s in range(0, t["numel"], self.chunk):
+                    e = min(t["numel"], s + self.chunk)
+                    m = e - s
+                    if t["op"] == "copy":
+                        i, d, off = srcs[0]
+                        acc = self._load(hosts[i], off + s * ITEMSIZE[d], m * ITEMSIZE[d], d, m, f64)
+                    else:
+                        acc = torch.zeros(m, dtype=torch.float64 if f64 else torch.float32, device=self.dev)
+                        for k, (i, d, off) in enumerate(srcs):
+                            x = self._load(hosts[i], off + s * ITEMSIZE[d], m * ITEMSIZE[d], d, m, f64)
+                            if weights is None:
+                                acc.add_(x)
+                            else:
+                                w = torch.tensor(weights[k], dtype=acc.dtype, device=self.dev)
+                                acc.add_(torch.mul(x, w))
+                        if weights is None:
+                            acc.div_(torch.tensor(float(n), dtype=acc.dtype, device=self.dev))
+                    self._emit(writer, t["out_offset"] + s * osz, acc.to(self.tdt[out_dt]))
+                    done += sum(m * ITEMSIZE[d] for _, d, _ in srcs)
+                    if progress is not None:
+                        progress(done, total)
+            for f in self.pending:
+                if f is not None:
+                    f.result()
+        return done
+
+
+def execute(
+    plan: Plan,
+    output: str | os.PathLike[str],
+    *,
+    device: str = "cuda",
+    overwrite: bool = False,
+    durable: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    gpu_memory: int | None = None,
+    chunk: int | None = None,
+) -> Report:
+    """Executes ``plan`` with torch on ``device`` ("cuda", "cuda:N" or "torch-cpu")."""
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    inputs, outputs = plan.core_args()
+    layout = _core.resolve(inputs, outputs, accumulate=plan.accumulate, metadata=plan.metadata)
+    hosts = _host_views(inputs)
+    writer = _core.Writer(os.fspath(output), layout["header"], layout["data_len"], inputs, overwrite=overwrite)
+    try:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        ex = _Executor(dev, gpu_memory or (2 << 30), chunk)
+        read = ex.run(layout, hosts, writer, plan.accumulate, progress)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        writer.commit(durable)
+    finally:
+        writer.abort()
+    notes: dict[str, Any] = dict(plan.notes)
+    if dev.type == "cuda":
+        notes["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+        notes["gpu_memory_bound"] = int(gpu_memory or (2 << 30))
+    return Report(
+        output=Path(output), tensors=len(layout["tensors"]), bytes_read=read,
+        bytes_written=len(layout["header"]) + layout["data_len"], seconds=time.perf_counter() - t0,
+        threads=torch.get_num_threads(), kernel=f"torch {torch.__version__}", device=str(dev), notes=notes,
+    )
