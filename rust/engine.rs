@@ -105,7 +105,7 @@ struct Scratch {
     out: Vec<u8>,
 }
 
-fn src_bytes<'a>(inputs: &'a [Checkpoint], input: usize, offset: usize, dtype: Dtype, s: usize, e: usize) -> &'a [u8] {
+fn src_bytes(inputs: &[Checkpoint], input: usize, offset: usize, dtype: Dtype, s: usize, e: usize) -> &[u8] {
     let sz = dtype.size();
     &inputs[input].bytes()[offset + s * sz..offset + e * sz]
 }

@@ -287,10 +287,10 @@ pub fn finish(level: Level, acc: &mut [f32], divisor: Option<f32>, out: &mut [u8
         },
         _ => 0,
     };
-    for i in done..acc.len() {
+    for (i, &a) in acc.iter().enumerate().skip(done) {
         let x = match divisor {
-            Some(n) => acc[i] / n,
-            None => acc[i],
+            Some(n) => a / n,
+            None => a,
         };
         store_f32(out, out_dtype, i, x);
     }
