@@ -1,1 +1,206 @@
-//! File hashes users already know (AutoV1/V2/V3), computed reading each file once.
+//! Hashes and statistics over whole files and components, computed from the memory map:
+//! file hashes users know (AutoV1/V2/V3), content hashes that ignore prefix, key order and
+//! fp16-vs-fp32 storage, the model-toolkit statistic, and L2 distances for `compare`.
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::kernels;
+
+/// Hashes of one file.
+#[derive(Clone, Debug)]
+pub struct FileHashes {
+    /// sha256 of the whole file (AutoV2 is its first 10 hex digits).
+    pub sha256: String,
+    /// The webui legacy hash: sha256 of 0x10000 bytes at 0x100000, first 8 hex digits.
+    pub autov1: String,
+    /// sha256 of the tensor data (after the header).
+    pub autov3: String,
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// AutoV1/V2/V3 of one open file, reading it once: the data section feeds both digests.
+pub fn file_hashes(ck: &Checkpoint) -> FileHashes {
+    let bytes = ck.bytes();
+    let start = ck.header.data_start;
+    let mut whole = Sha256::new();
+    whole.update(&bytes[..start]);
+    let mut data = Sha256::new();
+    for chunk in bytes[start..].chunks(1 << 22) {
+        whole.update(chunk);
+        data.update(chunk);
+    }
+    let lo = 0x100000.min(bytes.len());
+    let hi = 0x110000.min(bytes.len());
+    FileHashes {
+        sha256: hex(&whole.finalize()),
+        autov1: hex(&Sha256::digest(&bytes[lo..hi]))[..8].to_string(),
+        autov3: hex(&data.finalize()),
+    }
+}
+
+/// Tensor values widened to f32 (f64 rounded), as little-endian bytes: the canonical form that
+/// makes fp16 and fp32 copies of the same values hash alike.
+fn canonical(ck: &Checkpoint, key: &str) -> Result<(Vec<u8>, &'static str)> {
+    let t = ck.get(key).ok_or_else(|| Error::Mismatch {
+        tensor: key.to_string(),
+        reason: format!("not found in {}", ck.path.display()),
+    })?;
+    let raw = ck.data(t);
+    if !t.dtype.is_averageable() {
+        return Ok((raw.to_vec(), t.dtype.name()));
+    }
+    let mut f = vec![0f32; t.numel()];
+    if t.dtype == Dtype::F64 {
+        let mut d = vec![0f64; t.numel()];
+        kernels::load_f64_slice(&mut d, raw, t.dtype);
+        f.iter_mut().zip(&d).for_each(|(a, b)| *a = *b as f32);
+    } else {
+        kernels::load(&mut f, raw, t.dtype);
+    }
+    Ok((f.iter().flat_map(|x| x.to_le_bytes()).collect(), "float"))
+}
+
+/// sha256 over `(name, shape, kind, canonical values)` of each `(name, key)` in name order.
+/// `name` is the key without its prefix, so the same weights hash alike in any file layout.
+pub fn content_hash(ck: &Checkpoint, entries: &[(String, String)]) -> Result<String> {
+    let mut sorted: Vec<&(String, String)> = entries.iter().collect();
+    sorted.sort();
+    let parts: Vec<Result<Vec<u8>>> = sorted
+        .par_iter()
+        .map(|(name, key)| {
+            let (vals, kind) = canonical(ck, key)?;
+            let shape = &ck.get(key).expect("checked").shape;
+            let mut h = Sha256::new();
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(format!("{shape:?}{kind}").as_bytes());
+            h.update([0]);
+            h.update(&vals);
+            Ok(h.finalize().to_vec())
+        })
+        .collect();
+    let mut all = Sha256::new();
+    for p in parts {
+        all.update(p?);
+    }
+    Ok(hex(&all.finalize()))
+}
+
+/// The model-toolkit statistic of each tensor: `sum(sigmoid(fp16(x)) - 0.5)`, summed in f64.
+pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String]) -> Result<Vec<f64>> {
+    keys.par_iter()
+        .map(|key| {
+            let t = ck.get(key).ok_or_else(|| Error::Mismatch {
+                tensor: key.clone(),
+                reason: format!("not found in {}", ck.path.display()),
+            })?;
+            if !t.dtype.is_averageable() {
+                return Ok(0.0);
+            }
+            let mut f = vec![0f32; t.numel()];
+            kernels::load(&mut f, ck.data(t), t.dtype);
+            Ok(f.iter()
+                .map(|&x| {
+                    let h = half::f16::from_f32(x).to_f32();
+                    (1.0 / (1.0 + (-h).exp()) - 0.5) as f64
+                })
+                .sum())
+        })
+        .collect()
+}
+
+/// For `compare`: per file, `(sum (x - r)^2, sum r^2)` over `keys`, where `r` is the file
+/// `reference` or, with `None`, the mean of all files. Streams tensor by tensor.
+pub fn l2_distances(files: &[Checkpoint], keys: &[String], reference: Option<usize>) -> Result<Vec<(f64, f64)>> {
+    let per_key: Vec<Vec<(f64, f64)>> = keys
+        .par_iter()
+        .map(|key| {
+            let mut vals = Vec::with_capacity(files.len());
+            for ck in files {
+                let t = ck.get(key).ok_or_else(|| Error::Mismatch {
+                    tensor: key.clone(),
+                    reason: format!("not found in {}", ck.path.display()),
+                })?;
+                if !t.dtype.is_averageable() {
+                    return Ok(vec![(0.0, 0.0); files.len()]);
+                }
+                let mut f = vec![0f64; t.numel()];
+                kernels::load_f64_slice(&mut f, ck.data(t), t.dtype);
+                if let Some(first) = vals.first() {
+                    let first: &Vec<f64> = first;
+                    if first.len() != f.len() {
+                        return Err(Error::Mismatch {
+                            tensor: key.clone(),
+                            reason: format!("{} elements in {} but {} in {}", first.len(), files[0].path.display(), f.len(), ck.path.display()),
+                        });
+                    }
+                }
+                vals.push(f);
+            }
+            let r: Vec<f64> = match reference {
+                Some(i) => vals[i].clone(),
+                None => {
+                    let n = vals.len() as f64;
+                    (0..vals[0].len()).map(|j| vals.iter().map(|v| v[j]).sum::<f64>() / n).collect()
+                }
+            };
+            let den: f64 = r.iter().map(|x| x * x).sum();
+            Ok(vals
+                .iter()
+                .map(|v| (v.iter().zip(&r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>(), den))
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    let mut out = vec![(0.0, 0.0); files.len()];
+    for k in per_key {
+        for (o, (a, b)) in out.iter_mut().zip(k) {
+            o.0 += a;
+            o.1 += b;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{f16_bytes, write_file};
+
+    #[test]
+    fn content_hash_ignores_prefix_order_and_storage() {
+        let d = tempfile::tempdir().unwrap();
+        let v = [0.5f32, -1.25, 3.0];
+        let a = d.path().join("a.safetensors");
+        let b = d.path().join("b.safetensors");
+        write_file(&a, &[("p.x", Dtype::F16, vec![3], f16_bytes(&v)), ("p.y", Dtype::F16, vec![1], f16_bytes(&[2.0]))]);
+        let f32b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        write_file(&b, &[("q.y", Dtype::F32, vec![1], 2f32.to_le_bytes().to_vec()), ("q.x", Dtype::F32, vec![3], f32b)]);
+        let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
+        let ea = vec![("x".to_string(), "p.x".to_string()), ("y".to_string(), "p.y".to_string())];
+        let eb = vec![("y".to_string(), "q.y".to_string()), ("x".to_string(), "q.x".to_string())];
+        assert_eq!(content_hash(&ca, &ea).unwrap(), content_hash(&cb, &eb).unwrap());
+        let ec = vec![("x".to_string(), "p.x".to_string())];
+        assert_ne!(content_hash(&ca, &ea).unwrap(), content_hash(&ca, &ec).unwrap());
+    }
+
+    #[test]
+    fn l2_to_reference() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.safetensors");
+        let b = d.path().join("b.safetensors");
+        write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
+        write_file(&b, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 4.0]))]);
+        let cks = vec![Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap()];
+        let r = l2_distances(&cks, &["w".to_string()], Some(0)).unwrap();
+        assert_eq!(r, vec![(0.0, 5.0), (4.0, 5.0)]);
+        let m = l2_distances(&cks, &["w".to_string()], None).unwrap();
+        assert_eq!(m[0], (1.0, 1.0 + 9.0));
+    }
+}

@@ -19,6 +19,7 @@ use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
 use crate::engine::{self, Options, Progress, Report};
 use crate::error::Error;
+use crate::hashing;
 use crate::kernels::Level;
 use crate::plan::{Accumulate, Kind, Op, OutputTensor, Plan, Source};
 use crate::writer::Writer;
@@ -396,6 +397,48 @@ fn layout<'py>(
     Ok((PyBytes::new(py, &header), offsets, pos))
 }
 
+/// AutoV1/V2/V3 of each file, files in parallel, each read once (GIL released).
+#[pyfunction]
+fn file_hashes(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<Vec<BTreeMap<&'static str, String>>> {
+    use rayon::prelude::*;
+    let res: crate::Result<Vec<hashing::FileHashes>> =
+        py.detach(|| paths.par_iter().map(|p| Checkpoint::open(p).map(|c| hashing::file_hashes(&c))).collect());
+    Ok(res
+        .map_err(to_py)?
+        .into_iter()
+        .map(|h| BTreeMap::from([("sha256", h.sha256), ("autov1", h.autov1), ("autov3", h.autov3)]))
+        .collect())
+}
+
+/// Content hash of each named group of `(canonical name, key)` entries of one file.
+#[pyfunction]
+fn content_hashes(py: Python<'_>, path: PathBuf, groups: BTreeMap<String, Vec<(String, String)>>) -> PyResult<BTreeMap<String, String>> {
+    py.detach(|| {
+        let ck = Checkpoint::open(&path)?;
+        groups
+            .iter()
+            .map(|(g, entries)| hashing::content_hash(&ck, entries).map(|h| (g.clone(), h)))
+            .collect::<crate::Result<BTreeMap<_, _>>>()
+    })
+    .map_err(to_py)
+}
+
+/// The model-toolkit statistic `sum(sigmoid(fp16(x)) - 0.5)` of each key.
+#[pyfunction]
+fn sigmoid_sums(py: Python<'_>, path: PathBuf, keys: Vec<String>) -> PyResult<Vec<f64>> {
+    py.detach(|| Checkpoint::open(&path).and_then(|ck| hashing::sigmoid_sums(&ck, &keys))).map_err(to_py)
+}
+
+/// Per file `(sum (x - r)^2, sum r^2)` over `keys`; `r` = file `reference`, or the mean of all.
+#[pyfunction]
+#[pyo3(signature = (paths, keys, reference=None))]
+fn l2_distances(py: Python<'_>, paths: Vec<PathBuf>, keys: Vec<String>, reference: Option<usize>) -> PyResult<Vec<(f64, f64)>> {
+    if reference.is_some_and(|r| r >= paths.len()) {
+        return Err(PyValueError::new_err("reference index out of range"));
+    }
+    py.detach(|| engine::open_inputs(&paths).and_then(|cks| hashing::l2_distances(&cks, &keys, reference))).map_err(to_py)
+}
+
 /// Names of the kernel levels this CPU can run, best last.
 #[pyfunction]
 fn kernels() -> Vec<&'static str> {
@@ -411,5 +454,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve, m)?)?;
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
     m.add_function(wrap_pyfunction!(layout, m)?)?;
+    m.add_function(wrap_pyfunction!(file_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(content_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(sigmoid_sums, m)?)?;
+    m.add_function(wrap_pyfunction!(l2_distances, m)?)?;
     Ok(())
 }

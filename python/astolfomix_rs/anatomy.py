@@ -1,0 +1,256 @@
+"""Checkpoint anatomy: which architecture a file is, which components it holds (prefix, kind,
+keys), what is missing or junk. The reference key tables ship in ``data/`` (taken from real SD1
+and SDXL checkpoints); SD2's OpenCLIP ViT-H table is generated from its known structure."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from .reader import Checkpoint
+from .synth import layout
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+SD1_TE = "cond_stage_model.transformer."
+SD2_TE = "cond_stage_model.model."
+XL_TE0 = "conditioner.embedders.0.transformer."
+XL_TE1 = "conditioner.embedders.1.model."
+REFINER_TE = "conditioner.embedders.0.model."
+EMA = "model_ema."
+
+# Component slots per architecture: name -> (prefix, kind).
+ARCHES: dict[str, dict[str, tuple[str, str]]] = {
+    "sd1": {"unet": (UNET, "unet-sd1"), "te": (SD1_TE, "clip_l"), "vae": (VAE, "vae")},
+    "sd2": {"unet": (UNET, "unet-sd2"), "te": (SD2_TE, "vit_h"), "vae": (VAE, "vae")},
+    "sdxl": {"unet": (UNET, "unet-sdxl"), "te0": (XL_TE0, "clip_l"), "te1": (XL_TE1, "bigg"), "vae": (VAE, "vae")},
+    "sdxl-refiner": {"unet": (UNET, "unet-refiner"), "te1": (REFINER_TE, "bigg"), "vae": (VAE, "vae")},
+}
+ALIASES = {"clip_l": "te0", "clip_g": "te1", "clip": "te", "text_encoder": "te"}
+KIND_LABEL = {
+    "clip_l": "OpenAI CLIP ViT-L/14 (SD1 CLIP / SDXL TE0)",
+    "bigg": "OpenCLIP ViT-bigG/14 (SDXL TE1)",
+    "vit_h": "OpenCLIP ViT-H/14 (SD2 text encoder)",
+    "vae": "VAE",
+    "unet-sd1": "SD1 UNET", "unet-sd2": "SD2 UNET", "unet-sdxl": "SDXL UNET", "unet-refiner": "SDXL refiner UNET",
+}
+SCHEDULER_KEYS = {
+    "alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
+    "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "logvar", "model_ema.decay", "model_ema.num_updates",
+}
+VPRED_KEYS = {"v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min"}
+VARIANTS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix", 5: "depth"}
+POSITION_IDS = "text_model.embeddings.position_ids"
+
+
+def _strip(table: dict[str, dict], prefix: str, component: str) -> dict[str, dict]:
+    return {k[len(prefix):]: v for k, v in table.items() if v["component"] == component and k.startswith(prefix)}
+
+
+def _vit_h() -> dict[str, dict]:
+    def e(shape, optional=False):
+        return {"shape": shape, "dtype": "float32", "optional": optional}
+
+    keys = {
+        "token_embedding.weight": e([49408, 1024]), "positional_embedding": e([77, 1024]),
+        "ln_final.weight": e([1024]), "ln_final.bias": e([1024]),
+        "text_projection": e([1024, 1024], True), "logit_scale": e([], True),
+    }
+    for b in range(24):
+        p = f"transformer.resblocks.{b}."
+        opt = b == 23  # some SD2 finetunes drop the last block
+        for name, shape in (
+            ("ln_1.weight", [1024]), ("ln_1.bias", [1024]), ("ln_2.weight", [1024]), ("ln_2.bias", [1024]),
+            ("attn.in_proj_weight", [3072, 1024]), ("attn.in_proj_bias", [3072]),
+            ("attn.out_proj.weight", [1024, 1024]), ("attn.out_proj.bias", [1024]),
+            ("mlp.c_fc.weight", [4096, 1024]), ("mlp.c_fc.bias", [4096]),
+            ("mlp.c_proj.weight", [1024, 4096]), ("mlp.c_proj.bias", [1024]),
+        ):
+            keys[p + name] = e(shape, opt)
+    return keys
+
+
+@lru_cache(maxsize=None)
+def reference(kind: str) -> dict[str, dict]:
+    """Reference keys of a component kind, without prefix: key -> {shape, dtype, optional}."""
+    sd1, xl = layout("sd1"), layout("sdxl")
+    if kind == "clip_l":
+        return _strip(sd1, SD1_TE, "clip_l")
+    if kind == "bigg":
+        return _strip(xl, XL_TE1, "clip_g")
+    if kind == "vit_h":
+        return _vit_h()
+    if kind == "vae":
+        return _strip(sd1, VAE, "vae")
+    if kind in ("unet-sd1", "unet-sd2"):
+        return _strip(sd1, UNET, "diffuser")
+    if kind == "unet-sdxl":
+        return _strip(xl, UNET, "diffuser")
+    return {}  # the refiner UNET: no reference table; recognised by prefix and shapes
+
+
+@dataclass
+class Component:
+    name: str  # unet, te, te0, te1, vae
+    kind: str  # clip_l, bigg, vit_h, vae, unet-*
+    prefix: str
+    keys: list[str]
+    missing: list[str] = field(default_factory=list)
+    tensors: int = 0
+    params: int = 0
+    bytes: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return KIND_LABEL.get(self.kind, self.kind)
+
+
+@dataclass
+class Anatomy:
+    path: str
+    arch: str  # sd1, sd2, sdxl, sdxl-refiner, component, unknown
+    variant: str = "normal"
+    components: dict[str, Component] = field(default_factory=dict)
+    junk: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
+    ema: int = 0
+    vpred: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    #: for an exported component file: "toolkit", "transformers", or "prefixed"
+    layout: str | None = None
+
+    def component(self, name: str) -> Component:
+        from .errors import ArchitectureError
+
+        name = ALIASES.get(name, name)
+        if name in self.components:
+            return self.components[name]
+        if name == "te" and self.arch == "sdxl":
+            raise ArchitectureError(f"{self.path}: SDXL has two text encoders; say te0 (ViT-L) or te1 (bigG)")
+        if name == "te0" and self.arch in ("sd1",):
+            return self.components["te"]
+        have = ", ".join(self.components) or "none"
+        raise ArchitectureError(f"{self.path}: no {name} component in this {self.arch} file (it has: {have})")
+
+    def component_of(self, key: str) -> str | None:
+        """The component a key belongs to, or None (buffers, EMA, junk)."""
+        for c in self.components.values():
+            if c.prefix and key.startswith(c.prefix):
+                return c.name
+            if not c.prefix and key in c.keys:
+                return c.name
+        return None
+
+
+def _blocks(keys: list[str], pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def _exported(keys: list[str]) -> tuple[str, str, str, str] | None:
+    """(name, kind, prefix, layout) of a file holding one exported component, or None."""
+    ks = set(keys)
+    if any(k.startswith("text_model.") for k in ks):
+        return "te0", "clip_l", "text_model.", "transformers"
+    if any(k.startswith("encoder.layers.") for k in ks) and any(k.startswith("embeddings.") for k in ks):
+        return "te0", "clip_l", "", "toolkit"
+    if "token_embedding.weight" in ks and any(k.startswith("transformer.resblocks.") for k in ks):
+        n = _blocks(keys, r"transformer\.resblocks\.(\d+)\.")
+        return ("te1", "bigg", "", "toolkit") if n > 24 else ("te", "vit_h", "", "toolkit")
+    if any(k.startswith("encoder.down.") for k in ks) and any(k.startswith("decoder.up.") for k in ks):
+        return "vae", "vae", "", "toolkit"
+    if any(k.startswith("input_blocks.") for k in ks) and any(k.startswith("output_blocks.") for k in ks):
+        kind = "unet-sdxl" if "label_emb.0.0.weight" in ks else "unet-sd1"
+        return "unet", kind, "", "toolkit"
+    return None
+
+
+def detect(ck: Checkpoint) -> Anatomy:
+    """Recognises a checkpoint or an exported component from its keys and a few shapes."""
+    keys = ck.keys()
+    has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
+    a = Anatomy(path=str(ck.path), arch="unknown")
+    if has(XL_TE1) or (has(XL_TE0) and has(UNET)):
+        a.arch = "sdxl"
+    elif has(REFINER_TE):
+        a.arch = "sdxl-refiner"
+    elif has(SD2_TE):
+        a.arch = "sd2"
+    elif has(SD1_TE):
+        a.arch = "sd1"
+    elif has(UNET):
+        # UNET only: tell SD1/SD2/SDXL from cross-attention context width and label_emb.
+        if UNET + "label_emb.0.0.weight" in ck:
+            a.arch = "sdxl"
+        else:
+            k = next((k for k in keys if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
+            ratio = (ck.info[k].shape[1] / ck.info[k].shape[0]) if k else 0
+            a.arch = "sd2" if ratio > 3 else "sd1"
+    elif has(XL_TE0):
+        a.arch, a.layout = "component", "prefixed"
+        a.components["te0"] = Component("te0", "clip_l", XL_TE0, [])
+    else:
+        exp = _exported(keys)
+        if exp:
+            name, kind, prefix, lay = exp
+            a.arch, a.layout = "component", lay
+            a.components[name] = Component(name, kind, prefix, [])
+    if a.arch in ARCHES:
+        for name, (prefix, kind) in ARCHES[a.arch].items():
+            if has(prefix):
+                a.components[name] = Component(name, kind, prefix, [])
+    # Keys of each component, and what is missing against the reference tables.
+    assigned: set[str] = set()
+    for c in a.components.values():
+        if c.prefix:
+            c.keys = [k for k in keys if k.startswith(c.prefix)]
+        else:
+            c.keys = [k for k in keys if a.component_of(k) is None and k not in assigned]
+        assigned.update(c.keys)
+        have = {k[len(c.prefix):] for k in c.keys}
+        c.missing = [c.prefix + k for k, v in reference(c.kind).items() if not v["optional"] and k not in have]
+        dt: Counter[str] = Counter()
+        for k in c.keys:
+            t = ck.info[k]
+            c.tensors += 1
+            c.params += t.numel
+            c.bytes += t.nbytes
+            dt[t.dtype] += 1
+        c.dtypes = dict(dt)
+    for k in keys:
+        if k in assigned:
+            continue
+        if k.startswith(EMA):
+            a.ema += 1
+        elif k in SCHEDULER_KEYS:
+            a.buffers.append(k)
+        elif k in VPRED_KEYS:
+            a.vpred.append(k)
+        else:
+            a.junk.append(k)
+    first = ck.info.get(UNET + "input_blocks.0.0.weight") or ck.info.get("input_blocks.0.0.weight")
+    if first is not None and len(first.shape) == 4:
+        a.variant = VARIANTS.get(first.shape[1], f"{first.shape[1]}-channel input")
+    if a.arch == "unknown":
+        a.notes.append("layout not recognised: no known component prefix or exported-component keys")
+    return a
+
+
+def position_ids_status(ck: Checkpoint, key: str) -> str:
+    """'ok', 'missing', 'float' (stored as float, values right), or 'broken' (values not 0..76)."""
+    if key not in ck:
+        return "missing"
+    t = ck.info[key]
+    v = ck.tensor(key)
+    if t.is_float:
+        ok = np.array_equal(np.asarray(v, dtype=np.float64).ravel(), np.arange(v.size))
+        return "float" if ok else "broken"
+    return "ok" if np.array_equal(np.asarray(v).ravel(), np.arange(v.size)) else "broken"

@@ -1,0 +1,536 @@
+"""Recipes: the AstolfoMix grid notation (and a TOML form), model resolution, and the one-pass
+per-component merge plan. Recipes are shared between people, so they are treated as untrusted:
+they cannot name files outside the models folder or write outside the output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .errors import AstolfomixError, RecipeError
+
+COMPONENT_LINES = ("unet", "te0", "te1", "te", "vae")
+LINE_ALIASES = {"clip_l": "te0", "clip_g": "te1"}
+
+_SEL = re.compile(r"^([A-Za-z0-9_=]+)\s*:(.*)$")
+_OUT = re.compile(r"^([A-Za-z0-9_]+)=(.+)$")
+_RAW = re.compile(r"^\d+$")
+_INTER = re.compile(r"^(\d+)([A-Za-z]+)$")
+_FLAG = re.compile(r"^-(\d+[A-Za-z]*)$")
+_DASHES = re.compile(r"^-+$")
+_COUNT = re.compile(r"^(.*?)=\s*(-?)\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """A model number (``07``) or an intermediate (``05a``), compared numerically."""
+
+    number: int
+    suffix: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> ModelId:
+        m = _INTER.match(text)
+        if m:
+            return cls(int(m.group(1)), m.group(2).lower())
+        if _RAW.match(text):
+            return cls(int(text))
+        raise ValueError(text)
+
+    def __str__(self) -> str:
+        return f"{self.number:02d}{self.suffix}"
+
+    @property
+    def raw(self) -> bool:
+        return not self.suffix
+
+
+@dataclass
+class Item:
+    text: str
+    kind: str  # model, placeholder, flagged
+    model: ModelId | None = None
+
+
+@dataclass
+class Selection:
+    name: str
+    items: list[Item]
+    count: int | None
+    exclude: bool
+    line: int
+    text: str
+
+    @property
+    def listed(self) -> list[ModelId]:
+        return [i.model for i in self.items if i.kind == "model" and i.model is not None]
+
+    def selected(self, pool: Iterable[ModelId]) -> list[ModelId]:
+        """The models this line selects, in line order (an exclusion list: the pool minus the listed)."""
+        if not self.exclude:
+            return self.listed
+        out = set(self.listed)
+        return [m for m in sorted(pool, key=lambda m: (m.number, m.suffix)) if m.raw and m not in out]
+
+    def format(self) -> str:
+        items = ",".join(i.text for i in self.items)
+        tail = "" if self.count is None else f"={'-' if self.exclude else ''}{self.count}"
+        return f"{self.name}: {items}{tail}"
+
+
+@dataclass
+class Recipe:
+    lines: list[tuple[str, object]] = field(default_factory=list)  # ("selection"|"output"|"label", obj)
+    selections: dict[str, Selection] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    text: str = ""
+    # From the TOML form only:
+    weights: dict[str, list[float]] = field(default_factory=dict)
+    table: dict[str, str] = field(default_factory=dict)
+    base: str | None = None
+    dtype: str | None = None
+    accumulate: str | None = None
+
+    def format(self) -> str:
+        """The recipe in the grid notation again."""
+        out = []
+        for kind, obj in self.lines:
+            if kind == "selection":
+                out.append(obj.format())  # type: ignore[attr-defined]
+            elif kind == "output":
+                name, f = obj  # type: ignore[misc]
+                out.append(f"{name}={f}")
+            else:
+                out.append(str(obj))
+        return "\n".join(out) + "\n"
+
+    def components(self, output: str | None = None) -> dict[str, Selection]:
+        """Component -> selection line used for ``output`` (its own line, if any, for the UNET)."""
+        comps = {}
+        for name, sel in self.selections.items():
+            c = LINE_ALIASES.get(name, name)
+            if c in COMPONENT_LINES:
+                comps[c] = sel
+        if output and output in self.selections and output not in COMPONENT_LINES:
+            comps["unet"] = self.selections[output]
+        return comps
+
+
+def _err(n: int, text: str, what: str) -> RecipeError:
+    return RecipeError(f"line {n}: {text.strip()!r}: {what}")
+
+
+def _parse_items(body: str, n: int, text: str) -> tuple[list[Item], int | None, bool]:
+    body = body.strip()
+    count, exclude = None, False
+    m = _COUNT.match(body)
+    if m:
+        body, exclude, count = m.group(1).strip(), m.group(2) == "-", int(m.group(3))
+    if not body:
+        raise _err(n, text, "no items")
+    items: list[Item] = []
+    seen: dict[ModelId, str] = {}
+    for raw in body.split(","):
+        t = raw.strip()
+        if not t:
+            raise _err(n, text, "empty item (two commas in a row?)")
+        if _DASHES.match(t):
+            items.append(Item(t, "placeholder"))
+        elif _FLAG.match(t):
+            items.append(Item(t, "flagged", ModelId.parse(t[1:])))
+        else:
+            try:
+                mid = ModelId.parse(t)
+            except ValueError:
+                raise _err(n, text, f"'{t}' is not a model number, an intermediate like 05a, '--' or '-NN'") from None
+            if mid in seen:
+                raise _err(n, text, f"model {mid} is listed twice ('{seen[mid]}' and '{t}')")
+            seen[mid] = t
+            items.append(Item(t, "model", mid))
+    listed = sum(1 for i in items if i.kind == "model")
+    if count is not None and count != listed:
+        what = "listed (exclusion list)" if exclude else "selected"
+        raise _err(n, text, f"count ={'-' if exclude else ''}{count} but {listed} models are {what}")
+    return items, count, exclude
+
+
+def parse_grid(text: str) -> Recipe:
+    """Parses the grid notation exactly as ``recipe-notation.md`` defines it."""
+    r = Recipe(text=text)
+    for n, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith("```"):
+            r.lines.append(("label", line.rstrip()))
+            continue
+        sel, out = _SEL.match(s), _OUT.match(s)
+        parsed = None
+        if sel:
+            try:
+                parsed = _parse_items(sel.group(2), n, s)
+            except RecipeError:
+                if not out:
+                    raise
+        if sel and parsed:
+            name = sel.group(1)
+            items, count, exclude = parsed
+            obj = Selection(name, items, count, exclude, n, s)
+            if name in r.selections:
+                r.notes.append(f"line {n}: '{name}' redefined (replaces line {r.selections[name].line})")
+            r.selections[name] = obj
+            r.lines.append(("selection", obj))
+        elif out:
+            name, f = out.group(1), out.group(2).strip()
+            if name in r.outputs:
+                r.notes.append(f"line {n}: output '{name}' redefined")
+            r.outputs[name] = f
+            r.lines.append(("output", (name, f)))
+        else:
+            r.lines.append(("label", line.rstrip()))
+    return r
+
+
+def parse_toml(text: str) -> Recipe:
+    """The TOML form::
+
+        base = "01"            # model id or file name in the models folder
+        dtype = "f16"
+        accumulate = "f32"
+        [outputs]
+        main = "x05-mix.safetensors"
+        [models]               # optional explicit table: id -> file
+        "01" = "someModel.safetensors"
+        [components.unet]
+        models = ["01", "02", "05a"]
+        weights = [1, 1, 2]    # optional
+    """
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"TOML recipe: {e}") from None
+    r = Recipe(text=text)
+    r.base = str(d["base"]) if "base" in d else None
+    r.dtype = d.get("dtype")
+    r.accumulate = d.get("accumulate")
+    r.table = {str(k): str(v) for k, v in d.get("models", {}).items()}
+    for name, f in d.get("outputs", {}).items():
+        r.outputs[name] = str(f)
+        r.lines.append(("output", (name, str(f))))
+    for n, (comp, spec) in enumerate(d.get("components", {}).items(), start=1):
+        comp = LINE_ALIASES.get(comp, comp)
+        models = spec.get("models") if isinstance(spec, dict) else spec
+        if not isinstance(models, list) or not models:
+            raise RecipeError(f"TOML recipe: components.{comp} needs a non-empty 'models' list")
+        items, seen = [], set()
+        for m in models:
+            t = str(m)
+            key = t
+            try:
+                key = str(ModelId.parse(t))
+            except ValueError:
+                pass
+            if key in seen:
+                raise RecipeError(f"TOML recipe: components.{comp}: model {t} is listed twice")
+            seen.add(key)
+            mid = None
+            try:
+                mid = ModelId.parse(t)
+            except ValueError:
+                r.table.setdefault(t, t)  # a file name: resolved through the table
+            items.append(Item(t, "model", mid))
+        sel = Selection(comp, items, None, False, n, f"components.{comp}")
+        r.selections[comp] = sel
+        r.lines.append(("selection", sel))
+        if isinstance(spec, dict) and "weights" in spec:
+            w = [float(x) for x in spec["weights"]]
+            if len(w) != len(models):
+                raise RecipeError(f"TOML recipe: components.{comp}: {len(w)} weights for {len(models)} models")
+            r.weights[comp] = w
+    return r
+
+
+def load(path_or_text: str | os.PathLike[str]) -> Recipe:
+    """Reads a recipe file (``.toml`` -> TOML form, anything else -> grid)."""
+    p = Path(path_or_text)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read recipe: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: recipe is not UTF-8 text") from None
+    return parse_toml(text) if p.suffix.lower() == ".toml" else parse_grid(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model resolution
+
+
+_POOL = re.compile(r"^_x(\d+)-.*\.safetensors$", re.IGNORECASE)
+_INTER_FILE = re.compile(r"^x(\d+)([A-Za-z]+)-.*\.safetensors$", re.IGNORECASE)
+
+
+def scan_pool(models: Path) -> dict[ModelId, list[Path]]:
+    """Files of the models folder by id: ``_x07-name`` is raw 07, ``x05a-name`` intermediate 05a."""
+    found: dict[ModelId, list[Path]] = {}
+    if not models.is_dir():
+        raise RecipeError(f"models folder {models} does not exist")
+    for p in sorted(models.iterdir()):
+        m = _POOL.match(p.name)
+        if m:
+            found.setdefault(ModelId(int(m.group(1))), []).append(p)
+            continue
+        m = _INTER_FILE.match(p.name)
+        if m:
+            found.setdefault(ModelId(int(m.group(1)), m.group(2).lower()), []).append(p)
+    return found
+
+
+def safe_join(folder: Path, name: str, what: str) -> Path:
+    """``folder/name`` only if ``name`` stays inside ``folder`` (no absolute paths, no ``..``)."""
+    if not name or os.path.isabs(name) or name.startswith("~"):
+        raise RecipeError(f"{what} '{name}' must be a path inside {folder}")
+    full = Path(os.path.normpath(folder / name))
+    base = Path(os.path.normpath(folder))
+    if full != base and base not in full.parents:
+        raise RecipeError(f"{what} '{name}' points outside {folder}; refused")
+    return full
+
+
+@dataclass
+class Resolved:
+    files: dict[str, Path]  # item text key (str(ModelId) or table key) -> file
+    problems: list[str]
+
+
+def resolve_models(ids: Iterable[str], models: Path, table: dict[str, str] | None = None) -> Resolved:
+    """Maps each id to exactly one file; lists every problem instead of stopping at the first."""
+    table = table or {}
+    pool = scan_pool(models)
+    files: dict[str, Path] = {}
+    problems: list[str] = []
+    for t in dict.fromkeys(ids):
+        key = t
+        try:
+            key = str(ModelId.parse(t))
+        except ValueError:
+            pass
+        entry = table.get(t) or table.get(key)
+        if entry is None:
+            # table keys are width-insensitive too
+            for k, v in table.items():
+                try:
+                    if ModelId.parse(k) == ModelId.parse(t):
+                        entry = v
+                        break
+                except ValueError:
+                    continue
+        if entry is not None:
+            try:
+                p = safe_join(models, entry, f"model {t}")
+            except RecipeError as e:
+                problems.append(str(e))
+                continue
+            if not p.is_file():
+                problems.append(f"model {t}: {p} does not exist")
+                continue
+            files[key] = p
+            continue
+        try:
+            mid = ModelId.parse(t)
+        except ValueError:
+            problems.append(f"model '{t}': not a model number and not in the models table")
+            continue
+        hits = pool.get(mid, [])
+        if not hits:
+            pat = f"_x{mid.number:02d}-*" if mid.raw else f"x{mid.number:02d}{mid.suffix}-*"
+            problems.append(f"model {mid}: no file {pat}.safetensors in {models}")
+        elif len(hits) > 1:
+            problems.append(f"model {mid}: {len(hits)} files match: {', '.join(p.name for p in hits)}")
+        else:
+            files[key] = hits[0]
+    return Resolved(files, problems)
+
+
+def convention_name(counts: dict[str, int], title: str = "AstolfoMix") -> str:
+    """``x{U-1}-Title-x{A-1}te0x{B-1}te1.safetensors`` from the per-component model counts."""
+    u = counts.get("unet", 1)
+    parts = [f"x{counts[c] - 1}{c}" for c in ("te0", "te1", "te") if c in counts]
+    return f"x{u - 1}-{title}-{''.join(parts) or 'x0'}.safetensors"
+
+
+class MergeProblems(RecipeError):
+    """Everything wrong with a merge, found before anything is written."""
+
+
+def check_name(name: str) -> str:
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("~"):
+        raise RecipeError(f"output file '{name}' must be a plain file name inside the output folder")
+    return name
+
+
+def merge_plan(
+    recipe: Recipe,
+    models: Path,
+    *,
+    output: str | None = None,
+    base: str | None = None,
+    dtype: str | None = None,
+    accumulate: str | None = None,
+    hash_inputs: bool = False,
+):
+    """Resolves the recipe and builds the one-pass plan of output ``output``. Returns
+    (plan, summary); raises MergeProblems listing every problem at once."""
+    from . import __version__
+    from .anatomy import detect
+    from .plan import Output, Plan, parse_dtype
+    from .reader import Checkpoint
+
+    models = Path(models)
+    if output is None and len(recipe.outputs) > 1:
+        raise RecipeError(f"the recipe defines outputs {', '.join(recipe.outputs)}: choose one with --output")
+    out_name = output or (next(iter(recipe.outputs)) if recipe.outputs else None)
+    if out_name is not None and recipe.outputs and out_name not in recipe.outputs and out_name not in recipe.selections:
+        raise RecipeError(f"output '{out_name}' is not defined (outputs: {', '.join(recipe.outputs) or 'none'})")
+    comps = recipe.components(out_name)
+    if not comps:
+        raise RecipeError("the recipe selects no component (lines unet, te0, te1, te, vae)")
+    pool_ids = list(scan_pool(models))
+    chosen: dict[str, list[str]] = {}
+    for c, sel in comps.items():
+        if sel.items and all(i.model is None for i in sel.items if i.kind == "model"):
+            chosen[c] = [i.text for i in sel.items if i.kind == "model"]  # TOML file names
+        else:
+            chosen[c] = [str(m) for m in sel.selected(pool_ids)] + [
+                i.text for i in sel.items if i.kind == "model" and i.model is None
+            ]
+        if not chosen[c]:
+            raise RecipeError(f"line {sel.line}: '{sel.name}' selects no model")
+    base_id = base or recipe.base or chosen.get("unet", next(iter(chosen.values())))[0]
+    all_ids = [i for ids in chosen.values() for i in ids] + [base_id]
+    res = resolve_models(all_ids, models, recipe.table)
+    problems = list(res.problems)
+
+    def key_of(t: str) -> str:
+        try:
+            return str(ModelId.parse(t))
+        except ValueError:
+            return t
+
+    files = sorted(set(res.files.values()), key=lambda p: p.name)
+    cks: dict[Path, Checkpoint] = {}
+    anat = {}
+    for p in files:
+        try:
+            cks[p] = Checkpoint(p)
+            anat[p] = detect(cks[p])
+        except AstolfomixError as e:
+            problems.append(str(e))
+    base_path = res.files.get(key_of(base_id))
+    if base_path is None or base_path not in cks:
+        problems.append(f"base model {base_id} could not be used")
+        raise MergeProblems("cannot merge:\n  " + "\n  ".join(dict.fromkeys(problems)))
+    base_ck, base_an = cks[base_path], anat[base_path]
+    for c, ids in chosen.items():
+        for t in ids:
+            p = res.files.get(key_of(t))
+            if p is None or p not in cks:
+                continue
+            an = anat[p]
+            if an.arch != base_an.arch:
+                problems.append(f"{c}: model {t} ({p.name}) is {an.arch}, the base is {base_an.arch}")
+                continue
+            try:
+                comp = an.component(c)
+                bcomp = base_an.component(c)
+            except AstolfomixError as e:
+                problems.append(f"{c}: model {t}: {e}")
+                continue
+            if comp.missing:
+                problems.append(f"{c}: model {t} ({p.name}) lacks {len(comp.missing)} keys, e.g. {comp.missing[0]}")
+            for k in bcomp.keys:
+                ti, bi = cks[p].info.get(k), base_ck.info[k]
+                if ti is None:
+                    if bi.is_float:
+                        problems.append(f"{c}: model {t} ({p.name}) has no tensor '{k}'")
+                    continue
+                if ti.shape != bi.shape:
+                    problems.append(f"{c}: tensor '{k}' is {list(ti.shape)} in {p.name} but {list(bi.shape)} in the base {base_path.name}")
+                elif ti.is_float != bi.is_float:
+                    problems.append(f"{c}: tensor '{k}' is {ti.dtype} in {p.name} but {bi.dtype} in the base")
+    if problems:
+        uniq = list(dict.fromkeys(problems))
+        more = f"\n  ... and {len(uniq) - 40} more" if len(uniq) > 40 else ""
+        raise MergeProblems(f"cannot merge ({len(uniq)} problems, nothing written):\n  " + "\n  ".join(uniq[:40]) + more)
+
+    inputs = [base_path] + [p for p in files if p != base_path]
+    idx = {p: i for i, p in enumerate(inputs)}
+    out_dtype = parse_dtype(dtype or recipe.dtype or "f16")
+    acc = accumulate or recipe.accumulate or "f32"
+    from .plan import normalize
+
+    comp_files = {c: [res.files[key_of(t)] for t in ids] for c, ids in chosen.items()}
+    outputs: list[Output] = []
+    for k, bi in base_ck.info.items():
+        c = base_an.component_of(k)
+        if c is None or c not in comp_files or not bi.is_float:
+            outputs.append(Output(k, "copy", [(0, k)], None))
+            continue
+        srcs = comp_files[c]
+        w = recipe.weights.get(c)
+        outputs.append(Output(k, "mean", [(idx[p], k) for p in srcs], out_dtype, normalize(w) if w else None))
+    counts = {c: len(v) for c, v in chosen.items()}
+    title = out_name or "AstolfoMix"
+    name = recipe.outputs.get(out_name or "", None) or convention_name(counts)
+    provenance = {
+        "recipe": recipe.text,
+        "output": out_name,
+        "base": base_path.name,
+        "components": {c: [p.name for p in v] for c, v in comp_files.items()},
+        "counts": counts,
+        "dtype": out_dtype or "same",
+        "accumulate": acc,
+        "tool": f"astolfomix_rs {__version__}",
+    }
+    meta = {
+        "astolfomix.recipe": recipe.text,
+        "astolfomix.merge": json.dumps(provenance),
+        "sd_merge_recipe": json.dumps({"type": "astolfomix-recipe", **provenance}),
+        "modelspec.architecture": {
+            "sdxl": "stable-diffusion-xl-v1-base", "sdxl-refiner": "stable-diffusion-xl-v1-refiner",
+            "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2",
+        }.get(base_an.arch, base_an.arch),
+        "modelspec.title": Path(name).stem,
+    }
+    inputs_info = [{"name": p.name, "size": p.stat().st_size} for p in inputs]
+    if hash_inputs:
+        from .hashing import file_hashes
+
+        models_meta = {}
+        for i, p in enumerate(inputs):
+            h = file_hashes(p)
+            inputs_info[i]["sha256"] = h["sha256"]
+            models_meta[h["sha256"]] = {"name": p.stem, "legacy_hash": h["autov1"]}
+        meta["sd_merge_models"] = json.dumps(models_meta)
+    meta["astolfomix.files"] = json.dumps(inputs_info)
+    plan = Plan(inputs=inputs, outputs=outputs, accumulate=acc, metadata=meta, notes={"recipe_notes": recipe.notes})
+    summary = {
+        "output_name": check_name(name),
+        "title": title,
+        "arch": base_an.arch,
+        "base": str(base_path),
+        "components": {c: [str(p) for p in v] for c, v in comp_files.items()},
+        "counts": counts,
+        "inputs": [str(p) for p in inputs],
+        "bytes_to_read": plan.bytes_to_read([cks[p] for p in inputs]),
+        "output_bytes": sum(
+            (bi.numel * {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}.get(out_dtype or bi.dtype, 2)) if o.op == "mean" else bi.nbytes
+            for o, bi in zip(outputs, base_ck.info.values())
+        ),
+        "notes": recipe.notes,
+    }
+    return plan, summary

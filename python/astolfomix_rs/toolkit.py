@@ -1,0 +1,380 @@
+"""Model-toolkit-style tools over the anatomy: the ``UUUU/VVVV/CCCC`` metric, component content
+hashes, export and import of components (as plans run by the engine), and compare."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import _core
+from .anatomy import ALIASES, ARCHES, POSITION_IDS, Anatomy, Component, detect, position_ids_status
+from .errors import ArchitectureError, PlanError
+from .plan import Output, Plan, parse_dtype
+from .reader import Checkpoint
+
+# ---------------------------------------------------------------------------------------------
+# The toolkit metric
+
+REFS = {"unet": (-6131.5400, 10000), "vae": (17870.7051, 10000), "clip_l": (-2097.8596, 1000000), "vit_h": (-8757.5630, 10000)}
+KNOWN = {
+    "vae": {0: "SD-v1", 869: "SD-v2", 2982: "NAI", 155: "WD-VAE-v1", 41: "WD-VAE-v2"},
+    "clip": {0: "SD-v1", 1141: "SD-v2", 2543: "WD-v1-4"},
+}
+
+
+def metric_field(s: float, ref: tuple[float, int] | None) -> str:
+    """The toolkit's formula: ``int(abs(S / B - 1) * K)``, folded below 10000, ``----`` for S == 0."""
+    if s == 0 or ref is None:
+        return "----"
+    b, k = ref
+    n = int(abs(s / b - 1) * k)
+    while n >= 10000:
+        n -= 5000
+    return f"{n:04d}"
+
+
+def clip_metric_keys(c: Component) -> list[str]:
+    return [k for k in c.keys if "mlp." in k and ".23." not in k]
+
+
+def vae_metric_keys(c: Component) -> list[str]:
+    return [k for k in c.keys if "encoder." in k or "decoder." in k]
+
+
+def toolkit_metric(ck: Checkpoint, an: Anatomy) -> dict[str, object]:
+    """``UUUU/VVVV/CCCC`` as the toolkit computes it for SD1/SD2; for SDXL the CLIP field reads TE0
+    against the ViT-L reference and the VAE against the SD VAE (the toolkit prints ``----``)."""
+    path = os.fspath(ck.path)
+
+    def total(keys: list[str]) -> float:
+        return float(sum(_core.sigmoid_sums(path, keys))) if keys else 0.0
+
+    fields = {"unet": "----", "vae": "----", "clip": "----"}
+    sums = {}
+    unet = an.components.get("unet")
+    if unet is not None and unet.kind in ("unet-sd1", "unet-sd2"):
+        sums["unet"] = total(unet.keys)
+        fields["unet"] = metric_field(sums["unet"], REFS["unet"])
+    vae = an.components.get("vae")
+    if vae is not None:
+        sums["vae"] = total(vae_metric_keys(vae))
+        fields["vae"] = metric_field(sums["vae"], REFS["vae"])
+    te = an.components.get("te0") or an.components.get("te")
+    if te is not None and te.kind in ("clip_l", "vit_h"):
+        sums["clip"] = total(clip_metric_keys(te))
+        fields["clip"] = metric_field(sums["clip"], REFS[te.kind])
+    names = []
+    for f in ("vae", "clip"):
+        if fields[f] == "----":
+            continue
+        v = int(fields[f])
+        for known, label in KNOWN[f].items():
+            if abs(v - known) <= 1:
+                names.append(f"uses the {label} {'VAE' if f == 'vae' else 'CLIP'}")
+    return {"metric": f"{fields['unet']}/{fields['vae']}/{fields['clip']}", "fields": fields, "sums": sums, "names": names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Content hashes
+
+
+def canonical_name(c: Component, key: str) -> str:
+    """A component key without its prefix (and ``text_model.`` for the ViT-L CLIP), so the same
+    weights have the same names in SD1, SDXL, toolkit and transformers layouts."""
+    name = key[len(c.prefix):]
+    if c.kind == "clip_l" and name.startswith("text_model."):
+        name = name[len("text_model."):]
+    return name
+
+
+def hash_entries(c: Component) -> list[tuple[str, str]]:
+    # position_ids is a buffer that files keep or drop: it is not part of the weights' identity.
+    return [(canonical_name(c, k), k) for k in c.keys if not k.endswith("position_ids")]
+
+
+def component_hashes(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
+    groups = {n: hash_entries(c) for n, c in an.components.items()}
+    return dict(_core.content_hashes(os.fspath(ck.path), groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# Export / import
+
+TOOLKIT_STRIP = {"clip_l": ".text_model."}
+VIT_L_CONFIG = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": 768,
+    "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "vocab_size": 49408,
+    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768,
+    "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float32",
+}
+
+
+def _ema_map(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
+    """EMA keys (``model_ema.`` + the UNET key without dots) -> UNET key names without prefix."""
+    unet = an.components.get("unet")
+    if unet is None:
+        raise ArchitectureError(f"{ck.path}: no UNET to name the EMA weights after")
+    by_flat = {k[len("model."):].replace(".", ""): k[len(unet.prefix):] for k in unet.keys}
+    out = {}
+    for k in ck.keys():
+        if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates"):
+            flat = k[len("model_ema."):]
+            if flat in by_flat:
+                out[k] = by_flat[flat]
+    if not out:
+        raise ArchitectureError(f"{ck.path}: no EMA weights (model_ema.*) in this file")
+    return out
+
+
+def export_plan(ck: Checkpoint, component: str, *, layout: str = "toolkit", dtype: str | None = "f16") -> Plan:
+    """The plan that writes one component to its own file: ``toolkit`` layout (whole prefix
+    stripped, as the webui toolkit exports) or ``transformers`` (``text_model.*`` keys of
+    CLIPTextModel, ViT-L only)."""
+    an = detect(ck)
+    out_dtype = parse_dtype(dtype)
+    component = ALIASES.get(component, component)
+    if component == "ema":
+        mapping = _ema_map(ck, an)
+        outputs = [Output(new, "copy", [(0, k)], out_dtype if ck.info[k].is_float else None) for k, new in mapping.items()]
+        return Plan([Path(ck.path)], outputs, metadata={"astolfomix.export": "ema"})
+    c = an.component(component)
+    if layout == "transformers" and c.kind != "clip_l":
+        raise ArchitectureError(f"the transformers layout is for the ViT-L CLIP (te0 / SD1 te), not {c.label}")
+    outputs = []
+    for k in c.keys:
+        name = canonical_name(c, k)
+        if layout == "transformers":
+            name = "text_model." + name
+        t = ck.info[k]
+        if name.endswith("position_ids") and (t.is_float or layout == "transformers"):
+            continue  # written below as int64 from the right values
+        outputs.append(Output(name, "copy", [(0, k)], out_dtype if t.is_float else None))
+    meta = {"astolfomix.export": json.dumps({"component": component, "kind": c.kind, "layout": layout, "from": Path(ck.path).name})}
+    return Plan([Path(ck.path)], outputs, metadata=meta, notes={"component": c})
+
+
+def export(path, component: str, output, *, layout: str = "toolkit", dtype: str | None = "f16",
+           overwrite: bool = False, progress: bool = False):
+    """Exports ``component`` of ``path``. With ``layout="transformers"``, ``output`` is a folder
+    holding ``config.json`` and ``model.safetensors`` that ``CLIPTextModel.from_pretrained`` loads."""
+    from .engine import execute
+
+    ck = Checkpoint(path)
+    plan = export_plan(ck, component, layout=layout, dtype=dtype)
+    if layout == "transformers":
+        folder = Path(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(VIT_L_CONFIG, indent=2))
+        return execute(plan, folder / "model.safetensors", overwrite=overwrite, progress=progress)
+    return execute(plan, output, overwrite=overwrite, progress=progress)
+
+
+def _source_component(ck: Checkpoint, want_kind: str, slot: str) -> Component:
+    an = detect(ck)
+    for c in an.components.values():
+        if c.kind == want_kind:
+            return c
+    have = ", ".join(f"{n} ({c.label})" for n, c in an.components.items()) or "nothing recognised"
+    raise ArchitectureError(f"{ck.path}: has no {slot} of the kind the target needs ({want_kind}); it has {have}")
+
+
+@dataclass
+class ImportResult:
+    report: object
+    replaced: int
+    position_ids: str
+    ignored: list[str]
+
+
+def import_component(target, source, component: str, output=None, *, in_place: bool = False,
+                     overwrite: bool = False, progress: bool = False, dtype: str | None = None) -> ImportResult:
+    """Writes ``target`` with its ``component`` replaced by the matching component of ``source``
+    (a full checkpoint or an exported file of any layout). Every key and shape is checked before
+    anything is written; ``position_ids`` are copied if sound, else written as int64 0..76."""
+    from .engine import execute
+    from .io import save
+
+    tck, sck = Checkpoint(target), Checkpoint(source)
+    tan = detect(tck)
+    component = ALIASES.get(component, component)
+    tc = tan.component(component)
+    sc = _source_component(sck, tc.kind, component)
+    src_by_name = {canonical_name(sc, k): k for k in sc.keys}
+    problems, outputs = [], []
+    pid_status = "n/a"
+    want = {canonical_name(tc, k): k for k in tc.keys}
+    if tc.kind == "clip_l":
+        inner = "text_model." if tc.prefix.endswith("transformer.") else ""
+        want.setdefault("embeddings.position_ids", tc.prefix + inner + "embeddings.position_ids")
+    for name, tkey in want.items():
+        skey = src_by_name.get(name)
+        if name.endswith("position_ids"):
+            continue
+        if skey is None:
+            problems.append(f"'{name}' is missing from {Path(sck.path).name}")
+        elif sck.info[skey].shape != tck.info[tkey].shape:
+            problems.append(f"'{name}': {list(sck.info[skey].shape)} in {Path(sck.path).name} but {list(tck.info[tkey].shape)} in {Path(tck.path).name}")
+    if problems:
+        raise ArchitectureError(f"cannot import {component} ({len(problems)} problems, nothing written):\n  " + "\n  ".join(problems[:30]))
+    ignored = sorted(set(src_by_name) - set(want))
+    out_dtype = parse_dtype(dtype) if dtype else None
+    inputs = [Path(tck.path), Path(sck.path)]
+    tmpdir = None
+    for k, info in tck.info.items():
+        if k in tc.keys or (tc.kind == "clip_l" and k == want.get("embeddings.position_ids")):
+            continue
+        outputs.append(Output(k, "copy", [(0, k)], None))
+    for name, tkey in want.items():
+        if name.endswith("position_ids"):
+            skey = src_by_name.get(name)
+            pid_status = position_ids_status(sck, skey) if skey else "missing"
+            if pid_status == "ok":
+                outputs.append(Output(tkey, "copy", [(1, skey)], None))
+            else:
+                # Sound int64 0..76 from a small side file (the plan only copies or averages inputs).
+                tmpdir = tempfile.mkdtemp(prefix=".astolfomix-", dir=Path(output or target).resolve().parent)
+                side = Path(tmpdir) / "position_ids.safetensors"
+                save(side, {"p": np.arange(77, dtype=np.int64)[None]}, durable=False)
+                inputs.append(side)
+                outputs.append(Output(tkey, "copy", [(2, "p")], None))
+            continue
+        skey = src_by_name[name]
+        outputs.append(Output(tkey, "copy", [(1, skey)], out_dtype if sck.info[skey].is_float else None))
+    meta = dict(tck.metadata)
+    meta["astolfomix.import"] = json.dumps({"component": component, "from": Path(sck.path).name, "into": Path(tck.path).name,
+                                            "position_ids": pid_status})
+    plan = Plan(inputs, outputs, metadata=meta)
+    try:
+        if in_place:
+            dest = Path(target)
+            tmp_out = dest.with_name(f".{dest.name}.import.tmp")
+            rep = execute(plan, tmp_out, overwrite=True, progress=progress)
+            os.replace(tmp_out, dest)
+            rep.output = dest
+        else:
+            if output is None:
+                raise PlanError("import needs an output file (or in_place=True)")
+            rep = execute(plan, output, overwrite=overwrite, progress=progress)
+    finally:
+        if tmpdir:
+            import shutil
+
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    return ImportResult(rep, len(want), pid_status, ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compare
+
+_ID = re.compile(r"^_?x(\d+)([A-Za-z]*)-")
+
+
+def model_id(path: str | os.PathLike[str]) -> str | None:
+    m = _ID.match(Path(path).name)
+    return f"{int(m.group(1)):02d}{m.group(2).lower()}" if m else None
+
+
+def compare(paths: Sequence[str | os.PathLike[str]], *, distances: bool = False, reference: int | None = None) -> dict:
+    """Per component: groups of files whose content is identical, and (on request) the relative L2
+    distance of each file's component to a reference file or to the mean."""
+    cks = [Checkpoint(p) for p in paths]
+    ans = [detect(c) for c in cks]
+    comps: dict[str, list[int]] = {}
+    for i, a in enumerate(ans):
+        for n in a.components:
+            comps.setdefault(n, []).append(i)
+    result: dict[str, dict] = {}
+    for n, idxs in comps.items():
+        hashes = {}
+        for i in idxs:
+            c = ans[i].components[n]
+            hashes[i] = _core.content_hashes(os.fspath(cks[i].path), {n: hash_entries(c)})[n]
+        groups: dict[str, list[int]] = {}
+        for i, h in hashes.items():
+            groups.setdefault(h, []).append(i)
+        entry = {
+            "groups": [{"hash": h[:16], "files": [os.fspath(cks[i].path) for i in g]} for h, g in
+                       sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))],
+            "missing_from": [os.fspath(cks[i].path) for i in range(len(cks)) if i not in idxs],
+        }
+        if distances and len(idxs) > 1:
+            keys = [k for k in ans[idxs[0]].components[n].keys if cks[idxs[0]].info[k].is_float]
+            ref = None if reference is None else (idxs.index(reference) if reference in idxs else None)
+            d = _core.l2_distances([os.fspath(cks[i].path) for i in idxs], keys, ref)
+            entry["relative_l2"] = {os.fspath(cks[i].path): (float(np.sqrt(a / b)) if b else 0.0) for i, (a, b) in zip(idxs, d)}
+            entry["relative_to"] = "mean" if ref is None else os.fspath(cks[reference].path)
+        result[n] = entry
+    return {"files": [os.fspath(c.path) for c in cks], "components": result}
+
+
+def selection_line(result: dict, component: str, same_as: str) -> str:
+    """A recipe line selecting the models whose ``component`` equals that of file ``same_as``."""
+    comp = result["components"].get(component)
+    if comp is None:
+        raise ArchitectureError(f"no file has a {component} component")
+    group = next((g["files"] for g in comp["groups"] if same_as in g["files"] or
+                  any(Path(f).name == Path(same_as).name for f in g["files"])), None)
+    if group is None:
+        raise ArchitectureError(f"{same_as} is not among the compared files")
+    ids = [model_id(f) for f in group]
+    ids = [i for i in ids if i is not None]
+    if not ids:
+        raise ArchitectureError("none of those files is named _xNN-... ; cannot write a recipe line")
+    ids.sort()
+    return f"{component}: {','.join(ids)}={len(ids)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspect helpers
+
+
+def escape(s: str, limit: int = 400) -> str:
+    """Metadata from strangers: control and format characters escaped, so nothing reaches the terminal raw."""
+    out = []
+    for ch in s[:limit]:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") or ch in "\u2028\u2029":
+            out.append(ch.encode("unicode_escape").decode("ascii") if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    more = f"... ({len(s)} chars)" if len(s) > limit else ""
+    return "".join(out) + more
+
+
+def nonfinite(ck: Checkpoint, keys: Sequence[str]) -> dict[str, int]:
+    nan = inf = 0
+    for k in keys:
+        t = ck.info[k]
+        if not t.is_float:
+            continue
+        v = ck.tensor(k)
+        nan += int(np.isnan(v).sum())
+        inf += int(np.isinf(v).sum())
+    return {"nan": nan, "inf": inf}
+
+
+def position_ids_report(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
+    out = {}
+    for n, c in an.components.items():
+        if c.kind != "clip_l":
+            continue
+        key = next((k for k in c.keys if k.endswith("position_ids")), None)
+        if key is None:
+            out[n] = "missing"
+        else:
+            out[n] = position_ids_status(ck, key)
+    return out
+
+
+__all__ = [
+    "ARCHES", "POSITION_IDS", "compare", "component_hashes", "export", "export_plan", "import_component",
+    "selection_line", "toolkit_metric",
+]
