@@ -1,6 +1,5 @@
 //! A safetensors file opened read-only through a memory map, its header validated.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -18,7 +17,8 @@ pub struct Checkpoint {
     pub file_len: u64,
     /// (device, inode): how the writer recognises an input under another name.
     pub identity: (u64, u64),
-    index: HashMap<String, usize>,
+    /// Tensor indices sorted by name (binary search; no second copy of the names).
+    index: Vec<u32>,
     mmap: Mmap,
 }
 
@@ -48,7 +48,8 @@ impl Checkpoint {
         let n = header::header_len(path, &mmap, file_len)?;
         let data_len = file_len as usize - 8 - n;
         let header = header::parse(path, &mmap[8..8 + n], data_len)?;
-        let index = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let mut index: Vec<u32> = (0..header.tensors.len() as u32).collect();
+        index.sort_by(|&a, &b| header.tensors[a as usize].name.cmp(&header.tensors[b as usize].name));
         Ok(Checkpoint {
             path: path.to_path_buf(),
             header,
@@ -61,7 +62,11 @@ impl Checkpoint {
 
     /// The header entry for `name`.
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
-        self.index.get(name).map(|&i| &self.header.tensors[i])
+        let t = &self.header.tensors;
+        self.index
+            .binary_search_by(|&i| t[i as usize].name.as_str().cmp(name))
+            .ok()
+            .map(|pos| &t[self.index[pos] as usize])
     }
 
     /// The stored bytes of one tensor (validated to lie inside the file at open).
@@ -73,6 +78,12 @@ impl Checkpoint {
     /// The whole file, mapped.
     pub fn bytes(&self) -> &[u8] {
         &self.mmap
+    }
+
+    /// Frees the parsed header once a plan is resolved: the run needs only the map.
+    pub fn release_header(&mut self) {
+        self.header.tensors = Vec::new();
+        self.index = Vec::new();
     }
 
     /// Tells the kernel we will read the whole data section soon (readahead on cold files).

@@ -183,16 +183,9 @@ fn run_item(
     Ok(read)
 }
 
-/// Runs `plan` on already opened inputs and writes `output`.
-pub fn execute_with(
-    plan: &Plan,
-    inputs: &[Checkpoint],
-    output: &Path,
-    opts: &Options,
-    progress: &Progress,
-) -> Result<Report> {
+/// Runs a resolved plan on its opened inputs and writes `output`.
+pub fn run_layout(layout: &Layout, inputs: &[Checkpoint], output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
     let t0 = Instant::now();
-    let layout = plan.resolve(inputs)?;
     progress.total.store(layout.bytes_read, Ordering::Relaxed);
     let ids: Vec<(u64, u64)> = inputs.iter().map(|c| c.identity).collect();
     let writer = Writer::create(output, &layout.header, layout.data_len as u64, &ids, opts.overwrite)?;
@@ -202,7 +195,7 @@ pub fn execute_with(
         .num_threads(threads)
         .build()
         .map_err(|e| Error::Plan(format!("cannot start {threads} threads: {e}")))?;
-    let items = work_items(&layout, opts.chunk.max(64));
+    let items = work_items(layout, opts.chunk.max(64));
     let bytes_read = pool.install(|| {
         items.par_iter().try_fold(
             || (Scratch::default(), 0u64),
@@ -210,7 +203,7 @@ pub fn execute_with(
                 if progress.cancel.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
-                let r = run_item(inputs, &layout, item, level, &mut scratch, &writer)?;
+                let r = run_item(inputs, layout, item, level, &mut scratch, &writer)?;
                 progress.done.fetch_add(r, Ordering::Relaxed);
                 Ok((scratch, total + r))
             },
@@ -231,10 +224,19 @@ pub fn execute_with(
     })
 }
 
+/// Opens `plan.inputs`, checks the plan and lays out the output; the parsed input headers are
+/// released afterwards, so memory does not hold N copies of the key tables during the run.
+pub fn prepare(plan: &Plan) -> Result<(Layout, Vec<Checkpoint>)> {
+    let mut inputs = open_inputs(&plan.inputs)?;
+    let layout = plan.resolve(&inputs)?;
+    inputs.iter_mut().for_each(Checkpoint::release_header);
+    Ok((layout, inputs))
+}
+
 /// Opens `plan.inputs`, runs the plan and writes `output`.
 pub fn execute(plan: &Plan, output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
-    let inputs = open_inputs(&plan.inputs)?;
-    execute_with(plan, &inputs, output, opts, progress)
+    let (layout, inputs) = prepare(plan)?;
+    run_layout(&layout, &inputs, output, opts, progress)
 }
 
 #[cfg(test)]

@@ -249,6 +249,8 @@ fn execute<'py>(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let plan = plan_from_py(inputs, outputs, accumulate, metadata)?;
+    let (layout, inputs) = py.detach(|| engine::prepare(&plan)).map_err(to_py)?;
+    drop(plan);
     let opts = Options {
         threads: threads.filter(|&t| t > 0),
         chunk: chunk.unwrap_or(Options::default().chunk),
@@ -257,7 +259,7 @@ fn execute<'py>(
         overwrite,
     };
     let prog = Progress::default();
-    let report = run_watched(py, progress, &prog, || engine::execute(&plan, &output, &opts, &prog))?;
+    let report = run_watched(py, progress, &prog, || engine::run_layout(&layout, &inputs, &output, &opts, &prog))?;
     report_to_py(py, &report)
 }
 

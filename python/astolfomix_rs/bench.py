@@ -84,12 +84,9 @@ def _rss_anon_kb(pid: int) -> int | None:
     return None
 
 
-def _run_worker(kind: str, args: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
-    """Runs one contender in a child process, sampling its RssAnon every 5 ms."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "astolfomix_rs.bench", kind, json.dumps(args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def run_sampled(cmd: list[str], timeout: float = 3600) -> tuple[str, str, int, int]:
+    """Runs ``cmd``, sampling its RssAnon every 5 ms: (stdout, stderr, returncode, peak RssAnon kB)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
     stop = threading.Event()
 
@@ -102,13 +99,21 @@ def _run_worker(kind: str, args: dict[str, Any], timeout: float = 3600) -> dict[
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    out, err = proc.communicate(timeout=timeout)
-    stop.set()
-    t.join()
-    if proc.returncode != 0:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop.set()
+        t.join()
+    return out, err, proc.returncode, peak[0]
+
+
+def _run_worker(kind: str, args: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """Runs one contender in a child process and returns its JSON line plus its peak RssAnon."""
+    out, err, rc, peak = run_sampled([sys.executable, "-m", "astolfomix_rs.bench", kind, json.dumps(args)], timeout)
+    if rc != 0:
         raise RuntimeError(f"bench worker '{kind}' failed:\n{err[-3000:]}")
     res = json.loads(out.strip().splitlines()[-1])
-    res["peak_anon_mb"] = peak[0] / 1024
+    res["peak_anon_mb"] = peak / 1024
     return res
 
 

@@ -422,25 +422,33 @@ def merge_plan(
             return t
 
     files = sorted(set(res.files.values()), key=lambda p: p.name)
-    cks: dict[Path, Checkpoint] = {}
-    anat = {}
-    for p in files:
+    base_path = res.files.get(key_of(base_id))
+    base_ck = base_an = None
+    if base_path is not None:
         try:
-            cks[p] = Checkpoint(p)
-            anat[p] = detect(cks[p])
+            base_ck = Checkpoint(base_path)
+            base_an = detect(base_ck)
         except AstolfomixError as e:
             problems.append(str(e))
-    base_path = res.files.get(key_of(base_id))
-    if base_path is None or base_path not in cks:
+    if base_ck is None or base_an is None:
         problems.append(f"base model {base_id} could not be used")
         raise MergeProblems("cannot merge:\n  " + "\n  ".join(dict.fromkeys(problems)))
-    base_ck, base_an = cks[base_path], anat[base_path]
+    uses: dict[Path, list[tuple[str, str]]] = {}
     for c, ids in chosen.items():
         for t in ids:
             p = res.files.get(key_of(t))
-            if p is None or p not in cks:
-                continue
-            an = anat[p]
+            if p is not None:
+                uses.setdefault(p, []).append((c, t))
+    bytes_to_read = 0
+    # One file at a time, so memory does not grow with the number of inputs.
+    for p in files:
+        try:
+            ck = base_ck if p == base_path else Checkpoint(p)
+            an = base_an if p == base_path else detect(ck)
+        except AstolfomixError as e:
+            problems.append(str(e))
+            continue
+        for c, t in uses.get(p, []):
             if an.arch != base_an.arch:
                 problems.append(f"{c}: model {t} ({p.name}) is {an.arch}, the base is {base_an.arch}")
                 continue
@@ -452,16 +460,23 @@ def merge_plan(
                 continue
             if comp.missing:
                 problems.append(f"{c}: model {t} ({p.name}) lacks {len(comp.missing)} keys, e.g. {comp.missing[0]}")
+            absent, shapes = [], []
             for k in bcomp.keys:
-                ti, bi = cks[p].info.get(k), base_ck.info[k]
+                ti, bi = ck.info.get(k), base_ck.info[k]
                 if ti is None:
                     if bi.is_float:
-                        problems.append(f"{c}: model {t} ({p.name}) has no tensor '{k}'")
+                        absent.append(k)
                     continue
-                if ti.shape != bi.shape:
-                    problems.append(f"{c}: tensor '{k}' is {list(ti.shape)} in {p.name} but {list(bi.shape)} in the base {base_path.name}")
-                elif ti.is_float != bi.is_float:
-                    problems.append(f"{c}: tensor '{k}' is {ti.dtype} in {p.name} but {bi.dtype} in the base")
+                if ti.shape != bi.shape or ti.is_float != bi.is_float:
+                    shapes.append(f"'{k}' is {ti.dtype}{list(ti.shape)} in {p.name} but {bi.dtype}{list(bi.shape)} in the base {base_path.name}")
+                elif bi.is_float:
+                    bytes_to_read += ti.nbytes
+            if absent:
+                problems.append(f"{c}: model {t} ({p.name}) has no tensor '{absent[0]}'"
+                                + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
+            if shapes:
+                problems.append(f"{c}: model {t}: {shapes[0]}" + (f" (and {len(shapes) - 1} more tensors differ)" if len(shapes) > 1 else ""))
+        del ck, an
     if problems:
         uniq = list(dict.fromkeys(problems))
         more = f"\n  ... and {len(uniq) - 40} more" if len(uniq) > 40 else ""
@@ -526,7 +541,8 @@ def merge_plan(
         "components": {c: [str(p) for p in v] for c, v in comp_files.items()},
         "counts": counts,
         "inputs": [str(p) for p in inputs],
-        "bytes_to_read": plan.bytes_to_read([cks[p] for p in inputs]),
+        "bytes_to_read": bytes_to_read + sum(
+            base_ck.info[o.name].nbytes for o in outputs if o.op == "copy"),
         "output_bytes": sum(
             (bi.numel * {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}.get(out_dtype or bi.dtype, 2)) if o.op == "mean" else bi.nbytes
             for o, bi in zip(outputs, base_ck.info.values())
