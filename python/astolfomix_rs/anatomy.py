@@ -149,6 +149,16 @@ class Anatomy:
         return None
 
 
+def _strip_tm(kind: str, name: str) -> str:
+    return name[len("text_model."):] if kind == "clip_l" and name.startswith("text_model.") else name
+
+
+def canonical_name(c: Component, key: str) -> str:
+    """A component key without its prefix (and ``text_model.`` for the ViT-L CLIP), so the same
+    weights have the same names in SD1, SDXL, toolkit and transformers layouts."""
+    return _strip_tm(c.kind, key[len(c.prefix):])
+
+
 def _blocks(keys: list[str], pattern: str) -> int:
     rx = re.compile(pattern)
     found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
@@ -215,8 +225,14 @@ def detect(ck: Checkpoint) -> Anatomy:
         else:
             c.keys = [k for k in keys if a.component_of(k) is None and k not in assigned]
         assigned.update(c.keys)
-        have = {k[len(c.prefix):] for k in c.keys}
-        c.missing = [c.prefix + k for k, v in reference(c.kind).items() if not v["optional"] and k not in have]
+        have = {canonical_name(c, k) for k in c.keys}
+        # Report missing keys in the file's own spelling (with or without ``text_model.``).
+        with_tm = any(k[len(c.prefix):].startswith("text_model.") for k in c.keys)
+        c.missing = [
+            c.prefix + (k if with_tm else _strip_tm(c.kind, k))
+            for k, v in reference(c.kind).items()
+            if not v["optional"] and _strip_tm(c.kind, k) not in have
+        ]
         dt: Counter[str] = Counter()
         for k in c.keys:
             t = ck.info[k]
@@ -228,10 +244,10 @@ def detect(ck: Checkpoint) -> Anatomy:
     for k in keys:
         if k in assigned:
             continue
-        if k.startswith(EMA):
-            a.ema += 1
-        elif k in SCHEDULER_KEYS:
+        if k in SCHEDULER_KEYS:
             a.buffers.append(k)
+        elif k.startswith(EMA):
+            a.ema += 1
         elif k in VPRED_KEYS:
             a.vpred.append(k)
         else:

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _core
-from .anatomy import ALIASES, ARCHES, POSITION_IDS, Anatomy, Component, detect, position_ids_status
+from .anatomy import ALIASES, ARCHES, POSITION_IDS, Anatomy, Component, canonical_name, detect, position_ids_status
 from .errors import ArchitectureError, PlanError
 from .plan import Output, Plan, parse_dtype
 from .reader import Checkpoint
@@ -34,6 +34,8 @@ def metric_field(s: float, ref: tuple[float, int] | None) -> str:
     """The toolkit's formula: ``int(abs(S / B - 1) * K)``, folded below 10000, ``----`` for S == 0."""
     if s == 0 or ref is None:
         return "----"
+    if not np.isfinite(s):
+        return "NaN!"  # the weights hold NaN or Inf: the toolkit would crash here
     b, k = ref
     n = int(abs(s / b - 1) * k)
     while n >= 10000:
@@ -73,7 +75,7 @@ def toolkit_metric(ck: Checkpoint, an: Anatomy) -> dict[str, object]:
         fields["clip"] = metric_field(sums["clip"], REFS[te.kind])
     names = []
     for f in ("vae", "clip"):
-        if fields[f] == "----":
+        if not fields[f].isdigit():
             continue
         v = int(fields[f])
         for known, label in KNOWN[f].items():
@@ -84,15 +86,6 @@ def toolkit_metric(ck: Checkpoint, an: Anatomy) -> dict[str, object]:
 
 # ---------------------------------------------------------------------------------------------
 # Content hashes
-
-
-def canonical_name(c: Component, key: str) -> str:
-    """A component key without its prefix (and ``text_model.`` for the ViT-L CLIP), so the same
-    weights have the same names in SD1, SDXL, toolkit and transformers layouts."""
-    name = key[len(c.prefix):]
-    if c.kind == "clip_l" and name.startswith("text_model."):
-        name = name[len("text_model."):]
-    return name
 
 
 def hash_entries(c: Component) -> list[tuple[str, str]]:
@@ -229,26 +222,32 @@ def import_component(target, source, component: str, output=None, *, in_place: b
     out_dtype = parse_dtype(dtype) if dtype else None
     inputs = [Path(tck.path), Path(sck.path)]
     tmpdir = None
-    for k, info in tck.info.items():
-        if k in tc.keys or (tc.kind == "clip_l" and k == want.get("embeddings.position_ids")):
-            continue
-        outputs.append(Output(k, "copy", [(0, k)], None))
+    comp_keys = set(tc.keys) | {want.get("embeddings.position_ids")}
+    component_outputs: list[Output] = []
     for name, tkey in want.items():
         if name.endswith("position_ids"):
             skey = src_by_name.get(name)
             pid_status = position_ids_status(sck, skey) if skey else "missing"
             if pid_status == "ok":
-                outputs.append(Output(tkey, "copy", [(1, skey)], None))
+                component_outputs.append(Output(tkey, "copy", [(1, skey)], None))
             else:
                 # Sound int64 0..76 from a small side file (the plan only copies or averages inputs).
                 tmpdir = tempfile.mkdtemp(prefix=".astolfomix-", dir=Path(output or target).resolve().parent)
                 side = Path(tmpdir) / "position_ids.safetensors"
                 save(side, {"p": np.arange(77, dtype=np.int64)[None]}, durable=False)
                 inputs.append(side)
-                outputs.append(Output(tkey, "copy", [(2, "p")], None))
+                component_outputs.append(Output(tkey, "copy", [(2, "p")], None))
             continue
         skey = src_by_name[name]
-        outputs.append(Output(tkey, "copy", [(1, skey)], out_dtype if sck.info[skey].is_float else None))
+        component_outputs.append(Output(tkey, "copy", [(1, skey)], out_dtype if sck.info[skey].is_float else None))
+    # The target's key order, with the new component where the old one was.
+    for k in tck.info:
+        if k not in comp_keys:
+            outputs.append(Output(k, "copy", [(0, k)], None))
+        elif component_outputs:
+            outputs.extend(component_outputs)
+            component_outputs = []
+    outputs.extend(component_outputs)
     meta = dict(tck.metadata)
     meta["astolfomix.import"] = json.dumps({"component": component, "from": Path(sck.path).name, "into": Path(tck.path).name,
                                             "position_ids": pid_status})
