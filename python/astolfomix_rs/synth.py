@@ -64,15 +64,17 @@ def make_state(
     fast: bool = False,
     variant: str = "normal",
     ema: bool = False,
+    only: tuple[str, ...] | None = None,
 ) -> dict[str, object]:
     """The tensors of one synthetic checkpoint. ``seeds`` overrides the seed per component
     ("diffuser", "clip_l", "clip_g", "vae", ...); ``drop`` lists keys to leave out; ``fast``
-    makes F16 values from random bits (for full-size benchmark inputs)."""
+    makes F16 values from random bits (for full-size benchmark inputs); ``only`` keeps the listed
+    components."""
     seeds = dict(seeds or {})
     out: dict[str, object] = {}
     for key, spec in variant_layout(arch).items():
         comp = spec["component"]
-        if key in drop or (spec["optional"] and not optional and comp != "clip_l"):
+        if key in drop or (spec["optional"] and not optional and comp != "clip_l") or (only and comp not in only):
             continue
         if comp == "ema" or key in ("v_pred", "ztsnr") or key.startswith("edm_vpred"):
             continue  # variants of their own; tests add them on purpose

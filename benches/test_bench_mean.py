@@ -1,0 +1,59 @@
+"""pytest-benchmark runs of the engine (``pytest benches --benchmark-enable``). In the normal test
+run (benchmarks disabled) each runs once and checks its result. The full comparison against the
+read/write floor, naive torch and sd-mecha is ``astolfomix bench``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import astolfomix_rs as am
+from astolfomix_rs.synth import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def sd1_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    return [make_checkpoint(d / f"_x{i:02d}-b.safetensors", "sd1", factor=8, seed=i, fast=True) for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bench_engine_mean(benchmark, sd1_inputs, tmp_path, threads):
+    out = tmp_path / "o.safetensors"
+
+    def run():
+        return am.mean(sd1_inputs, out, threads=threads, durable=False, overwrite=True, progress=False)
+
+    r = benchmark(run)
+    k = "model.diffusion_model.out.2.weight"
+    acc = sum(am.Checkpoint(p).tensor(k).astype(np.float32) for p in sd1_inputs)
+    expect = (acc / np.float32(4)).astype(np.float16)
+    np.testing.assert_array_equal(am.Checkpoint(out).tensor(k).view(np.uint16), expect.view(np.uint16))
+    cks = [am.Checkpoint(p) for p in sd1_inputs]
+    floats = sum(t.nbytes for c in cks for t in c.info.values() if t.is_float)
+    ints = sum(t.nbytes for t in cks[0].info.values() if not t.is_float)  # copied from the first input
+    assert r.bytes_read == floats + ints
+
+
+def test_bench_torch_executor_cpu(benchmark, sd1_inputs, tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "o.safetensors"
+    ref = tmp_path / "r.safetensors"
+    am.mean(sd1_inputs, ref, durable=False, progress=False)
+    benchmark(lambda: am.mean(sd1_inputs, out, durable=False, overwrite=True, progress=False, device="torch-cpu"))
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_bench_cli_small(tmp_path, capsys):
+    """`astolfomix bench` end to end on tiny inputs: every contender reports a time and a ratio."""
+    import json
+
+    from astolfomix_rs.cli import main
+
+    assert main(["bench", "-n", "2", "--factor", "16", "--folder", str(tmp_path), "--repeat", "1", "--json",
+                 "--no-naive", "--threads", "1,2"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in rep["results"]]
+    assert names[:2] == ["astolfomix cpu, 1 threads", "astolfomix cpu, 2 threads"]
+    assert all(r["seconds"] > 0 and r["ratio_to_floor"] > 0 and r["peak_anon_mb"] > 0 for r in rep["results"])
+    assert rep["floor"]["total_s"] > 0 and rep["input_bytes"] > 0

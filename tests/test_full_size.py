@@ -1,0 +1,45 @@
+"""Full SDXL size (6.9 GB per file): layout, detection on the real shapes, and a merge checked
+against numpy on sampled tensors. Slow: deselect with ``-m 'not slow'``."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from reference import emulate_mean
+
+import astolfomix_rs as am
+from astolfomix_rs.anatomy import detect, reference
+from astolfomix_rs.synth import make_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def test_full_size_sdxl_merge(tmp_path):
+    need = 3 * 6.95e9 + 2e9
+    if shutil.disk_usage(tmp_path).free < need:
+        pytest.skip(f"needs {need / 1e9:.0f} GB free disk for three full-size SDXL files")
+    files = [make_checkpoint(tmp_path / f"_x{i:02d}-full.safetensors", "sdxl", factor=1, seed=i, fast=True) for i in (1, 2)]
+    ck = am.Checkpoint(files[0])
+    assert 6.8e9 < ck.file_len < 7.0e9 and len(ck) == 2527
+    a = detect(ck)
+    assert a.arch == "sdxl" and not a.junk
+    for c in a.components.values():
+        assert not c.missing
+        ref = reference(c.kind)
+        for k in c.keys:  # the real shapes, not shrunk ones
+            name = k[len(c.prefix):]
+            if name in ref:
+                assert list(ck.info[k].shape) == ref[name]["shape"], k
+    assert round(sum(c.params for c in a.components.values()) / 1e9, 2) == 3.47
+    out = tmp_path / "merged.safetensors"
+    r = am.mean(files, out, progress=False)
+    cks = [am.Checkpoint(f) for f in files]
+    assert r.bytes_read == sum(t.nbytes for c in cks for t in c.info.values() if t.is_float) + sum(
+        t.nbytes for t in cks[0].info.values() if not t.is_float)
+    res = am.Checkpoint(out)
+    for k in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.middle_block.1.proj_in.weight",
+              "conditioner.embedders.1.model.token_embedding.weight", "first_stage_model.decoder.conv_out.weight"):
+        expect = emulate_mean([(np.array(c.raw(k)), c.info[k].dtype) for c in cks], "F16")
+        assert res.raw(k).tobytes() == expect.tobytes(), k
