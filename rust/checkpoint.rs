@@ -35,14 +35,14 @@ impl Checkpoint {
         }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = meta.len();
-        if file_len < 8 {
-            return Err(Error::invalid(path, format!("file is {file_len} bytes, shorter than the 8-byte header length")));
+        if file_len == 0 {
+            return Err(Error::invalid(path, "file is empty (0 bytes), shorter than the 8-byte header length"));
         }
         // SAFETY: the map is read-only and private to this process. Undefined behaviour would
         // need another process to truncate or rewrite the file while it is mapped; the writer
         // refuses to write over any open input, and we document that inputs must not change.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        if header::looks_like_pickle(&mmap[..8]) {
+        if header::looks_like_pickle(&mmap[..mmap.len().min(8)]) {
             return Err(Error::Pickle { path: path.to_path_buf() });
         }
         let n = header::header_len(path, &mmap, file_len)?;

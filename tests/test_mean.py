@@ -238,3 +238,12 @@ def test_progress_callback_and_cancel(tmp_path):
         am.mean(files, tmp_path / "o.safetensors", progress=stop, threads=1, kernel="scalar", chunk=4096)
     assert seen and seen[0][1] == 2 * 40 * 2_000_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.safetensors", "1.safetensors"]
+
+
+def test_save_keeps_scalars_and_empty_shapes(tmp_path):
+    save(tmp_path / "s.safetensors", {"s": np.float32(2.5) * np.ones((), np.float32), "e": np.zeros((0, 3), np.float16),
+                                      "t": np.arange(6, dtype=np.float32).reshape(2, 3).T})
+    ck = am.Checkpoint(tmp_path / "s.safetensors")
+    assert ck.info["s"].shape == () and float(ck.tensor("s")) == 2.5
+    assert ck.info["e"].shape == (0, 3) and ck.info["t"].shape == (3, 2)
+    np.testing.assert_array_equal(ck.tensor("t"), np.arange(6, dtype=np.float32).reshape(2, 3).T)

@@ -221,6 +221,33 @@ def run(
     return report
 
 
+def plot(reports: list[BenchReport], path: str | os.PathLike[str]) -> bool:
+    """A PNG of input GB/s against N, one line per contender plus the floor; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns = [r.n for r in reports]
+    ax.plot(ns, [r.input_bytes / r.floor["total_s"] / 1e9 for r in reports], "k--", label="floor (read + write)")
+    names = list(dict.fromkeys(res.name for r in reports for res in r.results))
+    for name in names:
+        pts = [(r.n, res.gbps) for r in reports for res in r.results if res.name == name]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set_xlabel("N (input checkpoints)")
+    ax.set_ylabel("input GB/s")
+    ax.set_title(f"{reports[0].arch} fp16 mean, {reports[0].cpus} CPUs")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _importable(mod: str) -> bool:
     import importlib.util
 

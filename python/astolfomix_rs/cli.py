@@ -71,15 +71,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     threads = [int(t) for t in args.threads.split(",")] if args.threads else None
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    rep = bench.run(
-        n=args.n, arch=args.arch, factor=args.factor, folder=args.folder, files=args.files or None,
-        threads=threads, repeat=args.repeat, naive_torch=not args.no_naive, cuda=args.cuda, log=log,
-    )
-    emit(args, rep.as_dict(), "\n" + rep.table())
+    ns = [int(n) for n in str(args.n).split(",")]
+    reps = [
+        bench.run(
+            n=n, arch=args.arch, factor=args.factor, folder=args.folder, files=args.files or None,
+            threads=threads, repeat=args.repeat, naive_torch=not args.no_naive, cuda=args.cuda, log=log,
+        )
+        for n in ns
+    ]
+    data = reps[0].as_dict() if len(reps) == 1 else [r.as_dict() for r in reps]
+    emit(args, data, "\n" + "\n\n".join(r.table() for r in reps))
     if args.plot:
-        from .bench import plot
-
-        plot([rep], args.plot)
+        if bench.plot(reps, args.plot):
+            log(f"wrote {args.plot}")
+        else:
+            log("matplotlib is not installed: no plot written")
     return 0
 
 
@@ -104,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="time the engine against the read/write floor and other tools")
-    b.add_argument("-n", type=int, default=4, help="number of synthetic inputs (default 4)")
+    b.add_argument("-n", default="4", help="number of synthetic inputs, or a list like 2,4,6 (default 4)")
     b.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"])
     b.add_argument("--factor", type=int, default=1, help="shrink large dimensions by this (1 = full size)")
     b.add_argument("--folder", help="where inputs and outputs go (default ./bench-out)")
@@ -113,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=2, help="best of this many runs per contender")
     b.add_argument("--no-naive", action="store_true", help="skip naive torch")
     b.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None)
-    b.add_argument("--plot", help="write a PNG of GB/s per contender (needs matplotlib)")
+    b.add_argument("--plot", help="write a PNG of input GB/s against N per contender (needs matplotlib)")
     b.add_argument("--json", action="store_true")
 
     for name, fn in _extra_parsers():

@@ -25,11 +25,13 @@ def _entry(name: str, t: Tensor) -> tuple[str, tuple[int, ...], np.ndarray]:
     if isinstance(t, tuple):
         dtype, shape, raw = t
         return dtype, tuple(shape), np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    arr = np.ascontiguousarray(t)
+    arr = np.asarray(t)
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")  # not ascontiguousarray: it turns scalars into shape (1,)
     dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
     if dt not in _NP_TO_ST:
         raise ValueError(f"tensor '{name}': numpy dtype {arr.dtype} has no safetensors equivalent")
-    return _NP_TO_ST[dt], arr.shape, arr.astype(dt, copy=False).view(np.uint8).reshape(-1)
+    return _NP_TO_ST[dt], arr.shape, arr.astype(dt, copy=False).reshape(-1).view(np.uint8)
 
 
 def save(

@@ -67,7 +67,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(folder: Path, n_models: int = 8, factor: int = 64, log=print) -> dict:
+def run_demo(folder: Path, n_models: int = 8, factor: int = 16, log=print) -> dict:
     """Writes a synthetic SDXL pool and the grid recipe, merges, inspects; returns timings."""
     from . import recipe as rc
     from .anatomy_cli import inspect_file
@@ -136,6 +136,6 @@ def add_parsers(sub) -> None:
     d = sub.add_parser("demo", help="merge a pool of synthetic SDXL models from a grid recipe, then inspect")
     d.add_argument("folder", nargs="?", help="where to write the pool (default: a temporary folder)")
     d.add_argument("--models", type=int, default=8)
-    d.add_argument("--factor", type=int, default=64, help="shrink large dimensions by this (1 = full size)")
+    d.add_argument("--factor", type=int, default=16, help="shrink large dimensions by this (1 = full size)")
     d.add_argument("--keep", action="store_true", help="keep the temporary folder")
     d.add_argument("--json", action="store_true")
