@@ -42,12 +42,19 @@ impl Checkpoint {
         // need another process to truncate or rewrite the file while it is mapped; the writer
         // refuses to write over any open input, and we document that inputs must not change.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        if header::looks_like_pickle(&mmap[..mmap.len().min(8)]) {
-            return Err(Error::Pickle { path: path.to_path_buf() });
-        }
-        let n = header::header_len(path, &mmap, file_len)?;
-        let data_len = file_len as usize - 8 - n;
-        let header = header::parse(path, &mmap[8..8 + n], data_len)?;
+        // A pickle's first bytes can also read as a plausible header length (0x80 0x02 is 640),
+        // so the magic is only consulted once the file has failed to parse as safetensors.
+        let parsed = header::header_len(path, &mmap, file_len).and_then(|n| {
+            let data_len = file_len as usize - 8 - n;
+            header::parse(path, &mmap[8..8 + n], data_len)
+        });
+        let header = match parsed {
+            Ok(h) => h,
+            Err(_) if header::looks_like_pickle(&mmap[..mmap.len().min(8)]) => {
+                return Err(Error::Pickle { path: path.to_path_buf() })
+            }
+            Err(e) => return Err(e),
+        };
         let mut index: Vec<u32> = (0..header.tensors.len() as u32).collect();
         index.sort_by(|&a, &b| header.tensors[a as usize].name.cmp(&header.tensors[b as usize].name));
         Ok(Checkpoint {
@@ -89,5 +96,47 @@ impl Checkpoint {
     /// Tells the kernel we will read the whole data section soon (readahead on cold files).
     pub fn will_need(&self) {
         let _ = self.mmap.advise(memmap2::Advice::WillNeed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_pickle() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.ckpt");
+        std::fs::write(&p, b"\x80\x02}q\x00.").unwrap();
+        let e = Checkpoint::open(&p).err().unwrap();
+        assert!(matches!(e, Error::Pickle { .. }), "{e}");
+        assert!(e.to_string().contains("save_file"));
+    }
+
+    #[test]
+    fn header_of_640_bytes_is_not_a_pickle() {
+        // Its length prefix begins 0x80 0x02, like a protocol-2 pickle.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.safetensors");
+        let entry = r#"{"dtype":"F16","shape":[1],"data_offsets":[0,2]}"#;
+        let name = "k".repeat(640 - entry.len() - 5);
+        let json = format!("{{\"{name}\":{entry}}}");
+        assert_eq!(json.len(), 640);
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json.as_bytes());
+        bytes.extend_from_slice(&[0, 0]);
+        std::fs::write(&p, bytes).unwrap();
+        let c = Checkpoint::open(&p).unwrap();
+        assert!(c.get(&name).is_some());
+    }
+
+    #[test]
+    fn error_empty_missing_and_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("empty.safetensors");
+        std::fs::write(&p, b"").unwrap();
+        assert!(Checkpoint::open(&p).err().unwrap().to_string().contains("empty"));
+        assert!(matches!(Checkpoint::open(d.path().join("nope")).err().unwrap(), Error::NotFound { .. }));
+        assert!(matches!(Checkpoint::open(d.path()).err().unwrap(), Error::IsDirectory { .. }));
     }
 }

@@ -397,6 +397,7 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
         // Random bytes and corrupted valid headers: never a panic, always a clean Result.
         #[test]
         fn fuzz_random_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300), len in 0usize..400) {

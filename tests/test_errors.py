@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import leftovers
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import astolfomix_rs as am
@@ -114,6 +114,16 @@ def test_pickle_checkpoint(tmp_path):
     zipped = tmp_path / "model.pt"
     zipped.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     check_bad(tmp_path, zipped, InvalidFileError, "pickle")
+
+
+def test_header_length_that_looks_like_pickle_magic_is_fine(tmp_path):
+    # 0x0280 = 640: the little-endian length starts with 0x80 0x02, a pickle's protocol-2 magic.
+    name = "k" * (640 - len('{"":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}}'))
+    h = json.dumps({name: entry(shape=(1,), offs=(0, 2))}, separators=(",", ":")).encode()
+    assert len(h) == 640
+    p = raw_file(tmp_path / "fine.safetensors", h, b"\0\0")
+    assert p.read_bytes()[:2] == b"\x80\x02"
+    assert am.Checkpoint(p).keys() == [name]
 
 
 def test_directory_input(tmp_path):
@@ -258,6 +268,7 @@ def test_ctrl_c_stops_within_a_second_and_leaves_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(f) for f in files)
 
 
+@settings(max_examples=1000)
 @given(st.binary(min_size=0, max_size=300))
 def test_fuzz_random_files_never_crash(tmp_path_factory, blob):
     p = tmp_path_factory.mktemp("fz") / "f.safetensors"
@@ -269,6 +280,7 @@ def test_fuzz_random_files_never_crash(tmp_path_factory, blob):
 VALID = b'{"__metadata__":{"a":"b"},"w":{"dtype":"F16","shape":[2,2],"data_offsets":[0,8]},"i":{"dtype":"I64","shape":[1],"data_offsets":[8,16]}}'
 
 
+@settings(max_examples=1000)
 @given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=4),
        st.integers(0, 24))
 def test_fuzz_corrupted_headers(tmp_path_factory, edits, data_len):
