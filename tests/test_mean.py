@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import ITEMSIZE, decode, emulate_mean, encode, round_minifloat, ulp
+from reference import decode, emulate_mean, encode, round_minifloat, ulp
 
 import astolfomix_rs as am
 from astolfomix_rs.io import save
@@ -112,7 +112,6 @@ def test_nan_stays_nan(tmp_path):
 
 
 def test_round_minifloat_matches_numpy_and_ml_dtypes(rng):
-    import ml_dtypes
 
     x = np.concatenate([rng.standard_normal(20000) * 2.0 ** rng.integers(-30, 20, 20000),
                         [0.0, -0.0, np.inf, -np.inf, 1e-30, 65520.0, 65519.99, 464.0, 470.0]])

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from reference import decode, emulate_mean
+from reference import emulate_mean
 
 import astolfomix_rs as am
 from astolfomix_rs import recipe as rc

@@ -61,9 +61,6 @@ class Plan:
     def core_args(self) -> tuple[list[str], list[tuple]]:
         return [os.fspath(p) for p in self.inputs], [o.as_core() for o in self.outputs]
 
-    def bytes_to_read(self, checkpoints: Sequence[Checkpoint]) -> int:
-        return sum(checkpoints[i].info[k].nbytes for o in self.outputs for (i, k) in o.sources)
-
 
 def normalize(weights: Sequence[float]) -> list[float]:
     """Weights normalised in float64 to sum 1."""

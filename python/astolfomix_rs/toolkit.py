@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _core
-from .anatomy import ALIASES, ARCHES, POSITION_IDS, Anatomy, Component, canonical_name, detect, position_ids_status
+from .anatomy import ALIASES, Anatomy, Component, canonical_name, detect, position_ids_status
 from .errors import ArchitectureError, PlanError
 from .plan import Output, Plan, parse_dtype
 from .reader import Checkpoint
@@ -374,6 +374,6 @@ def position_ids_report(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
 
 
 __all__ = [
-    "ARCHES", "POSITION_IDS", "compare", "component_hashes", "export", "export_plan", "import_component",
+    "compare", "component_hashes", "export", "export_plan", "import_component",
     "selection_line", "toolkit_metric",
 ]
