@@ -80,8 +80,10 @@ class _Executor:
         self.dev = dev
         self.cuda = dev.type == "cuda"
         self.tdt = _torch_dtypes()
-        # acc (4 B/elt) + ring of input slots (up to 8 B/elt) + tmp (4) + out (8): elements per chunk
-        per_elt = 4 + ring * 8 + 4 + 8
+        # Bytes per element on the GPU, at worst (f64 sources and accumulator): the ring of input
+        # slots (8 each), the accumulator (8), the converted source (8), the weighted product (8)
+        # and the output (8).
+        per_elt = ring * 8 + 8 + 8 + 8 + 8
         self.chunk = max(1024, min(chunk or (1 << 26), gpu_memory // per_elt))
         self.ring = ring
         nbytes = self.chunk * 8
