@@ -2,6 +2,8 @@
 # The prepared GPU check for a session that has the device machine (one H200, torch, no registry).
 # Here:   maturin build --release -o dist && echo /dist/ >> .git/info/exclude
 # There:  run(command="bash benches/device_check.sh", carry=["dist"], timeout_s=540)
+# The tests import hypothesis and ml_dtypes: if the machine lacks them, carry their wheels too
+# (see the device README: pip download --no-deps ... -d .whl) and install them the same way.
 # It installs the abi3 wheel, runs the gpu-marked tests (CUDA byte-identity, memory bound), then
 # the benchmark of issue 5: N=6 full-size SD1 fp16, floor with all cores, pinned/pageable H2D,
 # the CPU engine at 1/8/16 threads, the CUDA path and naive torch on CUDA. Results land in $OUT.
