@@ -20,7 +20,8 @@ use crate::writer::Writer;
 pub struct Options {
     /// Worker threads; `None` = all cores.
     pub threads: Option<usize>,
-    /// Elements per work item: sized so the f32 accumulator and the sources' chunks stay in L2.
+    /// Elements per work item. 512K (a 2 MB accumulator) measured fastest on the 2-core box
+    /// (0.62 s vs 0.88 s at 64K for 4 x 2.1 GB): fewer, larger positioned writes win.
     pub chunk: usize,
     /// Kernel level; `None` = best detected.
     pub level: Option<Level>,
@@ -33,7 +34,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             threads: None,
-            chunk: 1 << 16,
+            chunk: 1 << 19,
             level: None,
             durable: true,
             overwrite: false,

@@ -182,6 +182,47 @@ fn e5m2_table() -> &'static [f32; 256] {
 // ---------------------------------------------------------------------------------------------
 // Scalar element conversions.
 
+/// Exact f16 -> f32 without branches on the common path (the compiler can vectorize it), for
+/// CPUs without F16C: normals rebias the exponent, subnormals go through one exact subtraction.
+#[inline]
+fn f16_to_f32(h: u16) -> f32 {
+    const MAGIC: f32 = f32::from_bits(113 << 23); // 2^-14
+    const EXP: u32 = 0x7c00 << 13;
+    let body = ((h as u32) & 0x7fff) << 13;
+    let exp = body & EXP;
+    let mut o = body + ((127 - 15) << 23);
+    if exp == EXP {
+        o += (128 - 16) << 23; // Inf / NaN
+    } else if exp == 0 {
+        o = (f32::from_bits(o + (1 << 23)) - MAGIC).to_bits(); // zero / subnormal
+    }
+    f32::from_bits(o | (((h as u32) & 0x8000) << 16))
+}
+
+/// f32 -> f16, round to nearest even, NaN quieted with its top payload bits (as F16C does).
+#[inline]
+fn f32_to_f16(x: f32) -> u16 {
+    const F16_MAX: u32 = (127 + 16) << 23;
+    const DENORM_MAGIC: f32 = f32::from_bits(((127 - 15) + (23 - 10) + 1) << 23);
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let a = bits & 0x7fff_ffff;
+    let o = if a >= F16_MAX {
+        if a > 0x7f80_0000 {
+            0x7e00 | ((a & 0x7f_ffff) >> 13) as u16 // NaN
+        } else {
+            0x7c00 // overflow to Inf
+        }
+    } else if a < 113 << 23 {
+        // Subnormal or zero: one float addition does the rounding.
+        (f32::from_bits(a) + DENORM_MAGIC).to_bits().wrapping_sub(DENORM_MAGIC.to_bits()) as u16
+    } else {
+        let odd = (a >> 13) & 1;
+        ((a.wrapping_add(((15 - 127) << 23) as u32).wrapping_add(0xfff + odd)) >> 13) as u16
+    };
+    o | sign
+}
+
 #[inline]
 fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
@@ -200,7 +241,7 @@ fn f32_to_bf16(x: f32) -> u16 {
 #[inline]
 fn load_f32(src: &[u8], dtype: Dtype, i: usize) -> f32 {
     match dtype {
-        Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
+        Dtype::F16 => f16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])),
         Dtype::BF16 => bf16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])),
         Dtype::F32 => f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().expect("4 bytes")),
         Dtype::F64 => f64::from_le_bytes(src[8 * i..8 * i + 8].try_into().expect("8 bytes")) as f32,
@@ -222,7 +263,7 @@ fn load_f64(src: &[u8], dtype: Dtype, i: usize) -> f64 {
 #[inline]
 fn store_f32(out: &mut [u8], dtype: Dtype, i: usize, x: f32) {
     match dtype {
-        Dtype::F16 => out[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+        Dtype::F16 => out[2 * i..2 * i + 2].copy_from_slice(&f32_to_f16(x).to_le_bytes()),
         Dtype::BF16 => out[2 * i..2 * i + 2].copy_from_slice(&f32_to_bf16(x).to_le_bytes()),
         Dtype::F32 => out[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes()),
         _ => store_f64(out, dtype, i, x as f64),
@@ -261,18 +302,24 @@ pub fn accumulate(level: Level, acc: &mut [f32], src: &[u8], dtype: Dtype, weigh
         },
         _ => 0,
     };
-    match weight {
-        None => {
-            for (i, a) in acc.iter_mut().enumerate().skip(done) {
-                *a += load_f32(src, dtype, i);
+    let (acc, src) = (&mut acc[done..], &src[done * dtype.size()..]);
+    macro_rules! add {
+        ($width:expr, $conv:expr) => {{
+            let it = acc.iter_mut().zip(src.chunks_exact($width));
+            match weight {
+                None => it.for_each(|(a, c)| *a += $conv(c)),
+                Some(w) => it.for_each(|(a, c)| {
+                    let p = w * $conv(c);
+                    *a += p
+                }),
             }
-        }
-        Some(w) => {
-            for (i, a) in acc.iter_mut().enumerate().skip(done) {
-                let p = w * load_f32(src, dtype, i);
-                *a += p;
-            }
-        }
+        }};
+    }
+    match dtype {
+        Dtype::F16 => add!(2, |c: &[u8]| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
+        Dtype::BF16 => add!(2, |c: &[u8]| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
+        Dtype::F32 => add!(4, |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        _ => add!(dtype.size(), |c: &[u8]| load_f32(c, dtype, 0)),
     }
 }
 
@@ -469,6 +516,30 @@ mod tests {
                 let (x, y) = (load_f64(a, dtype, i), load_f64(b, dtype, i));
                 x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
             })
+        }
+    }
+
+    #[test]
+    fn f16_encode_matches_half_on_sampled_f32_patterns() {
+        for b in (0u32..=u32::MAX).step_by(7919).chain([0x3380_0000, 0x3380_0001, 0x477f_f000, 0x477f_efff, 0x8000_0000]) {
+            let x = f32::from_bits(b);
+            let (ours, theirs) = (f32_to_f16(x), half::f16::from_f32(x).to_bits());
+            if x.is_nan() {
+                assert!(half::f16::from_bits(ours).is_nan(), "{b:#x}");
+            } else {
+                assert_eq!(ours, theirs, "{b:#x} {x:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_decode_is_exact_for_every_pattern() {
+        for h in 0..=u16::MAX {
+            let ours = f16_to_f32(h);
+            let theirs = half::f16::from_bits(h).to_f32();
+            assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{h:#x}");
+            let exact = F16.decode(h as u32);
+            assert!(exact.is_nan() || (ours as f64).to_bits() == exact.to_bits(), "{h:#x}");
         }
     }
 
