@@ -57,3 +57,19 @@ def test_bench_cli_small(tmp_path, capsys):
     assert names[:2] == ["astolfomix cpu, 1 threads", "astolfomix cpu, 2 threads"]
     assert all(r["seconds"] > 0 and r["ratio_to_floor"] > 0 and r["peak_anon_mb"] > 0 for r in rep["results"])
     assert rep["floor"]["total_s"] > 0 and rep["input_bytes"] > 0
+
+
+def test_bench_plot_png(tmp_path):
+    """GB/s against N as a PNG (matplotlib is in the test extra, so this runs in CI)."""
+    pytest.importorskip("matplotlib")
+    from astolfomix_rs.bench import BenchReport, Result, plot
+
+    reps = []
+    for n in (2, 4):
+        r = BenchReport(n=n, arch="sd1", factor=1, input_bytes=n * 10**9, output_bytes=10**9, cpus=2,
+                        floor={"read_s": 0.1 * n, "write_s": 0.2, "total_s": 0.1 * n + 0.2})
+        r.results.append(Result("astolfomix cpu, 2 threads", 0.08 * n, n * 10**9))
+        reps.append(r)
+    out = tmp_path / "plot.png"
+    assert plot(reps, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000

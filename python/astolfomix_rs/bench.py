@@ -237,6 +237,7 @@ def plot(reports: list[BenchReport], path: str | os.PathLike[str]) -> bool:
     for name in names:
         pts = [(r.n, res.gbps) for r in reports for res in r.results if res.name == name]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set_xticks(ns)
     ax.set_xlabel("N (input checkpoints)")
     ax.set_ylabel("input GB/s")
     ax.set_title(f"{reports[0].arch} fp16 mean, {reports[0].cpus} CPUs")
