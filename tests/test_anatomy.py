@@ -52,9 +52,6 @@ def test_ema_and_junk_and_missing_key(tmp_path):
     assert "MISSING 1 keys: model.diffusion_model.out.2.bias" in text and "junk keys (1): some.random.junk" in text
 
 
-_captured = {}
-
-
 def _cli_out(argv):
     import contextlib
     import io

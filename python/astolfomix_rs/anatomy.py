@@ -46,7 +46,6 @@ SCHEDULER_KEYS = {
 }
 VPRED_KEYS = {"v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min"}
 VARIANTS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix", 5: "depth"}
-POSITION_IDS = "text_model.embeddings.position_ids"
 
 
 def _strip(table: dict[str, dict], prefix: str, component: str) -> dict[str, dict]:
