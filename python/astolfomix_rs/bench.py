@@ -312,10 +312,12 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         return res
     if kind == "sd-mecha":
         import sd_mecha  # type: ignore[import-not-found]
+        import torch
 
         t = time.perf_counter()
         models = [sd_mecha.model(f) for f in files]
-        sd_mecha.merge(sd_mecha.n_average(*models), output=out, merge_dtype="float32", output_dtype="float16")
+        sd_mecha.merge(sd_mecha.n_average(*models), output=out, merge_dtype=torch.float32,
+                       output_dtype=torch.float16, threads=os.cpu_count())
         return {"seconds": time.perf_counter() - t, "input_bytes": in_bytes, "note": "sd-mecha"}
     if kind == "h2d":
         import torch
