@@ -12,7 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernels::{self, Level};
-use crate::plan::{Accumulate, Kind, Layout, Plan, Resolved};
+use crate::plan::{Accumulate, Kind, Layout, Plan, Resolved, Resolver};
 use crate::writer::Writer;
 
 /// How to run.
@@ -225,13 +225,21 @@ pub fn run_layout(layout: &Layout, inputs: &[Checkpoint], output: &Path, opts: &
     })
 }
 
-/// Opens `plan.inputs`, checks the plan and lays out the output; the parsed input headers are
-/// released afterwards, so memory does not hold N copies of the key tables during the run.
+/// Opens `plan.inputs` one at a time, checks the plan against each and lays out the output; each
+/// parsed header is released once its sources are located, so memory holds one key table at a time.
 pub fn prepare(plan: &Plan) -> Result<(Layout, Vec<Checkpoint>)> {
-    let mut inputs = open_inputs(&plan.inputs)?;
-    let layout = plan.resolve(&inputs)?;
-    inputs.iter_mut().for_each(Checkpoint::release_header);
-    Ok((layout, inputs))
+    if plan.inputs.is_empty() {
+        return Err(Error::Plan("no input files given".into()));
+    }
+    let mut resolver = Resolver::new(plan)?;
+    let mut inputs = Vec::with_capacity(plan.inputs.len());
+    for (i, path) in plan.inputs.iter().enumerate() {
+        let mut ck = Checkpoint::open(path)?;
+        resolver.add(i, &ck)?;
+        ck.release_header();
+        inputs.push(ck);
+    }
+    Ok((resolver.finish()?, inputs))
 }
 
 /// Opens `plan.inputs`, runs the plan and writes `output`.
@@ -257,7 +265,7 @@ mod tests {
                     name: name.to_string(),
                     dtype: Some(Dtype::F16),
                     op: Op::Mean {
-                        sources: (0..n).map(|i| Source { input: i, tensor: name.to_string() }).collect(),
+                        sources: (0..n).map(|i| Source { input: i, tensor: (*name).into() }).collect(),
                         weights: weights.clone(),
                     },
                 })

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
@@ -21,7 +22,8 @@ pub enum Accumulate {
 #[derive(Clone, Debug)]
 pub struct Source {
     pub input: usize,
-    pub tensor: String,
+    /// Shared: a merge names the same key in every input.
+    pub tensor: Arc<str>,
 }
 
 /// How an output tensor is made.
@@ -104,104 +106,142 @@ pub fn normalize_weights(w: &[f64]) -> Result<Vec<f64>> {
     Ok(w.iter().map(|x| x / s).collect())
 }
 
-/// The provenance every output carries: input file names and sizes, and this tool's version.
-fn provenance(inputs: &[Checkpoint]) -> String {
-    let items: Vec<String> = inputs
+/// The provenance every output carries: input file names and sizes.
+fn provenance(files: &[(String, u64)]) -> String {
+    let items: Vec<String> = files
         .iter()
-        .map(|c| {
-            let name = c.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            format!("{{\"name\":{},\"size\":{}}}", serde_json::to_string(&name).expect("string"), c.file_len)
-        })
+        .map(|(name, len)| format!("{{\"name\":{},\"size\":{len}}}", serde_json::to_string(name).expect("string")))
         .collect();
     format!("[{}]", items.join(","))
 }
 
-impl Plan {
-    /// Checks the plan against the opened inputs (in `self.inputs` order) and lays out the output.
-    pub fn resolve(&self, inputs: &[Checkpoint]) -> Result<Layout> {
-        if self.outputs.is_empty() {
+fn sources_of(op: &Op) -> &[Source] {
+    match op {
+        Op::Copy(s) => std::slice::from_ref(s),
+        Op::Mean { sources, .. } => sources,
+    }
+}
+
+/// Resolves a plan one input at a time, so a run never holds more than one parsed header:
+/// `add` each opened input (its header may be released right after), then `finish`.
+pub struct Resolver<'p> {
+    plan: &'p Plan,
+    /// For each input, the (output, source) pairs that read from it.
+    by_input: Vec<Vec<(u32, u32)>>,
+    refs: Vec<Vec<Option<SrcRef>>>,
+    /// Per output: the first located source's shape and its input; the others must match.
+    shapes: Vec<Option<(Vec<usize>, usize)>>,
+    files: Vec<Option<(String, u64)>>,
+}
+
+impl<'p> Resolver<'p> {
+    /// Checks what can be checked without the files (names, weights, input indices).
+    pub fn new(plan: &'p Plan) -> Result<Self> {
+        if plan.outputs.is_empty() {
             return Err(Error::Plan("the plan has no output tensors".into()));
         }
-        let locate = |s: &Source| -> Result<(SrcRef, &[usize])> {
-            let ck = inputs
-                .get(s.input)
-                .ok_or_else(|| Error::Plan(format!("tensor '{}' names input #{} of {}", s.tensor, s.input, inputs.len())))?;
-            let t = ck.get(&s.tensor).ok_or_else(|| Error::Mismatch {
-                tensor: s.tensor.clone(),
+        let n = plan.inputs.len();
+        let mut by_input = vec![Vec::new(); n];
+        let mut seen = HashSet::new();
+        for (o, out) in plan.outputs.iter().enumerate() {
+            if !seen.insert(out.name.as_str()) {
+                return Err(Error::Plan(format!("output tensor '{}' appears twice", out.name)));
+            }
+            if let Op::Mean { sources, weights } = &out.op {
+                if sources.is_empty() {
+                    return Err(Error::Plan(format!("mean for '{}' has no sources", out.name)));
+                }
+                if let Some(w) = weights {
+                    if w.len() != sources.len() {
+                        return Err(Error::Plan(format!("'{}' has {} weights for {} sources", out.name, w.len(), sources.len())));
+                    }
+                    if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
+                        return Err(Error::Plan(format!("'{}': weight {bad} is not finite", out.name)));
+                    }
+                }
+            }
+            for (j, s) in sources_of(&out.op).iter().enumerate() {
+                let slot = by_input
+                    .get_mut(s.input)
+                    .ok_or_else(|| Error::Plan(format!("tensor '{}' names input #{} of {n}", s.tensor, s.input)))?;
+                slot.push((o as u32, j as u32));
+            }
+        }
+        Ok(Resolver {
+            plan,
+            by_input,
+            refs: plan.outputs.iter().map(|o| vec![None; sources_of(&o.op).len()]).collect(),
+            shapes: vec![None; plan.outputs.len()],
+            files: vec![None; n],
+        })
+    }
+
+    /// Locates every source that reads from input `input` (opened as `ck`).
+    pub fn add(&mut self, input: usize, ck: &Checkpoint) -> Result<()> {
+        let name = ck.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        self.files[input] = Some((name, ck.file_len));
+        for &(o, j) in &self.by_input[input] {
+            let out = &self.plan.outputs[o as usize];
+            let src = &sources_of(&out.op)[j as usize];
+            let t = ck.get(&src.tensor).ok_or_else(|| Error::Mismatch {
+                tensor: src.tensor.to_string(),
                 reason: format!("not found in {}", ck.path.display()),
             })?;
-            let r = SrcRef {
-                input: s.input,
+            let mismatch = |reason: String| Error::Mismatch {
+                tensor: out.name.clone(),
+                reason,
+            };
+            if matches!(out.op, Op::Mean { .. }) && !t.dtype.is_averageable() {
+                return Err(mismatch(format!(
+                    "{} in {} cannot be averaged (only F16, BF16, F32, F64, F8_E4M3, F8_E5M2 can)",
+                    t.dtype,
+                    ck.path.display()
+                )));
+            }
+            match &self.shapes[o as usize] {
+                None => self.shapes[o as usize] = Some((t.shape.clone(), input)),
+                Some((shape, first)) if *shape != t.shape => {
+                    return Err(mismatch(format!(
+                        "shape {:?} in {} but {:?} in {}",
+                        shape,
+                        self.plan.inputs[*first].display(),
+                        t.shape,
+                        ck.path.display()
+                    )))
+                }
+                Some(_) => {}
+            }
+            self.refs[o as usize][j as usize] = Some(SrcRef {
+                input,
                 dtype: t.dtype,
                 offset: ck.header.data_start + t.begin,
-            };
-            Ok((r, &t.shape))
-        };
-        let mut seen = HashSet::new();
-        let mut tensors = Vec::with_capacity(self.outputs.len());
+            });
+        }
+        Ok(())
+    }
+
+    /// Lays out the output once every input has been added.
+    pub fn finish(self) -> Result<Layout> {
+        let mut tensors = Vec::with_capacity(self.plan.outputs.len());
         let mut pos = 0usize;
         let mut bytes_read = 0u64;
-        for o in &self.outputs {
-            if !seen.insert(o.name.as_str()) {
-                return Err(Error::Plan(format!("output tensor '{}' appears twice", o.name)));
-            }
+        for ((o, refs), shape) in self.plan.outputs.iter().zip(self.refs).zip(self.shapes) {
             let mismatch = |reason: String| Error::Mismatch {
                 tensor: o.name.clone(),
                 reason,
             };
-            let (kind, first, shape) = match &o.op {
-                Op::Copy(s) => {
-                    let (r, shape) = locate(s)?;
-                    (Kind::Copy(r), r, shape.to_vec())
-                }
-                Op::Mean { sources, weights } => {
-                    if sources.is_empty() {
-                        return Err(Error::Plan(format!("mean for '{}' has no sources", o.name)));
-                    }
-                    if let Some(w) = weights {
-                        if w.len() != sources.len() {
-                            return Err(Error::Plan(format!(
-                                "'{}' has {} weights for {} sources",
-                                o.name,
-                                w.len(),
-                                sources.len()
-                            )));
-                        }
-                        if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
-                            return Err(Error::Plan(format!("'{}': weight {bad} is not finite", o.name)));
-                        }
-                    }
-                    let mut refs = Vec::with_capacity(sources.len());
-                    let (r0, shape0) = locate(&sources[0])?;
-                    for s in sources {
-                        let (r, shape) = locate(s)?;
-                        if shape != shape0 {
-                            return Err(mismatch(format!(
-                                "shape {:?} in {} but {:?} in {}",
-                                shape0,
-                                inputs[sources[0].input].path.display(),
-                                shape,
-                                inputs[s.input].path.display()
-                            )));
-                        }
-                        if !r.dtype.is_averageable() {
-                            return Err(mismatch(format!(
-                                "{} in {} cannot be averaged (only F16, BF16, F32, F64, F8_E4M3, F8_E5M2 can)",
-                                r.dtype,
-                                inputs[s.input].path.display()
-                            )));
-                        }
-                        refs.push(r);
-                    }
-                    (
-                        Kind::Mean {
-                            sources: refs,
-                            weights: weights.clone(),
-                        },
-                        r0,
-                        shape0.to_vec(),
-                    )
-                }
+            let refs: Vec<SrcRef> = refs
+                .into_iter()
+                .collect::<Option<_>>()
+                .ok_or_else(|| Error::Plan(format!("'{}' reads an input that was never opened", o.name)))?;
+            let (shape, _) = shape.ok_or_else(|| Error::Plan(format!("'{}' has no source", o.name)))?;
+            let first = refs[0];
+            let kind = match &o.op {
+                Op::Copy(_) => Kind::Copy(first),
+                Op::Mean { weights, .. } => Kind::Mean {
+                    sources: refs,
+                    weights: weights.clone(),
+                },
             };
             let dtype = o.dtype.unwrap_or(first.dtype);
             let converting = matches!(kind, Kind::Mean { .. }) || dtype != first.dtype;
@@ -230,8 +270,9 @@ impl Plan {
             });
             pos += out_len;
         }
-        let mut metadata = self.metadata.clone();
-        metadata.insert("astolfomix.inputs".into(), provenance(inputs));
+        let files: Vec<(String, u64)> = self.files.into_iter().flatten().collect();
+        let mut metadata = self.plan.metadata.clone();
+        metadata.insert("astolfomix.inputs".into(), provenance(&files));
         metadata.insert("astolfomix.version".into(), env!("CARGO_PKG_VERSION").into());
         let header = header::serialize(
             tensors.iter().map(|t| OutEntry {
@@ -248,7 +289,18 @@ impl Plan {
             header,
             data_len: pos,
             bytes_read,
-            accumulate: self.accumulate,
+            accumulate: self.plan.accumulate,
         })
+    }
+}
+
+impl Plan {
+    /// Checks the plan against the opened inputs (in `self.inputs` order) and lays out the output.
+    pub fn resolve(&self, inputs: &[Checkpoint]) -> Result<Layout> {
+        let mut r = Resolver::new(self)?;
+        for (i, ck) in inputs.iter().enumerate() {
+            r.add(i, ck)?;
+        }
+        r.finish()
     }
 }

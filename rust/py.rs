@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use std::ffi::{c_int, c_void};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, RwLock};
+use std::sync::{mpsc, Arc, RwLock};
 use std::time::Duration;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
 use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
@@ -134,19 +134,36 @@ impl PyCheckpoint {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
-type PyOutput = (String, Option<String>, String, Vec<(usize, String)>, Option<Vec<f64>>);
-
-/// Builds a plan from its Python form (see `astolfomix_rs.plan.Plan.to_core`).
-fn plan_from_py(inputs: Vec<PathBuf>, outputs: Vec<PyOutput>, accumulate: &str, metadata: BTreeMap<String, String>) -> PyResult<Plan> {
+/// Builds a plan from its Python form: outputs are `(name, dtype|None, "copy"|"mean",
+/// [(input, key)], weights|None)` (see `astolfomix_rs.plan.Output.as_core`). Key names are
+/// interned: a merge of N models names each key N times, and this keeps one copy.
+fn plan_from_py(
+    inputs: Vec<PathBuf>,
+    outputs: &Bound<'_, PyList>,
+    accumulate: &str,
+    metadata: BTreeMap<String, String>,
+) -> PyResult<Plan> {
     let accumulate = match accumulate {
         "f32" => Accumulate::F32,
         "f64" => Accumulate::F64,
         a => return Err(PyValueError::new_err(format!("accumulate must be 'f32' or 'f64', not '{a}'"))),
     };
+    let mut names: std::collections::HashMap<String, Arc<str>> = std::collections::HashMap::new();
     let mut outs = Vec::with_capacity(outputs.len());
-    for (name, dtype, op, sources, weights) in outputs {
+    for item in outputs.iter() {
+        let (name, dtype, op, srcs, weights): (String, Option<String>, String, Bound<'_, PyList>, Option<Vec<f64>>) =
+            item.extract()?;
         let dtype = dtype.map(|d| parse_dtype(&d)).transpose()?;
-        let mut sources: Vec<Source> = sources.into_iter().map(|(input, tensor)| Source { input, tensor }).collect();
+        let mut sources = Vec::with_capacity(srcs.len());
+        for s in srcs.iter() {
+            let (input, key): (usize, Bound<'_, PyString>) = s.extract()?;
+            let key = key.to_str()?;
+            let tensor = match names.get(key) {
+                Some(a) => a.clone(),
+                None => names.entry(key.to_string()).or_insert_with(|| Arc::from(key)).clone(),
+            };
+            sources.push(Source { input, tensor });
+        }
         let op = match op.as_str() {
             "copy" if sources.len() == 1 => Op::Copy(sources.remove(0)),
             "copy" => return Err(PyValueError::new_err(format!("copy '{name}' needs exactly one source"))),
@@ -237,7 +254,7 @@ fn run_watched<T: Send>(
 fn execute<'py>(
     py: Python<'py>,
     inputs: Vec<PathBuf>,
-    outputs: Vec<PyOutput>,
+    outputs: &Bound<'py, PyList>,
     output: PathBuf,
     accumulate: &str,
     metadata: BTreeMap<String, String>,
@@ -269,14 +286,12 @@ fn execute<'py>(
 fn resolve<'py>(
     py: Python<'py>,
     inputs: Vec<PathBuf>,
-    outputs: Vec<PyOutput>,
+    outputs: &Bound<'py, PyList>,
     accumulate: &str,
     metadata: BTreeMap<String, String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let plan = plan_from_py(inputs, outputs, accumulate, metadata)?;
-    let layout = py
-        .detach(|| engine::open_inputs(&plan.inputs).and_then(|ins| plan.resolve(&ins)))
-        .map_err(to_py)?;
+    let (layout, _inputs) = py.detach(|| engine::prepare(&plan)).map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("header", PyBytes::new(py, &layout.header))?;
     d.set_item("data_len", layout.data_len)?;

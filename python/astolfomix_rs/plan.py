@@ -46,7 +46,8 @@ class Output:
     weights: list[float] | None = None  # normalised; None = uniform (divide by N)
 
     def as_core(self) -> tuple[str, str | None, str, list[tuple[int, str]], list[float] | None]:
-        return (self.name, self.dtype, self.op, self.sources, self.weights)
+        srcs = self.sources if isinstance(self.sources, list) else list(self.sources)
+        return (self.name, self.dtype, self.op, srcs, self.weights)
 
 
 @dataclass
