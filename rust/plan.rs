@@ -304,3 +304,109 @@ impl Plan {
         r.finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{f16_bytes, write_file};
+
+    fn setup() -> (tempfile::TempDir, Vec<Checkpoint>) {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.safetensors");
+        let b = d.path().join("b.safetensors");
+        write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0])), ("i", Dtype::I64, vec![1], vec![0; 8])]);
+        write_file(&b, &[("w", Dtype::F16, vec![1, 2], f16_bytes(&[1.0, 2.0]))]);
+        let cks = vec![Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap()];
+        (d, cks)
+    }
+
+    fn src(input: usize, t: &str) -> Source {
+        Source { input, tensor: t.into() }
+    }
+
+    fn plan(outputs: Vec<OutputTensor>, cks: &[Checkpoint]) -> Plan {
+        Plan {
+            inputs: cks.iter().map(|c| c.path.clone()).collect(),
+            outputs,
+            accumulate: Accumulate::F32,
+            metadata: Default::default(),
+        }
+    }
+
+    fn out(name: &str, dtype: Option<Dtype>, op: Op) -> OutputTensor {
+        OutputTensor { name: name.into(), dtype, op }
+    }
+
+    fn err(outputs: Vec<OutputTensor>) -> String {
+        let (_d, cks) = setup();
+        plan(outputs, &cks).resolve(&cks).err().expect("an error").to_string()
+    }
+
+    #[test]
+    fn error_no_outputs() {
+        assert!(err(vec![]).contains("no output tensors"));
+    }
+
+    #[test]
+    fn error_duplicate_output() {
+        let e = err(vec![out("x", None, Op::Copy(src(0, "w"))), out("x", None, Op::Copy(src(0, "w")))]);
+        assert!(e.contains("'x' appears twice"), "{e}");
+    }
+
+    #[test]
+    fn error_mean_without_sources() {
+        let e = err(vec![out("x", None, Op::Mean { sources: vec![], weights: None })]);
+        assert!(e.contains("no sources"), "{e}");
+    }
+
+    #[test]
+    fn error_weights() {
+        let e = err(vec![out("x", None, Op::Mean { sources: vec![src(0, "w")], weights: Some(vec![0.5, 0.5]) })]);
+        assert!(e.contains("2 weights for 1 sources"), "{e}");
+        let e = err(vec![out("x", None, Op::Mean { sources: vec![src(0, "w")], weights: Some(vec![f64::NAN]) })]);
+        assert!(e.contains("not finite"), "{e}");
+    }
+
+    #[test]
+    fn error_input_out_of_range() {
+        let e = err(vec![out("x", None, Op::Copy(src(5, "w")))]);
+        assert!(e.contains("input #5 of 2"), "{e}");
+    }
+
+    #[test]
+    fn error_missing_tensor_names_file() {
+        let e = err(vec![out("x", None, Op::Copy(src(1, "i")))]);
+        assert!(e.contains("'i'") && e.contains("b.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn error_shape_mismatch_names_both_files() {
+        let e = err(vec![out("w", None, Op::Mean { sources: vec![src(0, "w"), src(1, "w")], weights: None })]);
+        assert!(e.contains("[2]") && e.contains("[1, 2]") && e.contains("a.safetensors") && e.contains("b.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn error_int_mean_and_conversion() {
+        let e = err(vec![out("i", None, Op::Mean { sources: vec![src(0, "i")], weights: None })]);
+        assert!(e.contains("I64") && e.contains("cannot be averaged"), "{e}");
+        let e = err(vec![out("i", Some(Dtype::F16), Op::Copy(src(0, "i")))]);
+        assert!(e.contains("cannot convert I64"), "{e}");
+        let e = err(vec![out("w", Some(Dtype::I32), Op::Copy(src(0, "w")))]);
+        assert!(e.contains("as I32"), "{e}");
+    }
+
+    #[test]
+    fn layout_and_provenance() {
+        let (_d, cks) = setup();
+        let p = plan(
+            vec![out("w", Some(Dtype::F32), Op::Copy(src(0, "w"))), out("i", None, Op::Copy(src(0, "i")))],
+            &cks,
+        );
+        let l = p.resolve(&cks).unwrap();
+        assert_eq!((l.tensors[0].out_offset, l.tensors[0].out_len, l.tensors[1].out_offset), (0, 8, 8));
+        assert_eq!(l.data_len, 16);
+        assert_eq!(l.bytes_read, 4 + 8);
+        let text = String::from_utf8_lossy(&l.header);
+        assert!(text.contains("astolfomix.inputs") && text.contains("a.safetensors"), "{text}");
+    }
+}
