@@ -20,6 +20,7 @@ pub struct Checkpoint {
     /// Tensor indices sorted by name (binary search; no second copy of the names).
     index: Vec<u32>,
     mmap: Mmap,
+    file: File,
 }
 
 impl Checkpoint {
@@ -64,6 +65,7 @@ impl Checkpoint {
             identity: (meta.dev(), meta.ino()),
             index,
             mmap,
+            file,
         })
     }
 
@@ -91,6 +93,13 @@ impl Checkpoint {
     pub fn release_header(&mut self) {
         self.header.tensors = Vec::new();
         self.index = Vec::new();
+    }
+
+    /// Reads `buf.len()` bytes at `offset` with `pread` (a copy into `buf` instead of page faults
+    /// on the map).
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(&self.path, e))
     }
 
     /// Tells the kernel we will read the whole data section soon (readahead on cold files).

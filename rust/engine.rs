@@ -25,6 +25,8 @@ pub struct Options {
     pub chunk: usize,
     /// Kernel level; `None` = best detected.
     pub level: Option<Level>,
+    /// How input bytes reach the kernels.
+    pub io: Io,
     /// fsync before rename.
     pub durable: bool,
     pub overwrite: bool,
@@ -36,10 +38,20 @@ impl Default for Options {
             threads: None,
             chunk: 1 << 19,
             level: None,
+            io: Io::Pread,
             durable: true,
             overwrite: false,
         }
     }
+}
+
+/// How the engine reads input tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Io {
+    /// Straight from the memory map (page faults on first touch, munmap at the end).
+    Mmap,
+    /// `pread` each chunk into a per-thread buffer that stays in cache.
+    Pread,
 }
 
 /// Shared with whoever watches the run (the Python progress bar, Ctrl-C handling).
@@ -104,11 +116,19 @@ struct Scratch {
     acc: Vec<f32>,
     acc64: Vec<f64>,
     out: Vec<u8>,
+    src: Vec<u8>,
 }
 
-fn src_bytes(inputs: &[Checkpoint], input: usize, offset: usize, dtype: Dtype, s: usize, e: usize) -> &[u8] {
-    let sz = dtype.size();
-    &inputs[input].bytes()[offset + s * sz..offset + e * sz]
+/// Bytes `[begin, end)` of input `input`: a slice of the map, or a `pread` into `buf`.
+fn src_bytes<'a>(inputs: &'a [Checkpoint], io: Io, input: usize, begin: usize, end: usize, buf: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+    match io {
+        Io::Mmap => Ok(&inputs[input].bytes()[begin..end]),
+        Io::Pread => {
+            buf.resize(end - begin, 0);
+            inputs[input].read_at(begin, buf)?;
+            Ok(&buf[..])
+        }
+    }
 }
 
 fn run_item(
@@ -116,66 +136,69 @@ fn run_item(
     layout: &Layout,
     item: &Item,
     level: Level,
+    io: Io,
     scratch: &mut Scratch,
     writer: &Writer,
 ) -> Result<u64> {
     let t = &layout.tensors[item.tensor];
     let (s, e) = (item.start, item.end);
+    let Scratch { acc, acc64, out, src: buf } = scratch;
     if is_raw_copy(t) {
         let Kind::Copy(r) = t.kind else { unreachable!() };
-        let bytes = &inputs[r.input].bytes()[r.offset + s..r.offset + e];
+        let bytes = src_bytes(inputs, io, r.input, r.offset + s, r.offset + e, buf)?;
         writer.write_at((t.out_offset + s) as u64, bytes)?;
         return Ok(bytes.len() as u64);
     }
     let n = e - s;
     let osz = t.dtype.size();
-    scratch.out.resize(n * osz, 0);
-    let out = &mut scratch.out[..];
+    out.resize(n * osz, 0);
+    let out = &mut out[..];
     let mut read = 0u64;
+    let range = |r: &crate::plan::SrcRef| (r.offset + s * r.dtype.size(), r.offset + e * r.dtype.size());
     let f64_path = |d: Dtype| layout.accumulate == Accumulate::F64 || !kernels::fits_f32(d) || t.dtype == Dtype::F64;
     match &t.kind {
         Kind::Copy(r) => {
-            let src = src_bytes(inputs, r.input, r.offset, r.dtype, s, e);
+            let (b, en) = range(r);
+            let src = src_bytes(inputs, io, r.input, b, en, buf)?;
             read += src.len() as u64;
             if f64_path(r.dtype) {
-                scratch.acc64.resize(n, 0.0);
-                kernels::load_f64_slice(&mut scratch.acc64, src, r.dtype);
-                kernels::finish_f64(&scratch.acc64, None, out, t.dtype);
+                acc64.resize(n, 0.0);
+                kernels::load_f64_slice(acc64, src, r.dtype);
+                kernels::finish_f64(acc64, None, out, t.dtype);
             } else {
-                scratch.acc.resize(n, 0.0);
-                kernels::load(&mut scratch.acc, src, r.dtype);
-                kernels::finish(level, &mut scratch.acc, None, out, t.dtype);
+                acc.resize(n, 0.0);
+                kernels::load(acc, src, r.dtype);
+                kernels::finish(level, acc, None, out, t.dtype);
             }
         }
         Kind::Mean { sources, weights } => {
             if layout.accumulate == Accumulate::F64 {
-                scratch.acc64.clear();
-                scratch.acc64.resize(n, 0.0);
+                acc64.clear();
+                acc64.resize(n, 0.0);
                 for (k, r) in sources.iter().enumerate() {
-                    let src = src_bytes(inputs, r.input, r.offset, r.dtype, s, e);
+                    let (b, en) = range(r);
+                    let src = src_bytes(inputs, io, r.input, b, en, buf)?;
                     read += src.len() as u64;
-                    kernels::accumulate_f64(&mut scratch.acc64, src, r.dtype, weights.as_ref().map(|w| w[k]));
+                    kernels::accumulate_f64(acc64, src, r.dtype, weights.as_ref().map(|w| w[k]));
                 }
                 let div = weights.is_none().then_some(sources.len() as f64);
-                kernels::finish_f64(&scratch.acc64, div, out, t.dtype);
+                kernels::finish_f64(acc64, div, out, t.dtype);
             } else {
-                scratch.acc.clear();
-                scratch.acc.resize(n, 0.0);
+                acc.clear();
+                acc.resize(n, 0.0);
                 for (k, r) in sources.iter().enumerate() {
-                    let src = src_bytes(inputs, r.input, r.offset, r.dtype, s, e);
+                    let (b, en) = range(r);
+                    let src = src_bytes(inputs, io, r.input, b, en, buf)?;
                     read += src.len() as u64;
-                    kernels::accumulate(level, &mut scratch.acc, src, r.dtype, weights.as_ref().map(|w| w[k] as f32));
+                    kernels::accumulate(level, acc, src, r.dtype, weights.as_ref().map(|w| w[k] as f32));
                 }
                 let div = weights.is_none().then_some(sources.len() as f32);
                 if t.dtype == Dtype::F64 {
                     // An f32 sum written as f64: divide in f32 (the recipe), then widen exactly.
-                    for a in scratch.acc.iter_mut() {
-                        *a = div.map_or(*a, |d| *a / d);
-                    }
-                    let widened: Vec<f64> = scratch.acc.iter().map(|&a| a as f64).collect();
+                    let widened: Vec<f64> = acc.iter().map(|&a| div.map_or(a, |d| a / d) as f64).collect();
                     kernels::finish_f64(&widened, None, out, t.dtype);
                 } else {
-                    kernels::finish(level, &mut scratch.acc, div, out, t.dtype);
+                    kernels::finish(level, acc, div, out, t.dtype);
                 }
             }
         }
@@ -204,7 +227,7 @@ pub fn run_layout(layout: &Layout, inputs: &[Checkpoint], output: &Path, opts: &
                 if progress.cancel.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
-                let r = run_item(inputs, layout, item, level, &mut scratch, &writer)?;
+                let r = run_item(inputs, layout, item, level, opts.io, &mut scratch, &writer)?;
                 progress.done.fetch_add(r, Ordering::Relaxed);
                 Ok((scratch, total + r))
             },
@@ -242,10 +265,14 @@ pub fn prepare(plan: &Plan) -> Result<(Layout, Vec<Checkpoint>)> {
     Ok((resolver.finish()?, inputs))
 }
 
-/// Opens `plan.inputs`, runs the plan and writes `output`.
+/// Opens `plan.inputs`, runs the plan and writes `output`. `seconds` covers the whole job.
 pub fn execute(plan: &Plan, output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
+    let t0 = Instant::now();
     let (layout, inputs) = prepare(plan)?;
-    run_layout(&layout, &inputs, output, opts, progress)
+    let mut report = run_layout(&layout, &inputs, output, opts, progress)?;
+    drop(inputs);
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -368,7 +395,7 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
-        /// Same bytes for 1, 2 and 7 threads and any chunk size, weighted or not.
+        /// Same bytes for 1, 2 and 7 threads, either I/O path and any chunk size, weighted or not.
         #[test]
         fn thread_count_never_changes_bits(n in 1usize..6, len in 0usize..3000, chunk in 64usize..700, weighted in any::<bool>(), seed in any::<u64>()) {
             let d = tempfile::tempdir().unwrap();
@@ -384,9 +411,9 @@ mod tests {
             let weights = weighted.then(|| crate::plan::normalize_weights(&(1..=n).map(|i| i as f64).collect::<Vec<_>>()).unwrap());
             let plan = mean_plan(paths, &["w"], weights);
             let mut outs = vec![];
-            for (i, threads) in [1usize, 2, 7].into_iter().enumerate() {
+            for (i, (threads, io)) in [(1usize, Io::Pread), (2, Io::Mmap), (7, Io::Pread)].into_iter().enumerate() {
                 let out = d.path().join(format!("o{i}.safetensors"));
-                let opts = Options { threads: Some(threads), chunk, durable: false, ..Options::default() };
+                let opts = Options { threads: Some(threads), chunk, io, durable: false, ..Options::default() };
                 execute(&plan, &out, &opts, &Progress::default()).unwrap();
                 outs.push(read_tensor(&out, "w"));
             }

@@ -17,7 +17,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
 use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
-use crate::engine::{self, Options, Progress, Report};
+use crate::engine::{self, Io, Options, Progress, Report};
 use crate::error::Error;
 use crate::hashing;
 use crate::kernels::Level;
@@ -249,7 +249,7 @@ fn run_watched<T: Send>(
 
 /// Executes a plan on the CPU and writes `output` atomically. Returns the report as a dict.
 #[pyfunction]
-#[pyo3(signature = (inputs, outputs, output, *, accumulate="f32", metadata=BTreeMap::new(), threads=None, chunk=None, kernel=None, durable=true, overwrite=false, progress=None))]
+#[pyo3(signature = (inputs, outputs, output, *, accumulate="f32", metadata=BTreeMap::new(), threads=None, chunk=None, kernel=None, io="pread", durable=true, overwrite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn execute<'py>(
     py: Python<'py>,
@@ -261,10 +261,17 @@ fn execute<'py>(
     threads: Option<usize>,
     chunk: Option<usize>,
     kernel: Option<&str>,
+    io: &str,
     durable: bool,
     overwrite: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let t0 = std::time::Instant::now();
+    let io = match io {
+        "pread" => Io::Pread,
+        "mmap" => Io::Mmap,
+        other => return Err(PyValueError::new_err(format!("io must be 'pread' or 'mmap', not '{other}'"))),
+    };
     let plan = plan_from_py(inputs, outputs, accumulate, metadata)?;
     let (layout, inputs) = py.detach(|| engine::prepare(&plan)).map_err(to_py)?;
     drop(plan);
@@ -272,11 +279,14 @@ fn execute<'py>(
         threads: threads.filter(|&t| t > 0),
         chunk: chunk.unwrap_or(Options::default().chunk),
         level: level_from_py(kernel)?,
+        io,
         durable,
         overwrite,
     };
     let prog = Progress::default();
-    let report = run_watched(py, progress, &prog, || engine::run_layout(&layout, &inputs, &output, &opts, &prog))?;
+    let mut report = run_watched(py, progress, &prog, || engine::run_layout(&layout, &inputs, &output, &opts, &prog))?;
+    py.detach(|| drop(inputs)); // unmapping is part of the job's time
+    report.seconds = t0.elapsed().as_secs_f64();
     report_to_py(py, &report)
 }
 

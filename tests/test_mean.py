@@ -132,8 +132,8 @@ def _check_ml(x32):
         assert np.all(np.isnan(decode(ours[nan].view(np.uint8), d)))
 
 
-@pytest.mark.parametrize("kernel", am.kernels())
-def test_every_kernel_gives_same_file(tmp_path, rng, kernel):
+@pytest.mark.parametrize("kernel,io", [(k, "pread") for k in am.kernels()] + [(am.kernels()[-1], "mmap")])
+def test_every_kernel_gives_same_file(tmp_path, rng, kernel, io):
     paths = []
     for i, d in enumerate(["F16", "BF16", "F32"]):
         p = tmp_path / f"{i}.safetensors"
@@ -142,7 +142,7 @@ def test_every_kernel_gives_same_file(tmp_path, rng, kernel):
     ref = tmp_path / "ref.safetensors"
     am.mean(paths, ref, kernel="scalar", progress=False, durable=False)
     o = tmp_path / "o.safetensors"
-    am.mean(paths, o, kernel=kernel, progress=False, durable=False)
+    am.mean(paths, o, kernel=kernel, io=io, progress=False, durable=False)
     assert o.read_bytes() == ref.read_bytes()
 
 

@@ -68,13 +68,16 @@ def execute(
     threads: int | None = None,
     chunk: int | None = None,
     kernel: str | None = None,
+    io: str = "pread",
     progress: bool | Callable[[int, int], None] = True,
     overwrite: bool = False,
     durable: bool = True,
     gpu_memory: int | None = None,
 ) -> Report:
     """Executes ``plan`` and writes ``output`` atomically. ``device`` is "cpu" (the Rust engine),
-    "torch-cpu" (the torch executor on the CPU, for testing it), or "cuda"/"cuda:N"."""
+    "torch-cpu" (the torch executor on the CPU, for testing it), or "cuda"/"cuda:N". The engine
+    reads inputs with ``io="pread"`` (default: chunks copied into per-thread buffers) or
+    ``io="mmap"`` (straight from the map, paying page faults and the final unmap)."""
     output = Path(output)
     bar = ProgressBar(progress is True, output.name)
     cb = progress if callable(progress) else (bar if bar.bar is not None else None)
@@ -84,7 +87,7 @@ def execute(
             r = _core.execute(
                 inputs, outputs, os.fspath(output),
                 accumulate=plan.accumulate, metadata=plan.metadata, threads=threads, chunk=chunk,
-                kernel=kernel, durable=durable, overwrite=overwrite, progress=cb,
+                kernel=kernel, io=io, durable=durable, overwrite=overwrite, progress=cb,
             )
             return Report(**{**r, "output": Path(r["output"])}, device="cpu", notes=dict(plan.notes))
         from . import cuda  # torch is imported only there
