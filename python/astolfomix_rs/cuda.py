@@ -164,8 +164,11 @@ class _Executor:
                     continue
                 # Conversions go through f32 unless the source is f64; means use the plan's accumulator.
                 f64 = srcs[0][1] == "F64" if t["op"] == "copy" else accumulate == "f64"
-                weights = t["weights"]
-                n = len(srcs)
+                acc_dt = torch.float64 if f64 else torch.float32
+                # Weights and N as device tensors, made once per tensor: a Python number would be
+                # a rounded reciprocal (division) and each per-chunk torch.tensor() a host sync.
+                wdev = None if t["weights"] is None else torch.tensor(t["weights"], dtype=acc_dt, device=self.dev)
+                ndev = torch.tensor(float(len(srcs)), dtype=acc_dt, device=self.dev)
                 osz = ITEMSIZE[out_dt]
                 for s in range(0, t["numel"], self.chunk):
                     e = min(t["numel"], s + self.chunk)
@@ -174,16 +177,15 @@ class _Executor:
                         i, d, off = srcs[0]
                         acc = self._load(hosts[i], off + s * ITEMSIZE[d], m * ITEMSIZE[d], d, m, f64)
                     else:
-                        acc = torch.zeros(m, dtype=torch.float64 if f64 else torch.float32, device=self.dev)
+                        acc = torch.zeros(m, dtype=acc_dt, device=self.dev)
                         for k, (i, d, off) in enumerate(srcs):
                             x = self._load(hosts[i], off + s * ITEMSIZE[d], m * ITEMSIZE[d], d, m, f64)
-                            if weights is None:
+                            if wdev is None:
                                 acc.add_(x)
                             else:
-                                w = torch.tensor(weights[k], dtype=acc.dtype, device=self.dev)
-                                acc.add_(torch.mul(x, w))
-                        if weights is None:
-                            acc.div_(torch.tensor(float(n), dtype=acc.dtype, device=self.dev))
+                                acc.add_(torch.mul(x, wdev[k]))  # two kernels: no FMA
+                        if wdev is None:
+                            acc.div_(ndev)
                     self._emit(writer, t["out_offset"] + s * osz, acc.to(self.tdt[out_dt]))
                     done += sum(m * ITEMSIZE[d] for _, d, _ in srcs)
                     if progress is not None:
