@@ -20,6 +20,14 @@ def test_full_size_sdxl_merge(tmp_path):
     need = 3 * 6.95e9 + 2e9
     if shutil.disk_usage(tmp_path).free < need:
         pytest.skip(f"needs {need / 1e9:.0f} GB free disk for three full-size SDXL files")
+    try:
+        _check(tmp_path)
+    finally:  # 21 GB: never leave them behind, even when the test fails
+        for p in tmp_path.glob("*.safetensors"):
+            p.unlink()
+
+
+def _check(tmp_path):
     files = [make_checkpoint(tmp_path / f"_x{i:02d}-full.safetensors", "sdxl", factor=1, seed=i, fast=True) for i in (1, 2)]
     ck = am.Checkpoint(files[0])
     assert 6.8e9 < ck.file_len < 7.0e9 and len(ck) == 2527
