@@ -101,11 +101,6 @@ impl Checkpoint {
         use std::os::unix::fs::FileExt;
         self.file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(&self.path, e))
     }
-
-    /// Tells the kernel we will read the whole data section soon (readahead on cold files).
-    pub fn will_need(&self) {
-        let _ = self.mmap.advise(memmap2::Advice::WillNeed);
-    }
 }
 
 #[cfg(test)]
