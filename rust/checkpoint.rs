@@ -3,24 +3,62 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 use crate::header::{self, Header, TensorInfo};
 
-/// An open checkpoint. The map stays valid as long as nobody truncates the file underneath
-/// us; this crate never writes to a file it has open as an input (see `writer`).
-pub struct Checkpoint {
+/// Files opened (and headers parsed) by this process: tests check that a command opens each of
+/// its inputs once.
+static OPENS: AtomicU64 = AtomicU64::new(0);
+
+/// How many checkpoints this process has opened so far.
+pub fn open_count() -> u64 {
+    OPENS.load(Ordering::Relaxed)
+}
+
+/// The opened file itself: what a resolved plan keeps once the parsed header is no longer needed.
+/// Shared (`Arc`) between the checkpoint, resolved plans and executors, so nothing opens it twice.
+pub struct InputFile {
+    /// The path it was opened under.
     pub path: PathBuf,
-    pub header: Header,
+    /// Its length when opened.
     pub file_len: u64,
     /// (device, inode): how the writer recognises an input under another name.
     pub identity: (u64, u64),
-    /// Tensor indices sorted by name (binary search; no second copy of the names).
-    index: Vec<u32>,
+    /// Byte offset of the data section (8 + header length).
+    pub data_start: usize,
     mmap: Mmap,
     file: File,
+}
+
+impl InputFile {
+    /// The whole file, mapped.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    /// Reads `buf.len()` bytes at `offset` with `pread` (a copy into `buf` instead of page faults
+    /// on the map).
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// An open checkpoint: the file and its validated header. The map stays valid as long as nobody
+/// truncates the file underneath us; this crate never writes to a file it has open as an input
+/// (see `writer`).
+pub struct Checkpoint {
+    /// The file, shared with resolved plans.
+    pub file: Arc<InputFile>,
+    /// The parsed, validated header.
+    pub header: Header,
+    /// Tensor indices sorted by name (binary search; no second copy of the names).
+    index: Vec<u32>,
 }
 
 impl Checkpoint {
@@ -58,15 +96,25 @@ impl Checkpoint {
         };
         let mut index: Vec<u32> = (0..header.tensors.len() as u32).collect();
         index.sort_by(|&a, &b| header.tensors[a as usize].name.cmp(&header.tensors[b as usize].name));
-        Ok(Checkpoint {
+        OPENS.fetch_add(1, Ordering::Relaxed);
+        let file = InputFile {
             path: path.to_path_buf(),
-            header,
             file_len,
             identity: (meta.dev(), meta.ino()),
-            index,
+            data_start: header.data_start,
             mmap,
             file,
+        };
+        Ok(Checkpoint {
+            file: Arc::new(file),
+            header,
+            index,
         })
+    }
+
+    /// The path it was opened under.
+    pub fn path(&self) -> &Path {
+        &self.file.path
     }
 
     /// The header entry for `name`.
@@ -81,25 +129,7 @@ impl Checkpoint {
     /// The stored bytes of one tensor (validated to lie inside the file at open).
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         let s = self.header.data_start;
-        &self.mmap[s + t.begin..s + t.end]
-    }
-
-    /// The whole file, mapped.
-    pub fn bytes(&self) -> &[u8] {
-        &self.mmap
-    }
-
-    /// Frees the parsed header once a plan is resolved: the run needs only the map.
-    pub fn release_header(&mut self) {
-        self.header.tensors = Vec::new();
-        self.index = Vec::new();
-    }
-
-    /// Reads `buf.len()` bytes at `offset` with `pread` (a copy into `buf` instead of page faults
-    /// on the map).
-    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(&self.path, e))
+        &self.file.bytes()[s + t.begin..s + t.end]
     }
 }
 

@@ -56,6 +56,11 @@ const ALL: [Dtype; 22] = [
 ];
 
 impl Dtype {
+    /// Every dtype, in the order safetensors lists them.
+    pub fn all() -> &'static [Dtype] {
+        &ALL
+    }
+
     /// Parses the header spelling (`"F16"`, `"BF16"`, ...).
     pub fn parse(s: &str) -> Option<Dtype> {
         ALL.iter().copied().find(|d| d.name() == s)

@@ -4,16 +4,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, InputFile};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernels::{self, Level};
-use crate::plan::{Accumulate, Kind, Layout, Plan, Resolved, Resolver};
-use crate::writer::Writer;
+use crate::plan::{Accumulate, Kind, Layout, Plan, Resolved, Resolver, SrcRef};
+use crate::writer::{Mode, Writer};
 
 /// How to run.
 #[derive(Clone, Debug)]
@@ -30,7 +31,8 @@ pub struct Options {
     pub io: Io,
     /// fsync before rename.
     pub durable: bool,
-    pub overwrite: bool,
+    /// What may be at the target already.
+    pub mode: Mode,
 }
 
 impl Default for Options {
@@ -41,7 +43,7 @@ impl Default for Options {
             level: None,
             io: Io::Pread,
             durable: true,
-            overwrite: false,
+            mode: Mode::Create,
         }
     }
 }
@@ -69,12 +71,19 @@ pub struct Progress {
 /// What a run did.
 #[derive(Clone, Debug)]
 pub struct Report {
+    /// The file written.
     pub output: PathBuf,
+    /// Output tensors.
     pub tensors: usize,
+    /// Input bytes read.
     pub bytes_read: u64,
+    /// Bytes of the output file.
     pub bytes_written: u64,
+    /// Wall time of the run.
     pub seconds: f64,
+    /// Worker threads used.
     pub threads: usize,
+    /// Kernel level used.
     pub kernel: &'static str,
 }
 
@@ -88,19 +97,19 @@ pub fn open_inputs(paths: &[PathBuf]) -> Result<Vec<Checkpoint>> {
 
 struct Item {
     tensor: usize,
-    /// Element range, or byte range for a raw copy.
+    /// Element range, or byte range for raw bytes (copies, constants).
     start: usize,
     end: usize,
 }
 
-fn is_raw_copy(t: &Resolved) -> bool {
-    matches!(t.kind, Kind::Copy(r) if r.dtype == t.dtype)
+fn is_bytes(t: &Resolved) -> bool {
+    matches!(t.kind, Kind::Copy(_) | Kind::Constant(_))
 }
 
 fn work_items(layout: &Layout, chunk: usize) -> Vec<Item> {
     let mut items = Vec::new();
     for (i, t) in layout.tensors.iter().enumerate() {
-        let (len, step) = if is_raw_copy(t) { (t.out_len, chunk * 4) } else { (t.numel, chunk) };
+        let (len, step) = if is_bytes(t) { (t.out_len, chunk * 4) } else { (t.numel, chunk) };
         let mut s = 0;
         while s < len {
             let e = (s + step).min(len);
@@ -121,7 +130,7 @@ struct Scratch {
 }
 
 /// Bytes `[begin, end)` of input `input`: a slice of the map, or a `pread` into `buf`.
-fn src_bytes<'a>(inputs: &'a [Checkpoint], io: Io, input: usize, begin: usize, end: usize, buf: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+fn src_bytes<'a>(inputs: &'a [Arc<InputFile>], io: Io, input: usize, begin: usize, end: usize, buf: &'a mut Vec<u8>) -> Result<&'a [u8]> {
     match io {
         Io::Mmap => Ok(&inputs[input].bytes()[begin..end]),
         Io::Pread => {
@@ -132,37 +141,34 @@ fn src_bytes<'a>(inputs: &'a [Checkpoint], io: Io, input: usize, begin: usize, e
     }
 }
 
-fn run_item(
-    inputs: &[Checkpoint],
-    layout: &Layout,
-    item: &Item,
-    level: Level,
-    io: Io,
-    scratch: &mut Scratch,
-    writer: &Writer,
-) -> Result<u64> {
+fn run_item(layout: &Layout, item: &Item, level: Level, io: Io, scratch: &mut Scratch, writer: &Writer) -> Result<u64> {
+    let inputs = &layout.inputs;
     let t = &layout.tensors[item.tensor];
     let (s, e) = (item.start, item.end);
     let Scratch { acc, acc64, out, src: buf } = scratch;
-    if is_raw_copy(t) {
-        let Kind::Copy(r) = t.kind else { unreachable!() };
-        let bytes = src_bytes(inputs, io, r.input, r.offset + s, r.offset + e, buf)?;
-        writer.write_at((t.out_offset + s) as u64, bytes)?;
-        return Ok(bytes.len() as u64);
-    }
-    let n = e - s;
-    let osz = t.dtype.size();
-    out.resize(n * osz, 0);
-    let out = &mut out[..];
-    let mut read = 0u64;
-    let range = |r: &crate::plan::SrcRef| (r.offset + s * r.dtype.size(), r.offset + e * r.dtype.size());
-    let f64_path = |d: Dtype| layout.accumulate == Accumulate::F64 || !kernels::fits_f32(d) || t.dtype == Dtype::F64;
     match &t.kind {
         Kind::Copy(r) => {
+            let bytes = src_bytes(inputs, io, r.input, r.offset + s, r.offset + e, buf)?;
+            writer.write_at((t.out_offset + s) as u64, bytes)?;
+            return Ok(bytes.len() as u64);
+        }
+        Kind::Constant(data) => {
+            writer.write_at((t.out_offset + s) as u64, &(**data).as_ref()[s..e])?;
+            return Ok(0);
+        }
+        _ => {}
+    }
+    let n = e - s;
+    out.resize(n * t.dtype.size(), 0);
+    let out = &mut out[..];
+    let mut read = 0u64;
+    let range = |r: &SrcRef| (r.offset + s * r.dtype.size(), r.offset + e * r.dtype.size());
+    match &t.kind {
+        Kind::Cast { src: r, via } => {
             let (b, en) = range(r);
             let src = src_bytes(inputs, io, r.input, b, en, buf)?;
             read += src.len() as u64;
-            if f64_path(r.dtype) {
+            if *via == Accumulate::F64 {
                 acc64.resize(n, 0.0);
                 kernels::load_f64_slice(acc64, src, r.dtype);
                 kernels::finish_f64(acc64, None, out, t.dtype);
@@ -172,8 +178,8 @@ fn run_item(
                 kernels::finish(level, acc, None, out, t.dtype);
             }
         }
-        Kind::Mean { sources, weights } => {
-            if layout.accumulate == Accumulate::F64 {
+        Kind::Mean { sources, weights, via } => {
+            if *via == Accumulate::F64 {
                 acc64.clear();
                 acc64.resize(n, 0.0);
                 for (k, r) in sources.iter().enumerate() {
@@ -203,17 +209,17 @@ fn run_item(
                 }
             }
         }
+        Kind::Copy(_) | Kind::Constant(_) => unreachable!("handled above"),
     }
-    writer.write_at((t.out_offset + s * osz) as u64, out)?;
+    writer.write_at((t.out_offset + s * t.dtype.size()) as u64, out)?;
     Ok(read)
 }
 
-/// Runs a resolved plan on its opened inputs and writes `output`.
-pub fn run_layout(layout: &Layout, inputs: &[Checkpoint], output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
+/// Runs a resolved plan and writes `output`.
+pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
     let t0 = Instant::now();
     progress.total.store(layout.bytes_read, Ordering::Relaxed);
-    let ids: Vec<(u64, u64)> = inputs.iter().map(|c| c.identity).collect();
-    let writer = Writer::create(output, &layout.header, layout.data_len as u64, &ids, opts.overwrite)?;
+    let writer = Writer::create(output, &layout.header, layout.data_len as u64, &layout.identities(), opts.mode)?;
     let level = opts.level.unwrap_or_else(Level::detect);
     let threads = opts.threads.unwrap_or_else(rayon::current_num_threads).max(1);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -222,19 +228,21 @@ pub fn run_layout(layout: &Layout, inputs: &[Checkpoint], output: &Path, opts: &
         .map_err(|e| Error::Plan(format!("cannot start {threads} threads: {e}")))?;
     let items = work_items(layout, opts.chunk.max(64));
     let bytes_read = pool.install(|| {
-        items.par_iter().try_fold(
-            || (Scratch::default(), 0u64),
-            |(mut scratch, total), item| {
-                if progress.cancel.load(Ordering::Relaxed) {
-                    return Err(Error::Cancelled);
-                }
-                let r = run_item(inputs, layout, item, level, opts.io, &mut scratch, &writer)?;
-                progress.done.fetch_add(r, Ordering::Relaxed);
-                Ok((scratch, total + r))
-            },
-        )
-        .map(|r| r.map(|(_, n)| n))
-        .try_reduce(|| 0, |a, b| Ok(a + b))
+        items
+            .par_iter()
+            .try_fold(
+                || (Scratch::default(), 0u64),
+                |(mut scratch, total), item| {
+                    if progress.cancel.load(Ordering::Relaxed) {
+                        return Err(Error::Cancelled);
+                    }
+                    let r = run_item(layout, item, level, opts.io, &mut scratch, &writer)?;
+                    progress.done.fetch_add(r, Ordering::Relaxed);
+                    Ok((scratch, total + r))
+                },
+            )
+            .map(|r| r.map(|(_, n)| n))
+            .try_reduce(|| 0, |a, b| Ok(a + b))
     })?;
     let bytes_written = writer.file_len();
     writer.commit(opts.durable)?;
@@ -249,29 +257,22 @@ pub fn run_layout(layout: &Layout, inputs: &[Checkpoint], output: &Path, opts: &
     })
 }
 
-/// Opens `plan.inputs` one at a time, checks the plan against each and lays out the output; each
-/// parsed header is released once its sources are located, so memory holds one key table at a time.
-pub fn prepare(plan: &Plan) -> Result<(Layout, Vec<Checkpoint>)> {
-    if plan.inputs.is_empty() {
-        return Err(Error::Plan("no input files given".into()));
+/// Opens `inputs` one at a time, checks the plan against each and lays out the output; each
+/// parsed header is dropped once its sources are located, so memory holds one key table at a time.
+pub fn prepare(plan: Plan, inputs: &[PathBuf]) -> Result<Layout> {
+    let mut resolver = Resolver::new(plan, inputs.len())?;
+    for (i, path) in inputs.iter().enumerate() {
+        resolver.add(i, &Checkpoint::open(path)?)?;
     }
-    let mut resolver = Resolver::new(plan)?;
-    let mut inputs = Vec::with_capacity(plan.inputs.len());
-    for (i, path) in plan.inputs.iter().enumerate() {
-        let mut ck = Checkpoint::open(path)?;
-        resolver.add(i, &ck)?;
-        ck.release_header();
-        inputs.push(ck);
-    }
-    Ok((resolver.finish()?, inputs))
+    resolver.finish()
 }
 
-/// Opens `plan.inputs`, runs the plan and writes `output`. `seconds` covers the whole job.
-pub fn execute(plan: &Plan, output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
+/// Opens `inputs`, runs the plan and writes `output`. `seconds` covers the whole job.
+pub fn execute(plan: Plan, inputs: &[PathBuf], output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
     let t0 = Instant::now();
-    let (layout, inputs) = prepare(plan)?;
-    let mut report = run_layout(&layout, &inputs, output, opts, progress)?;
-    drop(inputs);
+    let layout = prepare(plan, inputs)?;
+    let mut report = run_layout(&layout, output, opts, progress)?;
+    drop(layout);
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -283,10 +284,9 @@ mod tests {
     use crate::testutil::{f16_bytes, write_file};
     use proptest::prelude::*;
 
-    fn mean_plan(inputs: Vec<PathBuf>, names: &[&str], weights: Option<Vec<f64>>) -> Plan {
+    fn mean_plan(inputs: &[PathBuf], names: &[&str], weights: Option<Vec<f64>>) -> Plan {
         let n = inputs.len();
         Plan {
-            inputs,
             outputs: names
                 .iter()
                 .map(|name| OutputTensor {
@@ -321,13 +321,13 @@ mod tests {
             })
             .collect();
         let out = d.path().join("out.safetensors");
-        let mut plan = mean_plan(paths.clone(), &["w"], None);
+        let mut plan = mean_plan(&paths, &["w"], None);
         plan.outputs.push(OutputTensor {
             name: "ids".into(),
             dtype: None,
             op: Op::Copy(Source { input: 0, tensor: "ids".into() }),
         });
-        let r = execute(&plan, &out, &Options::default(), &Progress::default()).unwrap();
+        let r = execute(plan, &paths, &out, &Options::default(), &Progress::default()).unwrap();
         assert_eq!(r.tensors, 2);
         assert_eq!(r.bytes_read, 3 * 2000 + 16);
         let got = read_tensor(&out, "w");
@@ -352,7 +352,7 @@ mod tests {
         write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
         write_file(&b, &[("v", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
         let out = d.path().join("o.safetensors");
-        let e = execute(&mean_plan(vec![a, b], &["w"], None), &out, &Options::default(), &Progress::default()).unwrap_err();
+        let e = execute(mean_plan(&[a.clone(), b.clone()], &["w"], None), &[a, b], &out, &Options::default(), &Progress::default()).unwrap_err();
         assert!(e.to_string().contains("b.safetensors") && e.to_string().contains("'w'"), "{e}");
         assert!(!out.exists());
     }
@@ -365,7 +365,7 @@ mod tests {
         write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
         write_file(&b, &[("w", Dtype::F16, vec![1, 2], f16_bytes(&[1.0, 2.0]))]);
         let out = d.path().join("o.safetensors");
-        let e = execute(&mean_plan(vec![a, b], &["w"], None), &out, &Options::default(), &Progress::default()).unwrap_err();
+        let e = execute(mean_plan(&[a.clone(), b.clone()], &["w"], None), &[a, b], &out, &Options::default(), &Progress::default()).unwrap_err();
         let s = e.to_string();
         assert!(s.contains("a.safetensors") && s.contains("b.safetensors") && s.contains("'w'"), "{s}");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
@@ -377,7 +377,7 @@ mod tests {
         let a = d.path().join("a.safetensors");
         write_file(&a, &[("ids", Dtype::I64, vec![1], vec![0; 8])]);
         let out = d.path().join("o.safetensors");
-        let e = execute(&mean_plan(vec![a], &["ids"], None), &out, &Options::default(), &Progress::default()).unwrap_err();
+        let e = execute(mean_plan(&[a.clone()], &["ids"], None), &[a], &out, &Options::default(), &Progress::default()).unwrap_err();
         assert!(e.to_string().contains("cannot be averaged"), "{e}");
     }
 
@@ -389,9 +389,31 @@ mod tests {
         let out = d.path().join("o.safetensors");
         let p = Progress::default();
         p.cancel.store(true, Ordering::Relaxed);
-        let e = execute(&mean_plan(vec![a], &["w"], None), &out, &Options::default(), &p).unwrap_err();
+        let e = execute(mean_plan(&[a.clone()], &["w"], None), &[a], &out, &Options::default(), &p).unwrap_err();
         assert!(matches!(e, Error::Cancelled));
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn constant_and_cast() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.safetensors");
+        write_file(&a, &[("w", Dtype::F16, vec![3], f16_bytes(&[-0.0, 1.5, -2.25]))]);
+        let data: crate::plan::Bytes = Arc::new(vec![1u8, 0, 0, 0, 0, 0, 0, 0]);
+        let plan = Plan {
+            outputs: vec![
+                OutputTensor { name: "c".into(), dtype: None, op: Op::Constant { dtype: Dtype::I64, shape: vec![1], data } },
+                OutputTensor { name: "w".into(), dtype: Some(Dtype::F32), op: Op::Cast(Source { input: 0, tensor: "w".into() }) },
+            ],
+            accumulate: Accumulate::F32,
+            metadata: Default::default(),
+        };
+        let out = d.path().join("o.safetensors");
+        let r = execute(plan, &[a], &out, &Options::default(), &Progress::default()).unwrap();
+        assert_eq!(r.bytes_read, 6);
+        assert_eq!(read_tensor(&out, "c"), vec![1, 0, 0, 0, 0, 0, 0, 0]);
+        let w: Vec<u8> = [-0.0f32, 1.5, -2.25].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(read_tensor(&out, "w"), w, "a cast keeps the sign of zero");
     }
 
     proptest! {
@@ -410,12 +432,12 @@ mod tests {
                 p
             }).collect();
             let weights = weighted.then(|| crate::plan::normalize_weights(&(1..=n).map(|i| i as f64).collect::<Vec<_>>()).unwrap());
-            let plan = mean_plan(paths, &["w"], weights);
+            let plan = mean_plan(&paths, &["w"], weights);
             let mut outs = vec![];
             for (i, (threads, io)) in [(1usize, Io::Pread), (2, Io::Mmap), (7, Io::Pread)].into_iter().enumerate() {
                 let out = d.path().join(format!("o{i}.safetensors"));
                 let opts = Options { threads: Some(threads), chunk, io, durable: false, ..Options::default() };
-                execute(&plan, &out, &opts, &Progress::default()).unwrap();
+                execute(plan.clone(), &paths, &out, &opts, &Progress::default()).unwrap();
                 outs.push(read_tensor(&out, "w"));
             }
             prop_assert_eq!(&outs[0], &outs[1]);

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-/// What went wrong, with enough context to act on it.
+/// What went wrong, with enough context to act on it. Fields: `path` is the file concerned,
+/// `tensor` the tensor, `reason` what is wrong.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The file does not exist.
@@ -82,6 +84,18 @@ impl Error {
             reason: reason.into(),
         }
     }
+
+    /// Every name [`Error::kind`] can return (a test checks each has a Python class).
+    pub const KINDS: [&'static str; 8] = [
+        "InputNotFoundError",
+        "InvalidFileError",
+        "DiskFullError",
+        "AstolfomixIOError",
+        "MismatchError",
+        "PlanError",
+        "OutputError",
+        "Cancelled",
+    ];
 
     /// The name of the Python exception class this error maps to (see `errors.py`).
     pub fn kind(&self) -> &'static str {

@@ -27,7 +27,7 @@ fn hex(d: &[u8]) -> String {
 
 /// AutoV1/V2/V3 of one open file, reading it once: the data section feeds both digests.
 pub fn file_hashes(ck: &Checkpoint) -> FileHashes {
-    let bytes = ck.bytes();
+    let bytes = ck.file.bytes();
     let start = ck.header.data_start;
     let mut whole = Sha256::new();
     whole.update(&bytes[..start]);
@@ -50,7 +50,7 @@ pub fn file_hashes(ck: &Checkpoint) -> FileHashes {
 fn canonical(ck: &Checkpoint, key: &str) -> Result<(Vec<u8>, &'static str)> {
     let t = ck.get(key).ok_or_else(|| Error::Mismatch {
         tensor: key.to_string(),
-        reason: format!("not found in {}", ck.path.display()),
+        reason: format!("not found in {}", ck.path().display()),
     })?;
     let raw = ck.data(t);
     if !t.dtype.is_averageable() {
@@ -99,7 +99,7 @@ pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String]) -> Result<Vec<f64>> {
         .map(|key| {
             let t = ck.get(key).ok_or_else(|| Error::Mismatch {
                 tensor: key.clone(),
-                reason: format!("not found in {}", ck.path.display()),
+                reason: format!("not found in {}", ck.path().display()),
             })?;
             if !t.dtype.is_averageable() {
                 return Ok(0.0);
@@ -118,7 +118,7 @@ pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String]) -> Result<Vec<f64>> {
 
 /// For `compare`: per file, `(sum (x - r)^2, sum r^2)` over `keys`, where `r` is the file
 /// `reference` or, with `None`, the mean of all files. Streams tensor by tensor.
-pub fn l2_distances(files: &[Checkpoint], keys: &[String], reference: Option<usize>) -> Result<Vec<(f64, f64)>> {
+pub fn l2_distances(files: &[&Checkpoint], keys: &[String], reference: Option<usize>) -> Result<Vec<(f64, f64)>> {
     let per_key: Vec<Vec<(f64, f64)>> = keys
         .par_iter()
         .map(|key| {
@@ -126,7 +126,7 @@ pub fn l2_distances(files: &[Checkpoint], keys: &[String], reference: Option<usi
             for ck in files {
                 let t = ck.get(key).ok_or_else(|| Error::Mismatch {
                     tensor: key.clone(),
-                    reason: format!("not found in {}", ck.path.display()),
+                    reason: format!("not found in {}", ck.path().display()),
                 })?;
                 if !t.dtype.is_averageable() {
                     return Ok(vec![(0.0, 0.0); files.len()]);
@@ -138,7 +138,7 @@ pub fn l2_distances(files: &[Checkpoint], keys: &[String], reference: Option<usi
                     if first.len() != f.len() {
                         return Err(Error::Mismatch {
                             tensor: key.clone(),
-                            reason: format!("{} elements in {} but {} in {}", first.len(), files[0].path.display(), f.len(), ck.path.display()),
+                            reason: format!("{} elements in {} but {} in {}", first.len(), files[0].path().display(), f.len(), ck.path().display()),
                         });
                     }
                 }
@@ -198,6 +198,7 @@ mod tests {
         write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
         write_file(&b, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 4.0]))]);
         let cks = vec![Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap()];
+        let cks: Vec<&Checkpoint> = cks.iter().collect();
         let r = l2_distances(&cks, &["w".to_string()], Some(0)).unwrap();
         assert_eq!(r, vec![(0.0, 5.0), (4.0, 5.0)]);
         let m = l2_distances(&cks, &["w".to_string()], None).unwrap();

@@ -18,10 +18,15 @@ pub const MAX_HEADER: u64 = 100_000_000;
 /// One tensor as the header describes it. Offsets are relative to the data section.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// Tensor name.
     pub name: String,
+    /// Stored dtype.
     pub dtype: Dtype,
+    /// Shape.
     pub shape: Vec<usize>,
+    /// Start offset within the data section.
     pub begin: usize,
+    /// End offset (exclusive) within the data section.
     pub end: usize,
 }
 
@@ -204,10 +209,15 @@ pub fn parse(path: &Path, json: &[u8], data_len: usize) -> Result<Header> {
 
 /// One output tensor's header entry.
 pub struct OutEntry<'a> {
+    /// Tensor name.
     pub name: &'a str,
+    /// Stored dtype.
     pub dtype: Dtype,
+    /// Shape.
     pub shape: &'a [usize],
+    /// Start offset within the data section.
     pub begin: usize,
+    /// End offset (exclusive) within the data section.
     pub end: usize,
 }
 

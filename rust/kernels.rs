@@ -11,23 +11,34 @@ use std::sync::OnceLock;
 
 use crate::dtype::Dtype;
 
-/// Which implementation runs.
+/// Which implementation runs. Only [`Level::detect`] and [`Level::available`] make one, so safe
+/// code can never pick an instruction set this CPU lacks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Level {
+pub struct Level(Imp);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Imp {
     Scalar,
     Avx2,
     Avx512,
 }
 
 impl Level {
+    const SCALAR: Level = Level(Imp::Scalar);
+    #[cfg(target_arch = "x86_64")]
+    const AVX2: Level = Level(Imp::Avx2);
+    #[cfg(target_arch = "x86_64")]
+    const AVX512: Level = Level(Imp::Avx512);
+
     /// The best level this CPU supports (cached). `ASTOLFOMIX_KERNEL=scalar|avx2|avx512` caps it.
     pub fn detect() -> Level {
         static L: OnceLock<Level> = OnceLock::new();
         *L.get_or_init(|| {
-            let best = Level::available().into_iter().last().unwrap_or(Level::Scalar);
+            let all = Level::available();
+            let best = all.last().copied().unwrap_or(Level::SCALAR);
             match std::env::var("ASTOLFOMIX_KERNEL").as_deref() {
-                Ok("scalar") => Level::Scalar,
-                Ok("avx2") if best != Level::Scalar => Level::Avx2,
+                Ok("scalar") => Level::SCALAR,
+                Ok("avx2") => all.get(1).copied().unwrap_or(best),
                 _ => best,
             }
         })
@@ -36,24 +47,30 @@ impl Level {
     /// Every level this CPU can run, scalar first.
     pub fn available() -> Vec<Level> {
         #[allow(unused_mut)]
-        let mut v = vec![Level::Scalar];
+        let mut v = vec![Level::SCALAR];
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
-                v.push(Level::Avx2);
+                v.push(Level::AVX2);
                 if is_x86_feature_detected!("avx512f") {
-                    v.push(Level::Avx512);
+                    v.push(Level::AVX512);
                 }
             }
         }
         v
     }
 
+    /// The portable scalar level (always available).
+    pub fn scalar() -> Level {
+        Level::SCALAR
+    }
+
+    /// A short name: `scalar`, `avx2+f16c`, `avx512f`.
     pub fn name(self) -> &'static str {
-        match self {
-            Level::Scalar => "scalar",
-            Level::Avx2 => "avx2+f16c",
-            Level::Avx512 => "avx512f",
+        match self.0 {
+            Imp::Scalar => "scalar",
+            Imp::Avx2 => "avx2+f16c",
+            Imp::Avx512 => "avx512f",
         }
     }
 }
@@ -287,17 +304,22 @@ fn store_f64(out: &mut [u8], dtype: Dtype, i: usize, x: f64) {
 // Public chunk kernels.
 
 /// `acc[i] = acc[i] + f32(src[i])`, or `acc[i] + f32(w * f32(src[i]))` when weighted.
+///
+/// # Panics
+/// If `src` does not hold exactly `acc.len()` elements of `dtype` (a check that stays in release
+/// builds: the SIMD paths read by pointer).
 pub fn accumulate(level: Level, acc: &mut [f32], src: &[u8], dtype: Dtype, weight: Option<f32>) {
-    debug_assert_eq!(src.len(), acc.len() * dtype.size());
-    let done = match level {
+    assert_eq!(src.len(), acc.len() * dtype.size(), "accumulate: source length does not match");
+    let done = match level.0 {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe {
-            // SAFETY: Avx512 is only chosen when avx512f (and avx2/f16c) were detected.
+        Imp::Avx512 => unsafe {
+            // SAFETY: an Avx512 level only comes from detection of avx512f, avx2 and f16c, and
+            // the lengths were checked above.
             x86::accumulate_avx512(acc, src, dtype, weight)
         },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe {
-            // SAFETY: Avx2 is only chosen when avx2 and f16c were detected.
+        Imp::Avx2 => unsafe {
+            // SAFETY: an Avx2 level only comes from detection of avx2 and f16c; lengths checked.
             x86::accumulate_avx2(acc, src, dtype, weight)
         },
         _ => 0,
@@ -324,12 +346,15 @@ pub fn accumulate(level: Level, acc: &mut [f32], src: &[u8], dtype: Dtype, weigh
 }
 
 /// `out[i] = round(acc[i] / divisor)` (or `round(acc[i])`) into `out_dtype`. Overwrites `acc`.
+///
+/// # Panics
+/// If `out` does not hold exactly `acc.len()` elements of `out_dtype`.
 pub fn finish(level: Level, acc: &mut [f32], divisor: Option<f32>, out: &mut [u8], out_dtype: Dtype) {
-    debug_assert_eq!(out.len(), acc.len() * out_dtype.size());
-    let done = match level {
+    assert_eq!(out.len(), acc.len() * out_dtype.size(), "finish: output length does not match");
+    let done = match level.0 {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 | Level::Avx512 => unsafe {
-            // SAFETY: both levels imply avx2 and f16c were detected.
+        Imp::Avx2 | Imp::Avx512 => unsafe {
+            // SAFETY: both levels only come from detection of avx2 and f16c; lengths checked.
             x86::finish_avx2(acc, divisor, out, out_dtype)
         },
         _ => 0,
@@ -377,10 +402,6 @@ pub fn finish_f64(acc: &[f64], divisor: Option<f64>, out: &mut [u8], out_dtype: 
     }
 }
 
-/// Whether a conversion from `dtype` is exact through f32 (everything but f64).
-pub fn fits_f32(dtype: Dtype) -> bool {
-    dtype != Dtype::F64
-}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -391,113 +412,125 @@ mod x86 {
     /// Returns how many leading elements were done (a multiple of 8); the caller does the tail.
     #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn accumulate_avx2(acc: &mut [f32], src: &[u8], dtype: Dtype, weight: Option<f32>) -> usize {
-        let n = acc.len() / 8 * 8;
-        let a = acc.as_mut_ptr();
-        let s = src.as_ptr();
-        let w = _mm256_set1_ps(weight.unwrap_or(1.0));
-        let weighted = weight.is_some();
-        macro_rules! run {
-            ($i:ident => $load:expr) => {{
-                let mut $i = 0;
-                while $i < n {
-                    // SAFETY: i + 8 <= acc.len(), and src holds acc.len() elements of dtype.
-                    let mut x = $load;
-                    if weighted {
-                        x = _mm256_mul_ps(w, x);
+        // SAFETY: the caller guarantees the target features (a detected `Level`) and that
+        // `src`/`out` hold `acc.len()` elements; every pointer below stays inside those slices.
+        unsafe {
+            let n = acc.len() / 8 * 8;
+            let a = acc.as_mut_ptr();
+            let s = src.as_ptr();
+            let w = _mm256_set1_ps(weight.unwrap_or(1.0));
+            let weighted = weight.is_some();
+            macro_rules! run {
+                ($i:ident => $load:expr) => {{
+                    let mut $i = 0;
+                    while $i < n {
+                        // SAFETY: i + 8 <= acc.len(), and src holds acc.len() elements of dtype.
+                        let mut x = $load;
+                        if weighted {
+                            x = _mm256_mul_ps(w, x);
+                        }
+                        _mm256_storeu_ps(a.add($i), _mm256_add_ps(_mm256_loadu_ps(a.add($i)), x));
+                        $i += 8;
                     }
-                    _mm256_storeu_ps(a.add($i), _mm256_add_ps(_mm256_loadu_ps(a.add($i)), x));
-                    $i += 8;
-                }
-                n
-            }};
-        }
-        match dtype {
-            Dtype::F16 => run!(i => _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * i) as *const __m128i))),
-            Dtype::BF16 => run!(i => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-                _mm_loadu_si128(s.add(2 * i) as *const __m128i)
-            )))),
-            Dtype::F32 => run!(i => _mm256_loadu_ps(s.add(4 * i) as *const f32)),
-            _ => 0,
+                    n
+                }};
+            }
+            match dtype {
+                Dtype::F16 => run!(i => _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * i) as *const __m128i))),
+                Dtype::BF16 => run!(i => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                    _mm_loadu_si128(s.add(2 * i) as *const __m128i)
+                )))),
+                Dtype::F32 => run!(i => _mm256_loadu_ps(s.add(4 * i) as *const f32)),
+                _ => 0,
+            }
         }
     }
 
     #[target_feature(enable = "avx512f,avx2,f16c")]
     pub unsafe fn accumulate_avx512(acc: &mut [f32], src: &[u8], dtype: Dtype, weight: Option<f32>) -> usize {
-        let n = acc.len() / 16 * 16;
-        let a = acc.as_mut_ptr();
-        let s = src.as_ptr();
-        let w = _mm512_set1_ps(weight.unwrap_or(1.0));
-        let weighted = weight.is_some();
-        macro_rules! run {
-            ($i:ident => $load:expr) => {{
-                let mut $i = 0;
-                while $i < n {
-                    // SAFETY: i + 16 <= acc.len(), and src holds acc.len() elements of dtype.
-                    let mut x = $load;
-                    if weighted {
-                        x = _mm512_mul_ps(w, x);
+        // SAFETY: the caller guarantees the target features (a detected `Level`) and that
+        // `src`/`out` hold `acc.len()` elements; every pointer below stays inside those slices.
+        unsafe {
+            let n = acc.len() / 16 * 16;
+            let a = acc.as_mut_ptr();
+            let s = src.as_ptr();
+            let w = _mm512_set1_ps(weight.unwrap_or(1.0));
+            let weighted = weight.is_some();
+            macro_rules! run {
+                ($i:ident => $load:expr) => {{
+                    let mut $i = 0;
+                    while $i < n {
+                        // SAFETY: i + 16 <= acc.len(), and src holds acc.len() elements of dtype.
+                        let mut x = $load;
+                        if weighted {
+                            x = _mm512_mul_ps(w, x);
+                        }
+                        _mm512_storeu_ps(a.add($i), _mm512_add_ps(_mm512_loadu_ps(a.add($i)), x));
+                        $i += 16;
                     }
-                    _mm512_storeu_ps(a.add($i), _mm512_add_ps(_mm512_loadu_ps(a.add($i)), x));
-                    $i += 16;
-                }
-                n
-            }};
+                    n
+                }};
+            }
+            let done = match dtype {
+                Dtype::F16 => run!(i => _mm512_cvtph_ps(_mm256_loadu_si256(s.add(2 * i) as *const __m256i))),
+                Dtype::BF16 => run!(i => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256(s.add(2 * i) as *const __m256i)
+                )))),
+                Dtype::F32 => run!(i => _mm512_loadu_ps(s.add(4 * i) as *const f32)),
+                _ => 0,
+            };
+            if done == 0 {
+                return 0;
+            }
+            // Let the AVX2 loop take any 8-element block left before the scalar tail.
+            let rest = accumulate_avx2(&mut acc[done..], &src[done * dtype.size()..], dtype, weight);
+            done + rest
         }
-        let done = match dtype {
-            Dtype::F16 => run!(i => _mm512_cvtph_ps(_mm256_loadu_si256(s.add(2 * i) as *const __m256i))),
-            Dtype::BF16 => run!(i => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(s.add(2 * i) as *const __m256i)
-            )))),
-            Dtype::F32 => run!(i => _mm512_loadu_ps(s.add(4 * i) as *const f32)),
-            _ => 0,
-        };
-        if done == 0 {
-            return 0;
-        }
-        // Let the AVX2 loop take any 8-element block left before the scalar tail.
-        let rest = accumulate_avx2(&mut acc[done..], &src[done * dtype.size()..], dtype, weight);
-        done + rest
     }
 
     #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn finish_avx2(acc: &mut [f32], divisor: Option<f32>, out: &mut [u8], out_dtype: Dtype) -> usize {
-        let n = acc.len() / 8 * 8;
-        let a = acc.as_ptr();
-        let o = out.as_mut_ptr();
-        let d = _mm256_set1_ps(divisor.unwrap_or(1.0));
-        let divide = divisor.is_some();
-        let mut i = 0;
-        match out_dtype {
-            Dtype::F16 | Dtype::BF16 | Dtype::F32 => {}
-            _ => return 0,
-        }
-        while i < n {
-            // SAFETY: i + 8 <= acc.len(); out holds acc.len() elements of out_dtype.
-            let mut x = _mm256_loadu_ps(a.add(i));
-            if divide {
-                x = _mm256_div_ps(x, d);
-            }
+        // SAFETY: the caller guarantees the target features (a detected `Level`) and that
+        // `src`/`out` hold `acc.len()` elements; every pointer below stays inside those slices.
+        unsafe {
+            let n = acc.len() / 8 * 8;
+            let a = acc.as_ptr();
+            let o = out.as_mut_ptr();
+            let d = _mm256_set1_ps(divisor.unwrap_or(1.0));
+            let divide = divisor.is_some();
+            let mut i = 0;
             match out_dtype {
-                Dtype::F16 => {
-                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
-                    _mm_storeu_si128(o.add(2 * i) as *mut __m128i, h);
-                }
-                Dtype::BF16 => {
-                    let b = _mm256_castps_si256(x);
-                    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-                    let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))));
-                    let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x40));
-                    let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-                    let v = _mm256_blendv_epi8(r, nan, is_nan);
-                    // packus works per 128-bit lane; put lanes 0 and 2 together.
-                    let p = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(v, v));
-                    _mm_storeu_si128(o.add(2 * i) as *mut __m128i, _mm256_castsi256_si128(p));
-                }
-                _ => _mm256_storeu_ps(o.add(4 * i) as *mut f32, x),
+                Dtype::F16 | Dtype::BF16 | Dtype::F32 => {}
+                _ => return 0,
             }
-            i += 8;
+            while i < n {
+                // SAFETY: i + 8 <= acc.len(); out holds acc.len() elements of out_dtype.
+                let mut x = _mm256_loadu_ps(a.add(i));
+                if divide {
+                    x = _mm256_div_ps(x, d);
+                }
+                match out_dtype {
+                    Dtype::F16 => {
+                        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+                        _mm_storeu_si128(o.add(2 * i) as *mut __m128i, h);
+                    }
+                    Dtype::BF16 => {
+                        let b = _mm256_castps_si256(x);
+                        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+                        let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))));
+                        let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x40));
+                        let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+                        let v = _mm256_blendv_epi8(r, nan, is_nan);
+                        // packus works per 128-bit lane; put lanes 0 and 2 together.
+                        let p = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(v, v));
+                        _mm_storeu_si128(o.add(2 * i) as *mut __m128i, _mm256_castsi256_si128(p));
+                    }
+                    _ => _mm256_storeu_ps(o.add(4 * i) as *mut f32, x),
+                }
+                i += 8;
+            }
+            n
         }
-        n
     }
 }
 

@@ -4,6 +4,9 @@
 //! behind the `python` feature. Work is described as a [`plan::Plan`] and run by
 //! [`engine::execute`], which streams through the one [`writer::Writer`].
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod dtype;
 pub mod engine;

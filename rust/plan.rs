@@ -1,97 +1,202 @@
-//! Plans: the one description of work that both executors (this crate's engine, the CUDA path)
-//! run. An output tensor is a copy of one input tensor (possibly converted) or a mean of several.
-//! `resolve` checks a plan against the opened inputs and lays out the output file.
+//! Plans: the one description of work that both executors (this crate's engine, the torch
+//! path) run. An output tensor is a copy of one input tensor, a cast, a mean of several, or a
+//! constant carried by the plan. A [`Resolver`] checks a plan against the opened inputs and
+//! produces a [`Layout`]: every decision an executor needs (raw copy or conversion, working
+//! precision, offsets, the output header), so executors only execute.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, InputFile};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::header::{self, OutEntry};
 
-/// Precision of the running sum.
+/// Precision of the running sum (and of conversions that need more than f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accumulate {
+    /// fp32: the default, and what the SIMD kernels run.
     F32,
+    /// fp64, rounded once into the output dtype.
     F64,
+}
+
+impl Accumulate {
+    /// `"f32"` or `"f64"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accumulate::F32 => "f32",
+            Accumulate::F64 => "f64",
+        }
+    }
 }
 
 /// One input tensor: which input file, which key.
 #[derive(Clone, Debug)]
 pub struct Source {
+    /// Index into the plan's inputs.
     pub input: usize,
     /// Shared: a merge names the same key in every input.
     pub tensor: Arc<str>,
 }
 
+/// Bytes a plan carries itself (a constant tensor). Any owner of bytes will do, so the Python
+/// side can lend a numpy buffer without a copy.
+pub type Bytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// How an output tensor is made.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Op {
-    /// A copy (converted if the output dtype differs).
+    /// A copy; converted if the output dtype differs (then the same as `Cast`).
     Copy(Source),
+    /// A conversion into the output dtype.
+    Cast(Source),
     /// `sum(x_i) / N`, or `sum(w_i * x_i)` with the given (already normalised) weights.
-    Mean { sources: Vec<Source>, weights: Option<Vec<f64>> },
+    Mean {
+        /// The inputs, added in this order.
+        sources: Vec<Source>,
+        /// `None`: uniform.
+        weights: Option<Vec<f64>>,
+    },
+    /// Bytes given by the plan, stored as `dtype` with `shape`.
+    Constant {
+        /// Stored dtype.
+        dtype: Dtype,
+        /// Shape.
+        shape: Vec<usize>,
+        /// Exactly `dtype.byte_len(numel)` bytes.
+        data: Bytes,
+    },
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Copy(s) => write!(f, "Copy({s:?})"),
+            Op::Cast(s) => write!(f, "Cast({s:?})"),
+            Op::Mean { sources, weights } => write!(f, "Mean({sources:?}, {weights:?})"),
+            Op::Constant { dtype, shape, .. } => write!(f, "Constant({dtype}, {shape:?})"),
+        }
+    }
 }
 
 /// One tensor of the output file.
 #[derive(Clone, Debug)]
 pub struct OutputTensor {
+    /// Its name in the output.
     pub name: String,
-    /// `None`: the dtype of the first source.
+    /// `None`: the dtype of the first source (or of the constant).
     pub dtype: Option<Dtype>,
+    /// How it is made.
     pub op: Op,
 }
 
 /// A whole output file.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    pub inputs: Vec<PathBuf>,
+    /// Output tensors, in file order.
     pub outputs: Vec<OutputTensor>,
+    /// Working precision of means.
     pub accumulate: Accumulate,
+    /// The output's `__metadata__`.
     pub metadata: BTreeMap<String, String>,
 }
 
 /// A source located in its mapped file.
 #[derive(Clone, Copy, Debug)]
 pub struct SrcRef {
+    /// Index into the layout's inputs.
     pub input: usize,
+    /// Stored dtype.
     pub dtype: Dtype,
     /// Byte offset of the tensor's data in the input file.
     pub offset: usize,
 }
 
-/// What to do for one output tensor, checked and located.
-#[derive(Clone, Debug)]
+/// What to do for one output tensor, checked and located: the executor's whole instruction.
+#[derive(Clone)]
 pub enum Kind {
+    /// The stored bytes, unchanged.
     Copy(SrcRef),
-    Mean {
-        sources: Vec<SrcRef>,
-        weights: Option<Vec<f64>>,
+    /// Convert each element through `via` into the output dtype (exact widening, one rounding).
+    Cast {
+        /// The source.
+        src: SrcRef,
+        /// Precision of the intermediate value.
+        via: Accumulate,
     },
+    /// The mean (see the crate docs for the exact recipe).
+    Mean {
+        /// The sources, added in this order.
+        sources: Vec<SrcRef>,
+        /// `None`: uniform, divide by N.
+        weights: Option<Vec<f64>>,
+        /// Accumulator precision.
+        via: Accumulate,
+    },
+    /// Bytes carried by the plan.
+    Constant(Bytes),
+}
+
+impl Kind {
+    /// The op's name as the Python side spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Copy(_) => "copy",
+            Kind::Cast { .. } => "cast",
+            Kind::Mean { .. } => "mean",
+            Kind::Constant(_) => "constant",
+        }
+    }
+
+    /// The located sources (none for a constant).
+    pub fn sources(&self) -> &[SrcRef] {
+        match self {
+            Kind::Copy(r) | Kind::Cast { src: r, .. } => std::slice::from_ref(r),
+            Kind::Mean { sources, .. } => sources,
+            Kind::Constant(_) => &[],
+        }
+    }
 }
 
 /// One output tensor, checked and laid out.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Resolved {
+    /// Its name in the output.
     pub name: String,
+    /// Output dtype.
     pub dtype: Dtype,
+    /// Shape.
     pub shape: Vec<usize>,
+    /// Element count.
     pub numel: usize,
     /// Offset of this tensor in the output's data section.
     pub out_offset: usize,
+    /// Its byte length in the output.
     pub out_len: usize,
+    /// How to make it.
     pub kind: Kind,
 }
 
-/// A checked plan: the output header and every tensor's place.
+/// A resolved plan: the opened inputs it reads, the output header and every tensor's place.
 pub struct Layout {
+    /// The inputs (the files only: their parsed headers are not kept).
+    pub inputs: Vec<Arc<InputFile>>,
+    /// Output tensors in file order.
     pub tensors: Vec<Resolved>,
+    /// The serialized output header (length prefix included).
     pub header: Vec<u8>,
+    /// Length of the output's data section.
     pub data_len: usize,
+    /// Input bytes the plan reads.
     pub bytes_read: u64,
-    pub accumulate: Accumulate,
+}
+
+impl Layout {
+    /// (device, inode) of every input, for the writer's checks.
+    pub fn identities(&self) -> Vec<(u64, u64)> {
+        self.inputs.iter().map(|f| f.identity).collect()
+    }
 }
 
 /// Normalises weights in f64 to sum 1.
@@ -117,75 +222,102 @@ fn provenance(files: &[(String, u64)]) -> String {
 
 fn sources_of(op: &Op) -> &[Source] {
     match op {
-        Op::Copy(s) => std::slice::from_ref(s),
+        Op::Copy(s) | Op::Cast(s) => std::slice::from_ref(s),
         Op::Mean { sources, .. } => sources,
+        Op::Constant { .. } => &[],
     }
 }
 
-/// Resolves a plan one input at a time, so a run never holds more than one parsed header:
-/// `add` each opened input (its header may be released right after), then `finish`.
-pub struct Resolver<'p> {
-    plan: &'p Plan,
+/// Resolves a plan one input at a time, so a run never needs more than one parsed header at
+/// once: `add` each opened input (its header may be dropped right after), then `finish`.
+pub struct Resolver {
+    plan: Plan,
     /// For each input, the (output, source) pairs that read from it.
     by_input: Vec<Vec<(u32, u32)>>,
     refs: Vec<Vec<Option<SrcRef>>>,
     /// Per output: the first located source's shape and its input; the others must match.
     shapes: Vec<Option<(Vec<usize>, usize)>>,
-    files: Vec<Option<(String, u64)>>,
+    files: Vec<Option<Arc<InputFile>>>,
 }
 
-impl<'p> Resolver<'p> {
-    /// Checks what can be checked without the files (names, weights, input indices).
-    pub fn new(plan: &'p Plan) -> Result<Self> {
+impl Resolver {
+    /// Checks what can be checked without the files (names, weights, input indices, constants).
+    pub fn new(plan: Plan, n_inputs: usize) -> Result<Self> {
         if plan.outputs.is_empty() {
             return Err(Error::Plan("the plan has no output tensors".into()));
         }
-        let n = plan.inputs.len();
-        let mut by_input = vec![Vec::new(); n];
+        let mut by_input = vec![Vec::new(); n_inputs];
         let mut seen = HashSet::new();
         for (o, out) in plan.outputs.iter().enumerate() {
             if !seen.insert(out.name.as_str()) {
                 return Err(Error::Plan(format!("output tensor '{}' appears twice", out.name)));
             }
-            if let Op::Mean { sources, weights } = &out.op {
-                if sources.is_empty() {
-                    return Err(Error::Plan(format!("mean for '{}' has no sources", out.name)));
-                }
-                if let Some(w) = weights {
-                    if w.len() != sources.len() {
-                        return Err(Error::Plan(format!("'{}' has {} weights for {} sources", out.name, w.len(), sources.len())));
+            match &out.op {
+                Op::Mean { sources, weights } => {
+                    if sources.is_empty() {
+                        return Err(Error::Plan(format!("mean for '{}' has no sources", out.name)));
                     }
-                    if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
-                        return Err(Error::Plan(format!("'{}': weight {bad} is not finite", out.name)));
+                    if let Some(w) = weights {
+                        if w.len() != sources.len() {
+                            return Err(Error::Plan(format!("'{}' has {} weights for {} sources", out.name, w.len(), sources.len())));
+                        }
+                        if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
+                            return Err(Error::Plan(format!("'{}': weight {bad} is not finite", out.name)));
+                        }
                     }
                 }
+                Op::Constant { dtype, shape, data } => {
+                    let want = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).and_then(|n| dtype.byte_len(n));
+                    if want != Some((**data).as_ref().len()) {
+                        return Err(Error::Plan(format!(
+                            "constant '{}': {} bytes given for {dtype}{shape:?}",
+                            out.name,
+                            (**data).as_ref().len()
+                        )));
+                    }
+                    if out.dtype.is_some_and(|d| d != *dtype) {
+                        return Err(Error::Plan(format!("constant '{}' is {dtype}; it cannot be written as another dtype", out.name)));
+                    }
+                }
+                Op::Copy(_) | Op::Cast(_) => {}
+            }
+            if matches!(out.op, Op::Cast(_)) && out.dtype.is_none() {
+                return Err(Error::Plan(format!("cast '{}' needs an output dtype", out.name)));
             }
             for (j, s) in sources_of(&out.op).iter().enumerate() {
                 let slot = by_input
                     .get_mut(s.input)
-                    .ok_or_else(|| Error::Plan(format!("tensor '{}' names input #{} of {n}", s.tensor, s.input)))?;
+                    .ok_or_else(|| Error::Plan(format!("tensor '{}' names input #{} of {n_inputs}", s.tensor, s.input)))?;
                 slot.push((o as u32, j as u32));
             }
         }
+        let refs = plan.outputs.iter().map(|o| vec![None; sources_of(&o.op).len()]).collect();
+        let shapes = vec![None; plan.outputs.len()];
         Ok(Resolver {
             plan,
             by_input,
-            refs: plan.outputs.iter().map(|o| vec![None; sources_of(&o.op).len()]).collect(),
-            shapes: vec![None; plan.outputs.len()],
-            files: vec![None; n],
+            refs,
+            shapes,
+            files: vec![None; n_inputs],
         })
     }
 
-    /// Locates every source that reads from input `input` (opened as `ck`).
+    /// Replaces the metadata the output header will carry (callers that learn it while adding).
+    pub fn set_metadata(&mut self, metadata: BTreeMap<String, String>) {
+        self.plan.metadata = metadata;
+    }
+
+    /// Locates every source that reads from input `input` (opened as `ck`) and keeps the file.
     pub fn add(&mut self, input: usize, ck: &Checkpoint) -> Result<()> {
-        let name = ck.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        self.files[input] = Some((name, ck.file_len));
+        let n = self.files.len();
+        let slot = self.files.get_mut(input).ok_or_else(|| Error::Plan(format!("input #{input} of {n}")))?;
+        *slot = Some(ck.file.clone());
         for &(o, j) in &self.by_input[input] {
             let out = &self.plan.outputs[o as usize];
             let src = &sources_of(&out.op)[j as usize];
             let t = ck.get(&src.tensor).ok_or_else(|| Error::Mismatch {
                 tensor: src.tensor.to_string(),
-                reason: format!("not found in {}", ck.path.display()),
+                reason: format!("not found in {}", ck.path().display()),
             })?;
             let mismatch = |reason: String| Error::Mismatch {
                 tensor: out.name.clone(),
@@ -195,19 +327,14 @@ impl<'p> Resolver<'p> {
                 return Err(mismatch(format!(
                     "{} in {} cannot be averaged (only F16, BF16, F32, F64, F8_E4M3, F8_E5M2 can)",
                     t.dtype,
-                    ck.path.display()
+                    ck.path().display()
                 )));
             }
             match &self.shapes[o as usize] {
                 None => self.shapes[o as usize] = Some((t.shape.clone(), input)),
                 Some((shape, first)) if *shape != t.shape => {
-                    return Err(mismatch(format!(
-                        "shape {:?} in {} but {:?} in {}",
-                        shape,
-                        self.plan.inputs[*first].display(),
-                        t.shape,
-                        ck.path.display()
-                    )))
+                    let first = self.files[*first].as_ref().map(|f| f.path.display().to_string()).unwrap_or_default();
+                    return Err(mismatch(format!("shape {:?} in {first} but {:?} in {}", shape, t.shape, ck.path().display())));
                 }
                 Some(_) => {}
             }
@@ -220,11 +347,12 @@ impl<'p> Resolver<'p> {
         Ok(())
     }
 
-    /// Lays out the output once every input has been added.
+    /// Decides how each tensor is made and lays out the output once every input has been added.
     pub fn finish(self) -> Result<Layout> {
         let mut tensors = Vec::with_capacity(self.plan.outputs.len());
         let mut pos = 0usize;
         let mut bytes_read = 0u64;
+        let accumulate = self.plan.accumulate;
         for ((o, refs), shape) in self.plan.outputs.iter().zip(self.refs).zip(self.shapes) {
             let mismatch = |reason: String| Error::Mismatch {
                 tensor: o.name.clone(),
@@ -234,31 +362,42 @@ impl<'p> Resolver<'p> {
                 .into_iter()
                 .collect::<Option<_>>()
                 .ok_or_else(|| Error::Plan(format!("'{}' reads an input that was never opened", o.name)))?;
-            let (shape, _) = shape.ok_or_else(|| Error::Plan(format!("'{}' has no source", o.name)))?;
-            let first = refs[0];
-            let kind = match &o.op {
-                Op::Copy(_) => Kind::Copy(first),
-                Op::Mean { weights, .. } => Kind::Mean {
-                    sources: refs,
-                    weights: weights.clone(),
-                },
+            let (kind, shape, dtype) = match &o.op {
+                Op::Constant { dtype, shape, data } => (Kind::Constant(data.clone()), shape.clone(), *dtype),
+                op => {
+                    let (shape, _) = shape.ok_or_else(|| Error::Plan(format!("'{}' has no source", o.name)))?;
+                    let first = refs[0];
+                    let dtype = o.dtype.unwrap_or(first.dtype);
+                    let converting = matches!(op, Op::Mean { .. }) || dtype != first.dtype;
+                    if converting && !dtype.is_averageable() {
+                        return Err(mismatch(format!("cannot write a mean or conversion as {dtype}")));
+                    }
+                    if converting && !first.dtype.is_averageable() {
+                        return Err(mismatch(format!("cannot convert {} to {dtype}", first.dtype)));
+                    }
+                    let kind = match op {
+                        Op::Mean { weights, .. } => Kind::Mean {
+                            sources: refs,
+                            weights: weights.clone(),
+                            via: accumulate,
+                        },
+                        _ if !converting => Kind::Copy(first),
+                        // f32 holds every value of the other float types exactly, so only f64 on
+                        // either side needs the f64 path; the result is one rounding either way.
+                        _ => Kind::Cast {
+                            src: first,
+                            via: if first.dtype == Dtype::F64 || dtype == Dtype::F64 { Accumulate::F64 } else { Accumulate::F32 },
+                        },
+                    };
+                    (kind, shape, dtype)
+                }
             };
-            let dtype = o.dtype.unwrap_or(first.dtype);
-            let converting = matches!(kind, Kind::Mean { .. }) || dtype != first.dtype;
-            if converting && !dtype.is_averageable() {
-                return Err(mismatch(format!("cannot write a mean or conversion as {dtype}")));
-            }
-            if converting && !first.dtype.is_averageable() {
-                return Err(mismatch(format!("cannot convert {} to {dtype}", first.dtype)));
-            }
-            let numel: usize = shape.iter().product();
-            let out_len = dtype
-                .byte_len(numel)
+            let numel = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+            let out_len = numel
+                .and_then(|n| dtype.byte_len(n))
                 .ok_or_else(|| mismatch(format!("shape {shape:?} overflows")))?;
-            bytes_read += match &kind {
-                Kind::Copy(r) => r.dtype.byte_len(numel).unwrap_or(0) as u64,
-                Kind::Mean { sources, .. } => sources.iter().map(|r| (numel * r.dtype.size()) as u64).sum(),
-            };
+            let numel = numel.unwrap_or(0);
+            bytes_read += kind.sources().iter().map(|r| r.dtype.byte_len(numel).unwrap_or(0) as u64).sum::<u64>();
             tensors.push(Resolved {
                 name: o.name.clone(),
                 dtype,
@@ -270,10 +409,22 @@ impl<'p> Resolver<'p> {
             });
             pos += out_len;
         }
-        let files: Vec<(String, u64)> = self.files.into_iter().flatten().collect();
-        let mut metadata = self.plan.metadata.clone();
-        metadata.insert("astolfomix.inputs".into(), provenance(&files));
-        metadata.insert("astolfomix.version".into(), env!("CARGO_PKG_VERSION").into());
+        let inputs: Vec<Arc<InputFile>> = self
+            .files
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| f.ok_or_else(|| Error::Plan(format!("input #{i} was never opened"))))
+            .collect::<Result<_>>()?;
+        let files: Vec<(String, u64)> = inputs
+            .iter()
+            .map(|f| (f.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), f.file_len))
+            .collect();
+        let mut metadata = self.plan.metadata;
+        // A plan of constants only (a file saved from memory) carries just the caller's metadata.
+        if !files.is_empty() {
+            metadata.insert("astolfomix.inputs".into(), provenance(&files));
+            metadata.insert("astolfomix.version".into(), env!("CARGO_PKG_VERSION").into());
+        }
         let header = header::serialize(
             tensors.iter().map(|t| OutEntry {
                 name: &t.name,
@@ -285,19 +436,19 @@ impl<'p> Resolver<'p> {
             &metadata,
         );
         Ok(Layout {
+            inputs,
             tensors,
             header,
             data_len: pos,
             bytes_read,
-            accumulate: self.plan.accumulate,
         })
     }
 }
 
 impl Plan {
-    /// Checks the plan against the opened inputs (in `self.inputs` order) and lays out the output.
-    pub fn resolve(&self, inputs: &[Checkpoint]) -> Result<Layout> {
-        let mut r = Resolver::new(self)?;
+    /// Checks the plan against the opened inputs (in input order) and lays out the output.
+    pub fn resolve(self, inputs: &[Checkpoint]) -> Result<Layout> {
+        let mut r = Resolver::new(self, inputs.len())?;
         for (i, ck) in inputs.iter().enumerate() {
             r.add(i, ck)?;
         }
@@ -324,9 +475,8 @@ mod tests {
         Source { input, tensor: t.into() }
     }
 
-    fn plan(outputs: Vec<OutputTensor>, cks: &[Checkpoint]) -> Plan {
+    fn plan(outputs: Vec<OutputTensor>, _cks: &[Checkpoint]) -> Plan {
         Plan {
-            inputs: cks.iter().map(|c| c.path.clone()).collect(),
             outputs,
             accumulate: Accumulate::F32,
             metadata: Default::default(),

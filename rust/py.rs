@@ -2,27 +2,27 @@
 //! plain Rust. Heavy work runs with the GIL released; errors become the classes in
 //! `astolfomix_rs.errors`; panics never cross into Python.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_int, c_void};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyBufferError, PyKeyboardInterrupt, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyKeyboardInterrupt, PyRuntimeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, InputFile};
 use crate::dtype::Dtype;
 use crate::engine::{self, Io, Options, Progress, Report};
 use crate::error::Error;
 use crate::hashing;
 use crate::kernels::Level;
-use crate::plan::{Accumulate, Kind, Op, OutputTensor, Plan, Source};
-use crate::writer::Writer;
+use crate::plan::{Accumulate, Kind, Layout, Op, OutputTensor, Plan, Resolver, Source};
+use crate::writer::{Mode, Writer};
 
 /// Converts a crate error into the matching `astolfomix_rs.errors` exception.
 fn to_py(e: Error) -> PyErr {
@@ -38,8 +38,65 @@ fn to_py(e: Error) -> PyErr {
     })
 }
 
+
+/// A `PlanError` carrying `msg`: bad arguments from Python are plan errors, not bare ValueErrors.
+fn plan_err(msg: impl Into<String>) -> PyErr {
+    to_py(Error::Plan(msg.into()))
+}
+
 fn parse_dtype(s: &str) -> PyResult<Dtype> {
-    Dtype::parse(&s.to_ascii_uppercase()).ok_or_else(|| PyValueError::new_err(format!("unknown dtype '{s}'")))
+    Dtype::parse(&s.to_ascii_uppercase()).ok_or_else(|| plan_err(format!("unknown dtype '{s}'")))
+}
+
+fn parse_accumulate(s: &str) -> PyResult<Accumulate> {
+    match s {
+        "f32" => Ok(Accumulate::F32),
+        "f64" => Ok(Accumulate::F64),
+        a => Err(plan_err(format!("accumulate must be 'f32' or 'f64', not '{a}'"))),
+    }
+}
+
+/// Fills a read-only, one-dimensional byte view of `len` bytes at `ptr`, owned by `obj`.
+///
+/// # Safety
+/// `view` must be a valid `Py_buffer` from the caller, and `ptr..ptr+len` must stay valid and
+/// unchanged as long as `obj` is alive.
+unsafe fn fill_view(view: *mut ffi::Py_buffer, obj: Bound<'_, PyAny>, ptr: *const u8, len: usize, flags: c_int) -> PyResult<()> {
+    if view.is_null() {
+        return Err(PyBufferError::new_err("view is null"));
+    }
+    if (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
+        return Err(PyBufferError::new_err("checkpoints are read-only"));
+    }
+    // SAFETY: `view` is non-null and owned by the caller for this call. `obj` is a strong
+    // reference kept in the view, so the memory outlives every view of it. The format is a
+    // static C string; shape/strides point into the view itself.
+    unsafe {
+        (*view).obj = obj.into_ptr();
+        (*view).buf = ptr as *mut c_void;
+        (*view).len = len as isize;
+        (*view).readonly = 1;
+        (*view).itemsize = 1;
+        (*view).format = if (flags & ffi::PyBUF_FORMAT) == ffi::PyBUF_FORMAT {
+            c"B".as_ptr() as *mut _
+        } else {
+            std::ptr::null_mut()
+        };
+        (*view).ndim = 1;
+        (*view).shape = if (flags & ffi::PyBUF_ND) == ffi::PyBUF_ND {
+            &mut (*view).len
+        } else {
+            std::ptr::null_mut()
+        };
+        (*view).strides = if (flags & ffi::PyBUF_STRIDES) == ffi::PyBUF_STRIDES {
+            &mut (*view).itemsize
+        } else {
+            std::ptr::null_mut()
+        };
+        (*view).suboffsets = std::ptr::null_mut();
+        (*view).internal = std::ptr::null_mut();
+    }
+    Ok(())
 }
 
 /// An open, validated, memory-mapped safetensors file. Its buffer is the whole file (read-only),
@@ -56,12 +113,12 @@ impl PyCheckpoint {
 
     #[getter]
     fn path(&self) -> PathBuf {
-        self.0.path.clone()
+        self.0.path().to_path_buf()
     }
 
     #[getter]
     fn file_len(&self) -> u64 {
-        self.0.file_len
+        self.0.file.file_len
     }
 
     #[getter]
@@ -90,69 +147,60 @@ impl PyCheckpoint {
     }
 
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        if view.is_null() {
-            return Err(PyBufferError::new_err("view is null"));
-        }
-        if (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
-            return Err(PyBufferError::new_err("checkpoints are read-only"));
-        }
-        let (ptr, len) = {
-            let data = slf.get().0.bytes();
-            (data.as_ptr(), data.len())
-        };
-        // SAFETY: `view` is non-null and owned by the caller for this call. `obj` holds a strong
-        // reference to the checkpoint, so the mapping outlives every view of it. The format is
-        // a static C string, shape/strides point into the view itself.
-        unsafe {
-            (*view).obj = slf.into_any().into_ptr();
-            (*view).buf = ptr as *mut c_void;
-            (*view).len = len as isize;
-            (*view).readonly = 1;
-            (*view).itemsize = 1;
-            (*view).format = if (flags & ffi::PyBUF_FORMAT) == ffi::PyBUF_FORMAT {
-                c"B".as_ptr() as *mut _
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).ndim = 1;
-            (*view).shape = if (flags & ffi::PyBUF_ND) == ffi::PyBUF_ND {
-                &mut (*view).len
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).strides = if (flags & ffi::PyBUF_STRIDES) == ffi::PyBUF_STRIDES {
-                &mut (*view).itemsize
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).suboffsets = std::ptr::null_mut();
-            (*view).internal = std::ptr::null_mut();
-        }
-        Ok(())
+        let data = slf.get().0.file.bytes();
+        let (ptr, len) = (data.as_ptr(), data.len());
+        // SAFETY: the map lives as long as the checkpoint, which the view keeps alive.
+        unsafe { fill_view(view, slf.into_any(), ptr, len, flags) }
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
-/// Builds a plan from its Python form: outputs are `(name, dtype|None, "copy"|"mean",
-/// [(input, key)], weights|None)` (see `astolfomix_rs.plan.Output.as_core`). Key names are
-/// interned: a merge of N models names each key N times, and this keeps one copy.
-fn plan_from_py(
-    inputs: Vec<PathBuf>,
-    outputs: &Bound<'_, PyList>,
-    accumulate: &str,
-    metadata: BTreeMap<String, String>,
-) -> PyResult<Plan> {
-    let accumulate = match accumulate {
-        "f32" => Accumulate::F32,
-        "f64" => Accumulate::F64,
-        a => return Err(PyValueError::new_err(format!("accumulate must be 'f32' or 'f64', not '{a}'"))),
-    };
-    let mut names: std::collections::HashMap<String, Arc<str>> = std::collections::HashMap::new();
+/// One input of a resolved plan, as a read-only buffer of the whole file (for the torch path).
+#[pyclass(name = "InputFile", module = "astolfomix_rs._core", frozen)]
+struct PyInputFile(Arc<InputFile>);
+
+#[pymethods]
+impl PyInputFile {
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.0.path.clone()
+    }
+
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let data = slf.get().0.bytes();
+        let (ptr, len) = (data.as_ptr(), data.len());
+        // SAFETY: the map lives as long as the Arc this object holds, which the view keeps alive.
+        unsafe { fill_view(view, slf.into_any(), ptr, len, flags) }
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+/// Bytes lent by a Python object (a numpy array) for a constant tensor, without a copy.
+struct Lent {
+    buf: PyBuffer<u8>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the buffer was checked C-contiguous when lent; `PyBuffer` keeps the exporter
+        // and its memory alive until this value is dropped. Plans only read it.
+        unsafe { std::slice::from_raw_parts(self.buf.buf_ptr() as *const u8, self.buf.len_bytes()) }
+    }
+}
+
+/// Builds a plan from its Python form: outputs are `(name, dtype|None, op, [(input, key)],
+/// weights|None, data|None, shape|None)` with op `copy`, `cast`, `mean` or `constant` (see
+/// `astolfomix_rs.core.plan.Output.as_core`). Key names are interned: a merge of N models names
+/// each key N times, and this keeps one copy.
+fn plan_from_py(outputs: &Bound<'_, PyList>, accumulate: &str, metadata: BTreeMap<String, String>) -> PyResult<Plan> {
+    let accumulate = parse_accumulate(accumulate)?;
+    let mut names: HashMap<String, Arc<str>> = HashMap::new();
     let mut outs = Vec::with_capacity(outputs.len());
+    type Entry<'py> = (String, Option<String>, String, Bound<'py, PyList>, Option<Vec<f64>>, Option<Bound<'py, PyAny>>, Option<Vec<usize>>);
     for item in outputs.iter() {
-        let (name, dtype, op, srcs, weights): (String, Option<String>, String, Bound<'_, PyList>, Option<Vec<f64>>) =
-            item.extract()?;
+        let (name, dtype, op, srcs, weights, data, shape): Entry<'_> = item.extract()?;
         let dtype = dtype.map(|d| parse_dtype(&d)).transpose()?;
         let mut sources = Vec::with_capacity(srcs.len());
         for s in srcs.iter() {
@@ -164,27 +212,153 @@ fn plan_from_py(
             };
             sources.push(Source { input, tensor });
         }
+        let one = |sources: &mut Vec<Source>| {
+            if sources.len() == 1 {
+                Ok(sources.remove(0))
+            } else {
+                Err(plan_err(format!("{op} '{name}' needs exactly one source")))
+            }
+        };
         let op = match op.as_str() {
-            "copy" if sources.len() == 1 => Op::Copy(sources.remove(0)),
-            "copy" => return Err(PyValueError::new_err(format!("copy '{name}' needs exactly one source"))),
+            "copy" => Op::Copy(one(&mut sources)?),
+            "cast" => Op::Cast(one(&mut sources)?),
             "mean" => Op::Mean { sources, weights },
-            o => return Err(PyValueError::new_err(format!("unknown op '{o}' for '{name}'"))),
+            "constant" => {
+                let data = data.ok_or_else(|| plan_err(format!("constant '{name}' has no data")))?;
+                let buf = PyBuffer::<u8>::get(&data)?;
+                if !buf.is_c_contiguous() {
+                    return Err(plan_err(format!("constant '{name}': data must be C-contiguous bytes")));
+                }
+                let dtype = dtype.ok_or_else(|| plan_err(format!("constant '{name}' needs its dtype")))?;
+                let shape = shape.ok_or_else(|| plan_err(format!("constant '{name}' needs its shape")))?;
+                let op = Op::Constant {
+                    dtype,
+                    shape,
+                    data: Arc::new(Lent { buf }),
+                };
+                outs.push(OutputTensor { name, dtype: None, op });
+                continue;
+            }
+            o => return Err(plan_err(format!("unknown op '{o}' for '{name}'"))),
         };
         outs.push(OutputTensor { name, dtype, op });
     }
     Ok(Plan {
-        inputs,
         outputs: outs,
         accumulate,
         metadata,
     })
 }
 
+/// Resolves a plan against opened checkpoints, one at a time: `add` each input (the caller may
+/// drop its parsed header right after), then `finish`.
+#[pyclass(name = "Resolver", module = "astolfomix_rs._core", frozen)]
+struct PyResolver(Mutex<Option<Resolver>>);
+
+#[pymethods]
+impl PyResolver {
+    #[new]
+    #[pyo3(signature = (outputs, n_inputs, *, accumulate="f32"))]
+    fn new(outputs: &Bound<'_, PyList>, n_inputs: usize, accumulate: &str) -> PyResult<Self> {
+        let plan = plan_from_py(outputs, accumulate, BTreeMap::new())?;
+        Resolver::new(plan, n_inputs).map(|r| PyResolver(Mutex::new(Some(r)))).map_err(to_py)
+    }
+
+    /// Locates every source that reads from input `input`.
+    fn add(&self, input: usize, checkpoint: &Bound<'_, PyCheckpoint>) -> PyResult<()> {
+        let mut g = self.0.lock().map_err(|_| PyRuntimeError::new_err("resolver lock poisoned"))?;
+        let r = g.as_mut().ok_or_else(|| plan_err("the resolver is already finished"))?;
+        r.add(input, &checkpoint.get().0).map_err(to_py)
+    }
+
+    /// The resolved plan, with `metadata` for the output header.
+    #[pyo3(signature = (metadata=BTreeMap::new()))]
+    fn finish(&self, metadata: BTreeMap<String, String>) -> PyResult<PyLayout> {
+        let r = self.0.lock().map_err(|_| PyRuntimeError::new_err("resolver lock poisoned"))?.take();
+        let mut r = r.ok_or_else(|| plan_err("the resolver is already finished"))?;
+        r.set_metadata(metadata);
+        r.finish().map(|l| PyLayout(Arc::new(l))).map_err(to_py)
+    }
+}
+
+/// A resolved plan: everything an executor needs, and the inputs it reads.
+#[pyclass(name = "Layout", module = "astolfomix_rs._core", frozen)]
+struct PyLayout(Arc<Layout>);
+
+#[pymethods]
+impl PyLayout {
+    /// The output header, length prefix included.
+    #[getter]
+    fn header<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.header)
+    }
+
+    #[getter]
+    fn data_len(&self) -> usize {
+        self.0.data_len
+    }
+
+    #[getter]
+    fn bytes_read(&self) -> u64 {
+        self.0.bytes_read
+    }
+
+    fn __len__(&self) -> usize {
+        self.0.tensors.len()
+    }
+
+    /// Input `i`, as a read-only buffer of the whole file.
+    fn input(&self, i: usize) -> PyResult<PyInputFile> {
+        self.0.inputs.get(i).map(|f| PyInputFile(f.clone())).ok_or_else(|| plan_err(format!("no input #{i}")))
+    }
+
+    #[getter]
+    fn n_inputs(&self) -> usize {
+        self.0.inputs.len()
+    }
+
+    /// `[(name, dtype, shape, numel, out_offset, out_len, op, [(input, dtype, offset)], weights,
+    /// via)]`: op is `copy` (the stored bytes), `cast`, `mean` or `constant` (see `constant(i)`);
+    /// via is the working precision (`f32`/`f64`) of casts and means.
+    #[allow(clippy::type_complexity)]
+    fn tensors(&self) -> Vec<(&str, &'static str, Vec<usize>, usize, usize, usize, &'static str, Vec<(usize, &'static str, usize)>, Option<Vec<f64>>, Option<&'static str>)> {
+        self.0
+            .tensors
+            .iter()
+            .map(|t| {
+                let srcs = t.kind.sources().iter().map(|r| (r.input, r.dtype.name(), r.offset)).collect();
+                let (weights, via) = match &t.kind {
+                    Kind::Mean { weights, via, .. } => (weights.clone(), Some(via.name())),
+                    Kind::Cast { via, .. } => (None, Some(via.name())),
+                    _ => (None, None),
+                };
+                (t.name.as_str(), t.dtype.name(), t.shape.clone(), t.numel, t.out_offset, t.out_len, t.kind.name(), srcs, weights, via)
+            })
+            .collect()
+    }
+
+    /// The bytes of constant tensor `i`.
+    fn constant<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyBytes>> {
+        match self.0.tensors.get(i).map(|t| &t.kind) {
+            Some(Kind::Constant(d)) => Ok(PyBytes::new(py, (**d).as_ref())),
+            _ => Err(plan_err(format!("tensor #{i} is not a constant"))),
+        }
+    }
+}
+
+fn write_mode(overwrite: bool, in_place: Option<usize>) -> Mode {
+    match (in_place, overwrite) {
+        (Some(i), _) => Mode::InPlace(i),
+        (None, true) => Mode::Overwrite,
+        (None, false) => Mode::Create,
+    }
+}
+
 fn level_from_py(kernel: Option<&str>) -> PyResult<Option<Level>> {
     let Some(k) = kernel else { return Ok(None) };
     let want = Level::available().into_iter().find(|l| l.name() == k || format!("{l:?}").eq_ignore_ascii_case(k));
     want.map(Some)
-        .ok_or_else(|| PyValueError::new_err(format!("kernel '{k}' is not available on this CPU")))
+        .ok_or_else(|| plan_err(format!("kernel '{k}' is not available on this CPU")))
 }
 
 fn report_to_py<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>> {
@@ -247,105 +421,55 @@ fn run_watched<T: Send>(
     })
 }
 
-/// Executes a plan on the CPU and writes `output` atomically. Returns the report as a dict.
+/// Executes a resolved plan on the CPU and writes `output` atomically. Returns the report.
 #[pyfunction]
-#[pyo3(signature = (inputs, outputs, output, *, accumulate="f32", metadata=BTreeMap::new(), threads=None, chunk=None, kernel=None, io="pread", durable=true, overwrite=false, progress=None))]
+#[pyo3(signature = (layout, output, *, threads=None, chunk=None, kernel=None, io="pread", durable=true, overwrite=false, in_place=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn execute<'py>(
     py: Python<'py>,
-    inputs: Vec<PathBuf>,
-    outputs: &Bound<'py, PyList>,
+    layout: &Bound<'py, PyLayout>,
     output: PathBuf,
-    accumulate: &str,
-    metadata: BTreeMap<String, String>,
     threads: Option<usize>,
     chunk: Option<usize>,
     kernel: Option<&str>,
     io: &str,
     durable: bool,
     overwrite: bool,
+    in_place: Option<usize>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let t0 = std::time::Instant::now();
     let io = match io {
         "pread" => Io::Pread,
         "mmap" => Io::Mmap,
-        other => return Err(PyValueError::new_err(format!("io must be 'pread' or 'mmap', not '{other}'"))),
+        other => return Err(plan_err(format!("io must be 'pread' or 'mmap', not '{other}'"))),
     };
-    let plan = plan_from_py(inputs, outputs, accumulate, metadata)?;
-    let (layout, inputs) = py.detach(|| engine::prepare(&plan)).map_err(to_py)?;
-    drop(plan);
+    let layout = layout.get().0.clone();
     let opts = Options {
         threads: threads.filter(|&t| t > 0),
         chunk: chunk.unwrap_or(Options::default().chunk),
         level: level_from_py(kernel)?,
         io,
         durable,
-        overwrite,
+        mode: write_mode(overwrite, in_place),
     };
     let prog = Progress::default();
-    let mut report = run_watched(py, progress, &prog, || engine::run_layout(&layout, &inputs, &output, &opts, &prog))?;
-    py.detach(|| drop(inputs)); // unmapping is part of the job's time
-    report.seconds = t0.elapsed().as_secs_f64();
+    let report = run_watched(py, progress, &prog, || engine::run_layout(&layout, &output, &opts, &prog))?;
     report_to_py(py, &report)
 }
 
-/// Checks a plan and lays out its output without running it: what the CUDA executor needs.
-#[pyfunction]
-#[pyo3(signature = (inputs, outputs, *, accumulate="f32", metadata=BTreeMap::new()))]
-fn resolve<'py>(
-    py: Python<'py>,
-    inputs: Vec<PathBuf>,
-    outputs: &Bound<'py, PyList>,
-    accumulate: &str,
-    metadata: BTreeMap<String, String>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let plan = plan_from_py(inputs, outputs, accumulate, metadata)?;
-    let (layout, _inputs) = py.detach(|| engine::prepare(&plan)).map_err(to_py)?;
-    let d = PyDict::new(py);
-    d.set_item("header", PyBytes::new(py, &layout.header))?;
-    d.set_item("data_len", layout.data_len)?;
-    d.set_item("bytes_read", layout.bytes_read)?;
-    let ts = PyList::empty(py);
-    for t in &layout.tensors {
-        let e = PyDict::new(py);
-        e.set_item("name", &t.name)?;
-        e.set_item("dtype", t.dtype.name())?;
-        e.set_item("shape", &t.shape)?;
-        e.set_item("numel", t.numel)?;
-        e.set_item("out_offset", t.out_offset)?;
-        e.set_item("out_len", t.out_len)?;
-        let (op, srcs, weights) = match &t.kind {
-            Kind::Copy(r) => ("copy", vec![*r], None),
-            Kind::Mean { sources, weights } => ("mean", sources.clone(), weights.clone()),
-        };
-        e.set_item("op", op)?;
-        let s: Vec<(usize, &str, usize)> = srcs.iter().map(|r| (r.input, r.dtype.name(), r.offset)).collect();
-        e.set_item("sources", s)?;
-        e.set_item("weights", weights)?;
-        ts.append(e)?;
-    }
-    d.set_item("tensors", ts)?;
-    Ok(d)
-}
-
-/// The streaming atomic writer, for executors written in Python (the CUDA path).
+/// The streaming atomic writer, for executors written in Python (the torch path).
 #[pyclass(name = "Writer", module = "astolfomix_rs._core", frozen)]
 struct PyWriter(RwLock<Option<Writer>>);
 
 #[pymethods]
 impl PyWriter {
+    /// Creates the temporary file for `layout`'s output at `path` and writes its header.
     #[new]
-    #[pyo3(signature = (path, header, data_len, inputs, *, overwrite=false))]
-    fn new(py: Python<'_>, path: PathBuf, header: &[u8], data_len: u64, inputs: Vec<PathBuf>, overwrite: bool) -> PyResult<Self> {
-        let header = header.to_vec();
+    #[pyo3(signature = (layout, path, *, overwrite=false, in_place=None))]
+    fn new(py: Python<'_>, layout: &Bound<'_, PyLayout>, path: PathBuf, overwrite: bool, in_place: Option<usize>) -> PyResult<Self> {
+        let layout = layout.get().0.clone();
         py.detach(|| {
-            use std::os::unix::fs::MetadataExt;
-            let ids: Vec<(u64, u64)> = inputs
-                .iter()
-                .filter_map(|p| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino())))
-                .collect();
-            Writer::create(&path, &header, data_len, &ids, overwrite)
+            Writer::create(&path, &layout.header, layout.data_len as u64, &layout.identities(), write_mode(overwrite, in_place))
         })
         .map(|w| PyWriter(RwLock::new(Some(w))))
         .map_err(to_py)
@@ -355,7 +479,7 @@ impl PyWriter {
     fn write(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let buf = PyBuffer::<u8>::get(data)?;
         if !buf.is_c_contiguous() {
-            return Err(PyValueError::new_err("buffer must be C-contiguous"));
+            return Err(plan_err("buffer must be C-contiguous"));
         }
         let (ptr, len) = (buf.buf_ptr() as usize, buf.len_bytes());
         py.detach(|| {
@@ -363,7 +487,7 @@ impl PyWriter {
             // until it is dropped after this closure; nothing here mutates it.
             let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
             let guard = self.0.read().map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?;
-            let w = guard.as_ref().ok_or_else(|| PyValueError::new_err("writer is already closed"))?;
+            let w = guard.as_ref().ok_or_else(|| plan_err("writer is already closed"))?;
             w.write_at(offset, bytes).map_err(to_py)
         })
     }
@@ -372,7 +496,7 @@ impl PyWriter {
     #[pyo3(signature = (durable=true))]
     fn commit(&self, py: Python<'_>, durable: bool) -> PyResult<()> {
         let w = self.0.write().map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?.take();
-        let w = w.ok_or_else(|| PyValueError::new_err("writer is already closed"))?;
+        let w = w.ok_or_else(|| plan_err("writer is already closed"))?;
         py.detach(|| w.commit(durable)).map_err(to_py)
     }
 
@@ -389,62 +513,29 @@ impl PyWriter {
     }
 }
 
-/// Lays out a file of `(name, dtype, shape)` entries: `(header bytes, data offsets, data length)`.
-#[pyfunction]
-#[pyo3(signature = (entries, metadata=BTreeMap::new()))]
-fn layout<'py>(
-    py: Python<'py>,
-    entries: Vec<(String, String, Vec<usize>)>,
-    metadata: BTreeMap<String, String>,
-) -> PyResult<(Bound<'py, PyBytes>, Vec<usize>, usize)> {
-    let mut offsets = Vec::with_capacity(entries.len());
-    let mut dtypes = Vec::with_capacity(entries.len());
-    let mut pos = 0usize;
-    for (name, dtype, shape) in &entries {
-        let d = parse_dtype(dtype)?;
-        let numel = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
-        let n = numel
-            .and_then(|n| d.byte_len(n))
-            .ok_or_else(|| PyValueError::new_err(format!("tensor '{name}': shape {shape:?} of {d} overflows")))?;
-        offsets.push(pos);
-        dtypes.push(d);
-        pos += n;
-    }
-    let ends: Vec<usize> = offsets.iter().skip(1).copied().chain([pos]).collect();
-    let header = crate::header::serialize(
-        entries.iter().enumerate().map(|(i, (name, _, shape))| crate::header::OutEntry {
-            name,
-            dtype: dtypes[i],
-            shape,
-            begin: offsets[i],
-            end: ends[i],
-        }),
-        &metadata,
-    );
-    Ok((PyBytes::new(py, &header), offsets, pos))
+fn handles<'a>(cks: &'a [Bound<'_, PyCheckpoint>]) -> Vec<&'a Checkpoint> {
+    cks.iter().map(|c| &c.get().0).collect()
 }
 
-/// AutoV1/V2/V3 of each file, files in parallel, each read once (GIL released).
+/// AutoV1/V2/V3 of each open file, files in parallel, each read once (GIL released).
 #[pyfunction]
-fn file_hashes(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<Vec<BTreeMap<&'static str, String>>> {
+fn file_hashes(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>) -> Vec<BTreeMap<&'static str, String>> {
     use rayon::prelude::*;
-    let res: crate::Result<Vec<hashing::FileHashes>> =
-        py.detach(|| paths.par_iter().map(|p| Checkpoint::open(p).map(|c| hashing::file_hashes(&c))).collect());
-    Ok(res
-        .map_err(to_py)?
-        .into_iter()
+    let cks = handles(&checkpoints);
+    let res: Vec<hashing::FileHashes> = py.detach(|| cks.par_iter().map(|c| hashing::file_hashes(c)).collect());
+    res.into_iter()
         .map(|h| BTreeMap::from([("sha256", h.sha256), ("autov1", h.autov1), ("autov3", h.autov3)]))
-        .collect())
+        .collect()
 }
 
-/// Content hash of each named group of `(canonical name, key)` entries of one file.
+/// Content hash of each named group of `(canonical name, key)` entries of one open file.
 #[pyfunction]
-fn content_hashes(py: Python<'_>, path: PathBuf, groups: BTreeMap<String, Vec<(String, String)>>) -> PyResult<BTreeMap<String, String>> {
+fn content_hashes(py: Python<'_>, checkpoint: &Bound<'_, PyCheckpoint>, groups: BTreeMap<String, Vec<(String, String)>>) -> PyResult<BTreeMap<String, String>> {
+    let ck = &checkpoint.get().0;
     py.detach(|| {
-        let ck = Checkpoint::open(&path)?;
         groups
             .iter()
-            .map(|(g, entries)| hashing::content_hash(&ck, entries).map(|h| (g.clone(), h)))
+            .map(|(g, entries)| hashing::content_hash(ck, entries).map(|h| (g.clone(), h)))
             .collect::<crate::Result<BTreeMap<_, _>>>()
     })
     .map_err(to_py)
@@ -452,18 +543,38 @@ fn content_hashes(py: Python<'_>, path: PathBuf, groups: BTreeMap<String, Vec<(S
 
 /// The model-toolkit statistic `sum(sigmoid(fp16(x)) - 0.5)` of each key.
 #[pyfunction]
-fn sigmoid_sums(py: Python<'_>, path: PathBuf, keys: Vec<String>) -> PyResult<Vec<f64>> {
-    py.detach(|| Checkpoint::open(&path).and_then(|ck| hashing::sigmoid_sums(&ck, &keys))).map_err(to_py)
+fn sigmoid_sums(py: Python<'_>, checkpoint: &Bound<'_, PyCheckpoint>, keys: Vec<String>) -> PyResult<Vec<f64>> {
+    let ck = &checkpoint.get().0;
+    py.detach(|| hashing::sigmoid_sums(ck, &keys)).map_err(to_py)
 }
 
 /// Per file `(sum (x - r)^2, sum r^2)` over `keys`; `r` = file `reference`, or the mean of all.
 #[pyfunction]
-#[pyo3(signature = (paths, keys, reference=None))]
-fn l2_distances(py: Python<'_>, paths: Vec<PathBuf>, keys: Vec<String>, reference: Option<usize>) -> PyResult<Vec<(f64, f64)>> {
-    if reference.is_some_and(|r| r >= paths.len()) {
-        return Err(PyValueError::new_err("reference index out of range"));
+#[pyo3(signature = (checkpoints, keys, reference=None))]
+fn l2_distances(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>, keys: Vec<String>, reference: Option<usize>) -> PyResult<Vec<(f64, f64)>> {
+    if reference.is_some_and(|r| r >= checkpoints.len()) {
+        return Err(plan_err("reference index out of range"));
     }
-    py.detach(|| engine::open_inputs(&paths).and_then(|cks| hashing::l2_distances(&cks, &keys, reference))).map_err(to_py)
+    let cks = handles(&checkpoints);
+    py.detach(|| hashing::l2_distances(&cks, &keys, reference)).map_err(to_py)
+}
+
+/// The dtype table both languages use: `[(name, bits, averageable)]`.
+#[pyfunction]
+fn dtypes() -> Vec<(&'static str, usize, bool)> {
+    Dtype::all().iter().map(|d| (d.name(), d.bits(), d.is_averageable())).collect()
+}
+
+/// Every exception class name the core raises (`astolfomix_rs.errors` must have each).
+#[pyfunction]
+fn error_kinds() -> Vec<&'static str> {
+    Error::KINDS.to_vec()
+}
+
+/// How many checkpoints this process has opened (and headers parsed) so far.
+#[pyfunction]
+fn open_count() -> u64 {
+    crate::checkpoint::open_count()
 }
 
 /// Names of the kernel levels this CPU can run, best last.
@@ -476,11 +587,15 @@ fn kernels() -> Vec<&'static str> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyCheckpoint>()?;
+    m.add_class::<PyInputFile>()?;
+    m.add_class::<PyResolver>()?;
+    m.add_class::<PyLayout>()?;
     m.add_class::<PyWriter>()?;
     m.add_function(wrap_pyfunction!(execute, m)?)?;
-    m.add_function(wrap_pyfunction!(resolve, m)?)?;
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
-    m.add_function(wrap_pyfunction!(layout, m)?)?;
+    m.add_function(wrap_pyfunction!(dtypes, m)?)?;
+    m.add_function(wrap_pyfunction!(error_kinds, m)?)?;
+    m.add_function(wrap_pyfunction!(open_count, m)?)?;
     m.add_function(wrap_pyfunction!(file_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(content_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(sigmoid_sums, m)?)?;

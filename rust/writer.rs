@@ -10,6 +10,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
+/// What may already be at the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Nothing: an existing file is an error.
+    Create,
+    /// A file that is not one of the inputs is replaced.
+    Overwrite,
+    /// The target is input #i and is replaced by the result (an in-place edit); it may not be
+    /// any other input.
+    InPlace(usize),
+}
+
 /// An output file being written.
 pub struct Writer {
     target: PathBuf,
@@ -36,8 +48,9 @@ fn write_error(path: &Path, e: std::io::Error) -> Error {
 
 impl Writer {
     /// Checks the target, creates the temporary file, reserves its space and writes the header.
-    /// `inputs` are the (device, inode) pairs of the open inputs: the target may not be one.
-    pub fn create(target: &Path, header: &[u8], data_len: u64, inputs: &[(u64, u64)], overwrite: bool) -> Result<Writer> {
+    /// `inputs` are the (device, inode) pairs of the open inputs: the target may not be one,
+    /// except the one an in-place `mode` names.
+    pub fn create(target: &Path, header: &[u8], data_len: u64, inputs: &[(u64, u64)], mode: Mode) -> Result<Writer> {
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -50,12 +63,20 @@ impl Writer {
             .ok_or_else(|| Error::output(target, "output path has no file name"))?
             .to_string_lossy()
             .into_owned();
-        match std::fs::metadata(target) {
-            Ok(m) if m.is_dir() => return Err(Error::output(target, "is a directory")),
-            Ok(m) if inputs.contains(&(m.dev(), m.ino())) => {
+        let existing = std::fs::metadata(target).ok();
+        if let Mode::InPlace(i) = mode {
+            let want = inputs.get(i).ok_or_else(|| Error::Plan(format!("in-place output names input #{i} of {}", inputs.len())))?;
+            if existing.as_ref().map(|m| (m.dev(), m.ino())) != Some(*want) {
+                return Err(Error::output(target, format!("is not input #{i}; an in-place edit replaces its own input only")));
+            }
+        }
+        match existing {
+            Some(m) if m.is_dir() => return Err(Error::output(target, "is a directory")),
+            Some(_) if matches!(mode, Mode::InPlace(_)) => {}
+            Some(m) if inputs.contains(&(m.dev(), m.ino())) => {
                 return Err(Error::output(target, "is one of the inputs; refusing to write over an input"))
             }
-            Ok(_) if !overwrite => return Err(Error::output(target, "already exists (pass overwrite=True / --overwrite)")),
+            Some(_) if mode == Mode::Create => return Err(Error::output(target, "already exists (pass overwrite=True / --overwrite)")),
             _ => {}
         }
         let tmp = parent.join(format!(".{name}.{}.{:x}.tmp", std::process::id(), nonce()));
@@ -176,7 +197,7 @@ mod tests {
     #[test]
     fn error_missing_folder() {
         let d = tempfile::tempdir().unwrap();
-        let e = Writer::create(&d.path().join("nope/out.safetensors"), &header(), 0, &[], false).err().unwrap();
+        let e = Writer::create(&d.path().join("nope/out.safetensors"), &header(), 0, &[], Mode::Create).err().unwrap();
         assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
@@ -185,7 +206,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("o.safetensors");
         std::fs::write(&p, b"keep").unwrap();
-        let e = Writer::create(&p, &header(), 0, &[], false).err().unwrap();
+        let e = Writer::create(&p, &header(), 0, &[], Mode::Create).err().unwrap();
         assert!(e.to_string().contains("already exists"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), b"keep");
     }
@@ -196,14 +217,35 @@ mod tests {
         let p = d.path().join("o.safetensors");
         std::fs::write(&p, b"keep").unwrap();
         let m = std::fs::metadata(&p).unwrap();
-        let e = Writer::create(&p, &header(), 0, &[(m.dev(), m.ino())], true).err().unwrap();
+        let e = Writer::create(&p, &header(), 0, &[(m.dev(), m.ino())], Mode::Overwrite).err().unwrap();
         assert!(e.to_string().contains("one of the inputs"), "{e}");
+    }
+
+    #[test]
+    fn in_place_replaces_only_its_own_input() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, q) = (d.path().join("a.safetensors"), d.path().join("b.safetensors"));
+        std::fs::write(&p, b"old").unwrap();
+        std::fs::write(&q, b"other").unwrap();
+        let id = |x: &Path| {
+            let m = std::fs::metadata(x).unwrap();
+            (m.dev(), m.ino())
+        };
+        let ids = [id(&p), id(&q)];
+        let e = Writer::create(&q, &header(), 0, &ids, Mode::InPlace(0)).err().unwrap();
+        assert!(e.to_string().contains("not input #0"), "{e}");
+        let h = header();
+        let w = Writer::create(&p, &h, 2, &ids, Mode::InPlace(0)).unwrap();
+        w.write_at(0, &[5, 6]).unwrap();
+        w.commit(false).unwrap();
+        assert_eq!(&std::fs::read(&p).unwrap()[h.len()..], &[5, 6]);
+        assert_eq!(std::fs::read(&q).unwrap(), b"other");
     }
 
     #[test]
     fn error_target_is_directory() {
         let d = tempfile::tempdir().unwrap();
-        let e = Writer::create(d.path(), &header(), 0, &[], true).err().unwrap();
+        let e = Writer::create(d.path(), &header(), 0, &[], Mode::Overwrite).err().unwrap();
         assert!(e.to_string().contains("directory") || e.to_string().contains("file name"), "{e}");
     }
 
@@ -211,7 +253,7 @@ mod tests {
     fn dropped_writer_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("o.safetensors");
-        let w = Writer::create(&p, &header(), 16, &[], false).unwrap();
+        let w = Writer::create(&p, &header(), 16, &[], Mode::Create).unwrap();
         w.write_at(0, &[1; 8]).unwrap();
         drop(w);
         assert!(leftovers(d.path()).is_empty());
@@ -221,7 +263,7 @@ mod tests {
     fn incomplete_commit_is_refused_and_cleaned() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("o.safetensors");
-        let w = Writer::create(&p, &header(), 16, &[], false).unwrap();
+        let w = Writer::create(&p, &header(), 16, &[], Mode::Create).unwrap();
         w.write_at(0, &[1; 8]).unwrap();
         assert!(w.write_at(12, &[1; 8]).is_err());
         assert!(w.commit(false).is_err());
@@ -233,7 +275,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("o.safetensors");
         let h = header();
-        let w = Writer::create(&p, &h, 4, &[], false).unwrap();
+        let w = Writer::create(&p, &h, 4, &[], Mode::Create).unwrap();
         w.write_at(0, &[9; 4]).unwrap();
         w.commit(true).unwrap();
         let bytes = std::fs::read(&p).unwrap();

@@ -99,8 +99,9 @@ def cmd_hash(args: argparse.Namespace) -> int:
     from .toolkit import component_hashes, toolkit_metric
 
     out, lines = [], []
-    for f, h in zip(args.files, files_hashes(args.files)):
-        ck = Checkpoint(f)
+    for f in args.files:
+        ck = Checkpoint(f)  # opened once: every hash below reads this handle
+        h = files_hashes([ck])[0]
         an = detect(ck)
         comp = component_hashes(ck, an)
         met = toolkit_metric(ck, an)

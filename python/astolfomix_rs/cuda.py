@@ -28,6 +28,7 @@ from . import _core
 from .engine import Report
 from .errors import DeviceError
 from .plan import Plan
+from .reader import ITEMSIZE
 
 try:
     import torch
@@ -44,8 +45,6 @@ def _torch_dtypes() -> dict[str, Any]:
     }
     return {k: v for k, v in d.items() if v is not None}
 
-
-ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def resolve_device(device: str):
@@ -64,14 +63,14 @@ def resolve_device(device: str):
     return dev
 
 
-def _host_views(paths: list[str]) -> list[Any]:
-    """Each input's whole file as a uint8 torch tensor over the Rust memory map (no copy)."""
+def _host_views(layout: _core.Layout) -> list[Any]:
+    """Each input of the resolved plan as a uint8 torch tensor over its Rust memory map: the same
+    open file the plan was resolved against (no copy, no second open)."""
     views = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the buffer is read-only; we never write it
-        for p in paths:
-            ck = _core.Checkpoint(p)
-            views.append(torch.from_numpy(np.frombuffer(ck, dtype=np.uint8)))
+        for i in range(layout.n_inputs):
+            views.append(torch.from_numpy(np.frombuffer(layout.input(i), dtype=np.uint8)))
     return views
 
 
@@ -148,32 +147,35 @@ class _Executor:
 
         self.pending[b] = self.pool.submit(write)
 
-    def run(self, layout: dict, hosts: list[Any], writer, accumulate: str, progress) -> int:
+    def run(self, layout: _core.Layout, hosts: list[Any], writer, progress) -> int:
+        """Executes the resolved plan: every decision (raw copy, working precision) is the
+        resolver's; this only carries it out."""
         done = 0
-        total = layout["bytes_read"]
+        total = layout.bytes_read
         with ThreadPoolExecutor(1) as self.pool:
-            for t in layout["tensors"]:
-                out_dt = t["dtype"]
-                srcs = t["sources"]
-                if t["op"] == "copy" and srcs[0][1] == out_dt:
-                    # Same dtype: the mapped bytes go straight to the writer.
-                    i, _, off = srcs[0]
-                    if t["out_len"]:
-                        writer.write(t["out_offset"], hosts[i][off:off + t["out_len"]].numpy())
-                    done += t["out_len"]
+            for idx, (_, out_dt, _, numel, out_offset, out_len, op, srcs, weights, via) in enumerate(layout.tensors()):
+                if op == "constant":
+                    if out_len:
+                        writer.write(out_offset, np.frombuffer(layout.constant(idx), dtype=np.uint8))
                     continue
-                # Conversions go through f32 unless the source is f64; means use the plan's accumulator.
-                f64 = srcs[0][1] == "F64" if t["op"] == "copy" else accumulate == "f64"
+                if op == "copy":
+                    # The stored bytes go straight from the map to the writer.
+                    i, _, off = srcs[0]
+                    if out_len:
+                        writer.write(out_offset, hosts[i][off:off + out_len].numpy())
+                    done += out_len
+                    continue
+                f64 = via == "f64"
                 acc_dt = torch.float64 if f64 else torch.float32
                 # Weights and N as device tensors, made once per tensor: a Python number would be
                 # a rounded reciprocal (division) and each per-chunk torch.tensor() a host sync.
-                wdev = None if t["weights"] is None else torch.tensor(t["weights"], dtype=acc_dt, device=self.dev)
+                wdev = None if weights is None else torch.tensor(weights, dtype=acc_dt, device=self.dev)
                 ndev = torch.tensor(float(len(srcs)), dtype=acc_dt, device=self.dev)
                 osz = ITEMSIZE[out_dt]
-                for s in range(0, t["numel"], self.chunk):
-                    e = min(t["numel"], s + self.chunk)
+                for s in range(0, numel, self.chunk):
+                    e = min(numel, s + self.chunk)
                     m = e - s
-                    if t["op"] == "copy":
+                    if op == "cast":
                         i, d, off = srcs[0]
                         acc = self._load(hosts[i], off + s * ITEMSIZE[d], m * ITEMSIZE[d], d, m, f64)
                     else:
@@ -186,7 +188,7 @@ class _Executor:
                                 acc.add_(torch.mul(x, wdev[k]))  # two kernels: no FMA
                         if wdev is None:
                             acc.div_(ndev)
-                    self._emit(writer, t["out_offset"] + s * osz, acc.to(self.tdt[out_dt]))
+                    self._emit(writer, out_offset + s * osz, acc.to(self.tdt[out_dt]))
                     done += sum(m * ITEMSIZE[d] for _, d, _ in srcs)
                     if progress is not None:
                         progress(done, total)
@@ -202,6 +204,7 @@ def execute(
     *,
     device: str = "cuda",
     overwrite: bool = False,
+    in_place: int | None = None,
     durable: bool = True,
     progress: Callable[[int, int], None] | None = None,
     gpu_memory: int | None = None,
@@ -210,15 +213,14 @@ def execute(
     """Executes ``plan`` with torch on ``device`` ("cuda", "cuda:N" or "torch-cpu")."""
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    inputs, outputs = plan.core_args()
-    layout = _core.resolve(inputs, outputs, accumulate=plan.accumulate, metadata=plan.metadata)
-    hosts = _host_views(inputs)
-    writer = _core.Writer(os.fspath(output), layout["header"], layout["data_len"], inputs, overwrite=overwrite)
+    layout = plan.resolve()
+    hosts = _host_views(layout)
+    writer = _core.Writer(layout, os.fspath(output), overwrite=overwrite, in_place=in_place)
     try:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         ex = _Executor(dev, gpu_memory or (2 << 30), chunk)
-        read = ex.run(layout, hosts, writer, plan.accumulate, progress)
+        read = ex.run(layout, hosts, writer, progress)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         writer.commit(durable)
@@ -229,7 +231,7 @@ def execute(
         notes["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(dev))
         notes["gpu_memory_bound"] = int(gpu_memory or (2 << 30))
     return Report(
-        output=Path(output), tensors=len(layout["tensors"]), bytes_read=read,
-        bytes_written=len(layout["header"]) + layout["data_len"], seconds=time.perf_counter() - t0,
+        output=Path(output), tensors=len(layout), bytes_read=read,
+        bytes_written=len(layout.header) + layout.data_len, seconds=time.perf_counter() - t0,
         threads=torch.get_num_threads(), kernel=f"torch {torch.__version__}", device=str(dev), notes=notes,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -73,28 +74,31 @@ def execute(
     overwrite: bool = False,
     durable: bool = True,
     gpu_memory: int | None = None,
+    in_place: int | None = None,
 ) -> Report:
     """Executes ``plan`` and writes ``output`` atomically. ``device`` is "cpu" (the Rust engine),
     "torch-cpu" (the torch executor on the CPU, for testing it), or "cuda"/"cuda:N". The engine
     reads inputs with ``io="pread"`` (default: chunks copied into per-thread buffers) or
-    ``io="mmap"`` (straight from the map, paying page faults and the final unmap)."""
+    ``io="mmap"`` (straight from the map, paying page faults and the final unmap).
+    ``in_place=i``: ``output`` is input ``i`` and is replaced atomically by the result."""
     output = Path(output)
     bar = ProgressBar(progress is True, output.name)
     cb = progress if callable(progress) else (bar if bar.bar is not None else None)
     try:
         if device == "cpu":
-            inputs, outputs = plan.core_args()
+            t0 = time.perf_counter()
+            layout = plan.resolve()
             r = _core.execute(
-                inputs, outputs, os.fspath(output),
-                accumulate=plan.accumulate, metadata=plan.metadata, threads=threads, chunk=chunk,
-                kernel=kernel, io=io, durable=durable, overwrite=overwrite, progress=cb,
+                layout, os.fspath(output), threads=threads, chunk=chunk, kernel=kernel, io=io,
+                durable=durable, overwrite=overwrite, in_place=in_place, progress=cb,
             )
+            r["seconds"] = time.perf_counter() - t0  # the whole job, resolution included
             return Report(**{**r, "output": Path(r["output"])}, device="cpu", notes=dict(plan.notes))
         from . import cuda  # torch is imported only there
 
         return cuda.execute(
-            plan, output, device=device, overwrite=overwrite, durable=durable, progress=cb,
-            gpu_memory=gpu_memory, chunk=chunk,
+            plan, output, device=device, overwrite=overwrite, in_place=in_place, durable=durable,
+            progress=cb, gpu_memory=gpu_memory, chunk=chunk,
         )
     finally:
         bar.close()

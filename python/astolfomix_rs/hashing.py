@@ -7,15 +7,23 @@ import os
 from typing import Sequence
 
 from . import _core
+from .reader import Checkpoint
+
+Openable = str | os.PathLike[str] | Checkpoint
 
 
-def files_hashes(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, str]]:
-    """For each file: sha256, autov1 (8 hex), autov2 (10 hex), autov3 (sha256 of the tensor data)."""
+def _handle(f: Openable) -> _core.Checkpoint:
+    return f._core if isinstance(f, Checkpoint) else _core.Checkpoint(os.fspath(f))
+
+
+def files_hashes(files: Sequence[Openable]) -> list[dict[str, str]]:
+    """For each file (a path, or a checkpoint already open): sha256, autov1 (8 hex), autov2 (10
+    hex), autov3 (sha256 of the tensor data)."""
     out = []
-    for h in _core.file_hashes([os.fspath(p) for p in paths]):
+    for h in _core.file_hashes([_handle(f) for f in files]):
         out.append({"sha256": h["sha256"], "autov1": h["autov1"], "autov2": h["sha256"][:10], "autov3": h["autov3"]})
     return out
 
 
-def file_hashes(path: str | os.PathLike[str]) -> dict[str, str]:
-    return files_hashes([path])[0]
+def file_hashes(file: Openable) -> dict[str, str]:
+    return files_hashes([file])[0]

@@ -1,5 +1,5 @@
-"""Writing small files from numpy (synthetic checkpoints, exported configs) through the same Rust
-streaming writer the engine uses: header first, tensors at their offsets, atomic rename."""
+"""Saving tensors from numpy (synthetic checkpoints) as a plan of constants, so they go through
+the same engine and streaming writer as every other output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from . import _core
+from .errors import PlanError
 
 _NP_TO_ST = {
     np.dtype(np.bool_): "BOOL", np.dtype("u1"): "U8", np.dtype("i1"): "I8", np.dtype("i2"): "I16",
@@ -30,7 +30,7 @@ def _entry(name: str, t: Tensor) -> tuple[str, tuple[int, ...], np.ndarray]:
         arr = arr.copy(order="C")  # not ascontiguousarray: it turns scalars into shape (1,)
     dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
     if dt not in _NP_TO_ST:
-        raise ValueError(f"tensor '{name}': numpy dtype {arr.dtype} has no safetensors equivalent")
+        raise PlanError(f"tensor '{name}': numpy dtype {arr.dtype} has no safetensors equivalent")
     return _NP_TO_ST[dt], arr.shape, arr.astype(dt, copy=False).reshape(-1).view(np.uint8)
 
 
@@ -42,14 +42,11 @@ def save(
     overwrite: bool = False,
     durable: bool = True,
 ) -> None:
-    """Saves ``tensors`` as a safetensors file, atomically."""
-    entries = [(n, *_entry(n, t)) for n, t in tensors.items()]
-    header, offsets, data_len = _core.layout([(n, d, list(s)) for n, d, s, _ in entries], dict(metadata or {}))
-    w = _core.Writer(os.fspath(path), header, data_len, [], overwrite=overwrite)
-    try:
-        for (_, _, _, raw), off in zip(entries, offsets):
-            if raw.size:
-                w.write(off, raw)
-        w.commit(durable)
-    finally:
-        w.abort()
+    """Saves ``tensors`` as a safetensors file, atomically: a plan of constants (the arrays are
+    lent to the engine, not copied) run through the one writer."""
+    from .engine import execute
+    from .plan import Output, Plan
+
+    outputs = [Output.constant(n, *_entry(n, t)) for n, t in tensors.items()]
+    execute(Plan([], outputs, metadata=dict(metadata or {})), path, overwrite=overwrite, durable=durable,
+            progress=False)

@@ -1,5 +1,7 @@
-"""Plans: the one description of work. Merges, exports, imports and dtype conversions all build
-a :class:`Plan`; the Rust engine (CPU) and the torch path (CUDA) both execute it."""
+"""Plans: the one description of work. Merges, exports, imports, dtype conversions and saved
+files all build a :class:`Plan` of ops (copy, cast, mean, constant). :meth:`Plan.resolve` checks it
+once, in Rust, against the opened inputs; the Rust engine (CPU) and the torch path (CUDA) both
+execute that resolved plan and read through its handles, so no input is opened twice."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
+from . import _core
 from .errors import MismatchError, PlanError
-from .reader import Checkpoint
+from .reader import FLOAT_DTYPES, Checkpoint
 
 DTYPE_ALIASES = {
     "f16": "F16", "fp16": "F16", "float16": "F16", "half": "F16",
@@ -30,37 +35,64 @@ def parse_dtype(dtype: str | None) -> str | None:
     key = dtype.lower()
     if key in DTYPE_ALIASES:
         return DTYPE_ALIASES[key]
-    if dtype.upper() in ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"):
+    if dtype.upper() in FLOAT_DTYPES:
         return dtype.upper()
     raise PlanError(f"unknown output dtype '{dtype}' (use f16, bf16, f32, f64 or same)")
 
 
 @dataclass
 class Output:
-    """One output tensor: a copy of one source or a mean of several, in this order."""
+    """One output tensor: a ``copy`` of one source (converted if ``dtype`` differs), a ``cast``, a
+    ``mean`` of several in this order, or a ``constant`` (``data``: its bytes, ``shape``)."""
 
     name: str
-    op: str  # "copy" | "mean"
+    op: str  # "copy" | "cast" | "mean" | "constant"
     sources: list[tuple[int, str]]  # (input index, tensor name)
-    dtype: str | None = None  # None: same as the first source
+    dtype: str | None = None  # None: same as the first source; a constant's stored dtype
     weights: list[float] | None = None  # normalised; None = uniform (divide by N)
+    data: np.ndarray | None = None  # a constant's bytes (uint8, C-contiguous)
+    shape: tuple[int, ...] | None = None  # a constant's shape
 
-    def as_core(self) -> tuple[str, str | None, str, list[tuple[int, str]], list[float] | None]:
+    @classmethod
+    def constant(cls, name: str, dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> Output:
+        data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+        return cls(name, "constant", [], dtype, None, data, tuple(int(d) for d in shape))
+
+    def as_core(self) -> tuple:
         srcs = self.sources if isinstance(self.sources, list) else list(self.sources)
-        return (self.name, self.dtype, self.op, srcs, self.weights)
+        shape = list(self.shape) if self.shape is not None else None
+        return (self.name, self.dtype, self.op, srcs, self.weights, self.data, shape)
 
 
 @dataclass
 class Plan:
-    inputs: list[Path]
+    """Output tensors over ``inputs``: paths, or checkpoints already open (used as they are)."""
+
+    inputs: list[Path | Checkpoint]
     outputs: list[Output] = field(default_factory=list)
     accumulate: str = "f32"
     metadata: dict[str, str] = field(default_factory=dict)
     #: what the builder noticed (keys missing from some inputs...), for the report
     notes: dict[str, object] = field(default_factory=dict)
+    #: set by :meth:`resolve` (or by a builder that resolved while it opened the inputs)
+    resolved: _core.Layout | None = None
 
-    def core_args(self) -> tuple[list[str], list[tuple]]:
-        return [os.fspath(p) for p in self.inputs], [o.as_core() for o in self.outputs]
+    def input_paths(self) -> list[Path]:
+        return [Path(p.path) if isinstance(p, Checkpoint) else Path(p) for p in self.inputs]
+
+    def resolver(self) -> _core.Resolver:
+        """A Rust resolver for this plan's outputs; ``add`` each opened input, then ``finish``."""
+        return _core.Resolver([o.as_core() for o in self.outputs], len(self.inputs), accumulate=self.accumulate)
+
+    def resolve(self) -> _core.Layout:
+        """Checks the plan against its inputs and lays out the output, once. Inputs given as paths
+        are opened here, one at a time (each header is dropped once its tensors are located)."""
+        if self.resolved is None:
+            r = self.resolver()
+            for i, p in enumerate(self.inputs):
+                r.add(i, p._core if isinstance(p, Checkpoint) else _core.Checkpoint(os.fspath(p)))
+            self.resolved = r.finish(self.metadata)
+        return self.resolved
 
 
 def normalize(weights: Sequence[float]) -> list[float]:
@@ -152,7 +184,7 @@ def mean_plan(
     if weights is not None:
         meta["astolfomix.weights"] = json.dumps([float(x) for x in weights])
     return Plan(
-        inputs=[Path(ck.path) for ck in checkpoints],
+        inputs=list(checkpoints),
         outputs=outputs,
         accumulate=accumulate,
         metadata=meta,

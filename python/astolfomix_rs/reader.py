@@ -28,8 +28,12 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "C64": np.dtype("<c8"),
 }
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
-ITEMSIZE = {"BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, **{k: v.itemsize for k, v in NUMPY_DTYPES.items()}}
+# The dtype table comes from the core, so both languages agree: (name, bits, averageable).
+DTYPE_BITS: dict[str, int] = {name: bits for name, bits, _ in _core.dtypes()}
+#: dtypes that can be averaged and converted (the float types the kernels read and write)
+FLOAT_DTYPES: tuple[str, ...] = tuple(name for name, _, avg in _core.dtypes() if avg)
+#: bytes per element of every byte-sized dtype (F4/F6 are packed and have none)
+ITEMSIZE: dict[str, int] = {k: b // 8 for k, b in DTYPE_BITS.items() if b % 8 == 0}
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,9 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
         return (raw.astype(np.uint32) << 16).view(np.float32)
     if dtype in F8_TABLES:
         return F8_TABLES[dtype][raw]
-    raise ValueError(f"{dtype} has a numpy dtype; no conversion needed")
+    from .errors import PlanError
+
+    raise PlanError(f"{dtype} has a numpy dtype; no conversion needed")
 
 
 class Checkpoint:

@@ -373,6 +373,22 @@ def check_name(name: str) -> str:
     return name
 
 
+def _merge_outputs(base_ck, base_an, comp_files: dict, idx: dict, out_dtype: str | None, weights: dict) -> list:
+    """Per key of the base: the mean over the files chosen for its component, else a copy."""
+    from .plan import Output, normalize
+
+    outputs: list[Output] = []
+    for k, bi in base_ck.info.items():
+        c = base_an.component_of(k)
+        if c is None or c not in comp_files or not bi.is_float:
+            outputs.append(Output(k, "copy", [(0, k)], None))
+            continue
+        w = weights.get(c)
+        srcs = comp_files[c]
+        outputs.append(Output(k, "mean", [(idx[p], k) for p in srcs if p in idx], out_dtype, normalize(w) if w else None))
+    return outputs
+
+
 def merge_plan(
     recipe: Recipe,
     models: Path,
@@ -387,7 +403,8 @@ def merge_plan(
     (plan, summary); raises MergeProblems listing every problem at once."""
     from . import __version__
     from .anatomy import detect
-    from .plan import Output, Plan, parse_dtype
+    from .hashing import files_hashes
+    from .plan import Plan, parse_dtype
     from .reader import Checkpoint
 
     models = Path(models)
@@ -439,8 +456,18 @@ def merge_plan(
             p = res.files.get(key_of(t))
             if p is not None:
                 uses.setdefault(p, []).append((c, t))
+    inputs = [base_path] + [p for p in files if p != base_path]
+    idx = {p: i for i, p in enumerate(inputs)}
+    out_dtype = parse_dtype(dtype or recipe.dtype or "f16")
+    acc = accumulate or recipe.accumulate or "f32"
+    comp_files = {c: [res.files[key_of(t)] for t in ids if key_of(t) in res.files] for c, ids in chosen.items()}
+    plan = Plan(inputs=list(inputs), outputs=_merge_outputs(base_ck, base_an, comp_files, idx, out_dtype, recipe.weights),
+                accumulate=acc, notes={"recipe_notes": recipe.notes})
+    # Resolved while the inputs are open for the checks: each file is opened once, and only one
+    # parsed header is held at a time, so memory does not grow with the number of inputs.
+    resolver = plan.resolver()
+    hashes: dict[Path, dict[str, str]] = {}
     bytes_to_read = 0
-    # One file at a time, so memory does not grow with the number of inputs.
     for p in files:
         try:
             ck = base_ck if p == base_path else Checkpoint(p)
@@ -476,28 +503,19 @@ def merge_plan(
                                 + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
             if shapes:
                 problems.append(f"{c}: model {t}: {shapes[0]}" + (f" (and {len(shapes) - 1} more tensors differ)" if len(shapes) > 1 else ""))
+        if not problems:
+            try:
+                resolver.add(idx[p], ck._core)
+            except AstolfomixError as e:
+                problems.append(str(e))
+            if hash_inputs:
+                hashes[p] = files_hashes([ck])[0]
         del ck, an
     if problems:
         uniq = list(dict.fromkeys(problems))
         more = f"\n  ... and {len(uniq) - 40} more" if len(uniq) > 40 else ""
         raise MergeProblems(f"cannot merge ({len(uniq)} problems, nothing written):\n  " + "\n  ".join(uniq[:40]) + more)
-
-    inputs = [base_path] + [p for p in files if p != base_path]
-    idx = {p: i for i, p in enumerate(inputs)}
-    out_dtype = parse_dtype(dtype or recipe.dtype or "f16")
-    acc = accumulate or recipe.accumulate or "f32"
-    from .plan import normalize
-
-    comp_files = {c: [res.files[key_of(t)] for t in ids] for c, ids in chosen.items()}
-    outputs: list[Output] = []
-    for k, bi in base_ck.info.items():
-        c = base_an.component_of(k)
-        if c is None or c not in comp_files or not bi.is_float:
-            outputs.append(Output(k, "copy", [(0, k)], None))
-            continue
-        srcs = comp_files[c]
-        w = recipe.weights.get(c)
-        outputs.append(Output(k, "mean", [(idx[p], k) for p in srcs], out_dtype, normalize(w) if w else None))
+    outputs = plan.outputs
     counts = {c: len(v) for c, v in chosen.items()}
     title = out_name or "AstolfoMix"
     name = recipe.outputs.get(out_name or "", None) or convention_name(counts)
@@ -523,16 +541,15 @@ def merge_plan(
     }
     inputs_info = [{"name": p.name, "size": p.stat().st_size} for p in inputs]
     if hash_inputs:
-        from .hashing import file_hashes
-
         models_meta = {}
         for i, p in enumerate(inputs):
-            h = file_hashes(p)
+            h = hashes[p]
             inputs_info[i]["sha256"] = h["sha256"]
             models_meta[h["sha256"]] = {"name": p.stem, "legacy_hash": h["autov1"]}
         meta["sd_merge_models"] = json.dumps(models_meta)
     meta["astolfomix.files"] = json.dumps(inputs_info)
-    plan = Plan(inputs=inputs, outputs=outputs, accumulate=acc, metadata=meta, notes={"recipe_notes": recipe.notes})
+    plan.metadata = meta
+    plan.resolved = resolver.finish(meta)
     summary = {
         "output_name": check_name(name),
         "title": title,

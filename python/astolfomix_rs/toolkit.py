@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +53,8 @@ def vae_metric_keys(c: Component) -> list[str]:
 def toolkit_metric(ck: Checkpoint, an: Anatomy) -> dict[str, object]:
     """``UUUU/VVVV/CCCC`` as the toolkit computes it for SD1/SD2; for SDXL the CLIP field reads TE0
     against the ViT-L reference and the VAE against the SD VAE (the toolkit prints ``----``)."""
-    path = os.fspath(ck.path)
-
     def total(keys: list[str]) -> float:
-        return float(sum(_core.sigmoid_sums(path, keys))) if keys else 0.0
+        return float(sum(_core.sigmoid_sums(ck._core, keys))) if keys else 0.0
 
     fields = {"unet": "----", "vae": "----", "clip": "----"}
     sums = {}
@@ -95,7 +92,7 @@ def hash_entries(c: Component) -> list[tuple[str, str]]:
 
 def component_hashes(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
     groups = {n: hash_entries(c) for n, c in an.components.items()}
-    return dict(_core.content_hashes(os.fspath(ck.path), groups))
+    return dict(_core.content_hashes(ck._core, groups))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +135,7 @@ def export_plan(ck: Checkpoint, component: str, *, layout: str = "toolkit", dtyp
     if component == "ema":
         mapping = _ema_map(ck, an)
         outputs = [Output(new, "copy", [(0, k)], out_dtype if ck.info[k].is_float else None) for k, new in mapping.items()]
-        return Plan([Path(ck.path)], outputs, metadata={"astolfomix.export": "ema"})
+        return Plan([ck], outputs, metadata={"astolfomix.export": "ema"})
     c = an.component(component)
     if layout == "transformers" and c.kind != "clip_l":
         raise ArchitectureError(f"the transformers layout is for the ViT-L CLIP (te0 / SD1 te), not {c.label}")
@@ -152,7 +149,7 @@ def export_plan(ck: Checkpoint, component: str, *, layout: str = "toolkit", dtyp
             continue  # written below as int64 from the right values
         outputs.append(Output(name, "copy", [(0, k)], out_dtype if t.is_float else None))
     meta = {"astolfomix.export": json.dumps({"component": component, "kind": c.kind, "layout": layout, "from": Path(ck.path).name})}
-    return Plan([Path(ck.path)], outputs, metadata=meta, notes={"component": c})
+    return Plan([ck], outputs, metadata=meta, notes={"component": c})
 
 
 def export(path, component: str, output, *, layout: str = "toolkit", dtype: str | None = "f16",
@@ -194,7 +191,6 @@ def import_component(target, source, component: str, output=None, *, in_place: b
     (a full checkpoint or an exported file of any layout). Every key and shape is checked before
     anything is written; ``position_ids`` are copied if sound, else written as int64 0..76."""
     from .engine import execute
-    from .io import save
 
     tck, sck = Checkpoint(target), Checkpoint(source)
     tan = detect(tck)
@@ -220,8 +216,6 @@ def import_component(target, source, component: str, output=None, *, in_place: b
         raise ArchitectureError(f"cannot import {component} ({len(problems)} problems, nothing written):\n  " + "\n  ".join(problems[:30]))
     ignored = sorted(set(src_by_name) - set(want))
     out_dtype = parse_dtype(dtype) if dtype else None
-    inputs = [Path(tck.path), Path(sck.path)]
-    tmpdir = None
     comp_keys = set(tc.keys) | {want.get("embeddings.position_ids")}
     component_outputs: list[Output] = []
     for name, tkey in want.items():
@@ -231,12 +225,8 @@ def import_component(target, source, component: str, output=None, *, in_place: b
             if pid_status == "ok":
                 component_outputs.append(Output(tkey, "copy", [(1, skey)], None))
             else:
-                # Sound int64 0..76 from a small side file (the plan only copies or averages inputs).
-                tmpdir = tempfile.mkdtemp(prefix=".astolfomix-", dir=Path(output or target).resolve().parent)
-                side = Path(tmpdir) / "position_ids.safetensors"
-                save(side, {"p": np.arange(77, dtype=np.int64)[None]}, durable=False)
-                inputs.append(side)
-                component_outputs.append(Output(tkey, "copy", [(2, "p")], None))
+                # Sound int64 0..76, carried by the plan itself.
+                component_outputs.append(Output.constant(tkey, "I64", (1, 77), np.arange(77, dtype="<i8")))
             continue
         skey = src_by_name[name]
         component_outputs.append(Output(tkey, "copy", [(1, skey)], out_dtype if sck.info[skey].is_float else None))
@@ -251,23 +241,13 @@ def import_component(target, source, component: str, output=None, *, in_place: b
     meta = dict(tck.metadata)
     meta["astolfomix.import"] = json.dumps({"component": component, "from": Path(sck.path).name, "into": Path(tck.path).name,
                                             "position_ids": pid_status})
-    plan = Plan(inputs, outputs, metadata=meta)
-    try:
-        if in_place:
-            dest = Path(target)
-            tmp_out = dest.with_name(f".{dest.name}.import.tmp")
-            rep = execute(plan, tmp_out, overwrite=True, progress=progress)
-            os.replace(tmp_out, dest)
-            rep.output = dest
-        else:
-            if output is None:
-                raise PlanError("import needs an output file (or in_place=True)")
-            rep = execute(plan, output, overwrite=overwrite, progress=progress)
-    finally:
-        if tmpdir:
-            import shutil
-
-            shutil.rmtree(tmpdir, ignore_errors=True)
+    plan = Plan([tck, sck], outputs, metadata=meta)
+    if in_place:
+        rep = execute(plan, target, in_place=0, progress=progress)
+    else:
+        if output is None:
+            raise PlanError("import needs an output file (or in_place=True)")
+        rep = execute(plan, output, overwrite=overwrite, progress=progress)
     return ImportResult(rep, len(want), pid_status, ignored)
 
 
@@ -296,7 +276,7 @@ def compare(paths: Sequence[str | os.PathLike[str]], *, distances: bool = False,
         hashes = {}
         for i in idxs:
             c = ans[i].components[n]
-            hashes[i] = _core.content_hashes(os.fspath(cks[i].path), {n: hash_entries(c)})[n]
+            hashes[i] = _core.content_hashes(cks[i]._core, {n: hash_entries(c)})[n]
         groups: dict[str, list[int]] = {}
         for i, h in hashes.items():
             groups.setdefault(h, []).append(i)
@@ -308,7 +288,7 @@ def compare(paths: Sequence[str | os.PathLike[str]], *, distances: bool = False,
         if distances and len(idxs) > 1:
             keys = [k for k in ans[idxs[0]].components[n].keys if cks[idxs[0]].info[k].is_float]
             ref = None if reference is None else (idxs.index(reference) if reference in idxs else None)
-            d = _core.l2_distances([os.fspath(cks[i].path) for i in idxs], keys, ref)
+            d = _core.l2_distances([cks[i]._core for i in idxs], keys, ref)
             entry["relative_l2"] = {os.fspath(cks[i].path): (float(np.sqrt(a / b)) if b else 0.0) for i, (a, b) in zip(idxs, d)}
             entry["relative_to"] = "mean" if ref is None else os.fspath(cks[reference].path)
         result[n] = entry
