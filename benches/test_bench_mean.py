@@ -4,10 +4,9 @@ read/write floor, naive torch and sd-mecha is ``astolfomix bench``."""
 
 from __future__ import annotations
 
+import astolfomix_rs as am
 import numpy as np
 import pytest
-
-import astolfomix_rs as am
 from astolfomix_rs.synth import make_checkpoint
 
 

@@ -45,7 +45,9 @@ impl InputFile {
     /// on the map).
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(&self.path, e))
+        self.file
+            .read_exact_at(buf, offset as u64)
+            .map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -66,16 +68,23 @@ impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::NotFound { path: path.to_path_buf() },
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                path: path.to_path_buf(),
+            },
             _ => Error::io(path, e),
         })?;
         if meta.is_dir() {
-            return Err(Error::IsDirectory { path: path.to_path_buf() });
+            return Err(Error::IsDirectory {
+                path: path.to_path_buf(),
+            });
         }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = meta.len();
         if file_len == 0 {
-            return Err(Error::invalid(path, "file is empty (0 bytes), shorter than the 8-byte header length"));
+            return Err(Error::invalid(
+                path,
+                "file is empty (0 bytes), shorter than the 8-byte header length",
+            ));
         }
         // SAFETY: the map is read-only and private to this process. Undefined behaviour would
         // need another process to truncate or rewrite the file while it is mapped; the writer
@@ -90,12 +99,18 @@ impl Checkpoint {
         let header = match parsed {
             Ok(h) => h,
             Err(_) if header::looks_like_pickle(&mmap[..mmap.len().min(8)]) => {
-                return Err(Error::Pickle { path: path.to_path_buf() })
+                return Err(Error::Pickle {
+                    path: path.to_path_buf(),
+                })
             }
             Err(e) => return Err(e),
         };
         let mut index: Vec<u32> = (0..header.tensors.len() as u32).collect();
-        index.sort_by(|&a, &b| header.tensors[a as usize].name.cmp(&header.tensors[b as usize].name));
+        index.sort_by(|&a, &b| {
+            header.tensors[a as usize]
+                .name
+                .cmp(&header.tensors[b as usize].name)
+        });
         OPENS.fetch_add(1, Ordering::Relaxed);
         let file = InputFile {
             path: path.to_path_buf(),
@@ -169,8 +184,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("empty.safetensors");
         std::fs::write(&p, b"").unwrap();
-        assert!(Checkpoint::open(&p).err().unwrap().to_string().contains("empty"));
-        assert!(matches!(Checkpoint::open(d.path().join("nope")).err().unwrap(), Error::NotFound { .. }));
-        assert!(matches!(Checkpoint::open(d.path()).err().unwrap(), Error::IsDirectory { .. }));
+        assert!(Checkpoint::open(&p)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("empty"));
+        assert!(matches!(
+            Checkpoint::open(d.path().join("nope")).err().unwrap(),
+            Error::NotFound { .. }
+        ));
+        assert!(matches!(
+            Checkpoint::open(d.path()).err().unwrap(),
+            Error::IsDirectory { .. }
+        ));
     }
 }

@@ -109,11 +109,19 @@ fn is_bytes(t: &Resolved) -> bool {
 fn work_items(layout: &Layout, chunk: usize) -> Vec<Item> {
     let mut items = Vec::new();
     for (i, t) in layout.tensors.iter().enumerate() {
-        let (len, step) = if is_bytes(t) { (t.out_len, chunk * 4) } else { (t.numel, chunk) };
+        let (len, step) = if is_bytes(t) {
+            (t.out_len, chunk * 4)
+        } else {
+            (t.numel, chunk)
+        };
         let mut s = 0;
         while s < len {
             let e = (s + step).min(len);
-            items.push(Item { tensor: i, start: s, end: e });
+            items.push(Item {
+                tensor: i,
+                start: s,
+                end: e,
+            });
             s = e;
         }
     }
@@ -130,7 +138,14 @@ struct Scratch {
 }
 
 /// Bytes `[begin, end)` of input `input`: a slice of the map, or a `pread` into `buf`.
-fn src_bytes<'a>(inputs: &'a [Arc<InputFile>], io: Io, input: usize, begin: usize, end: usize, buf: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+fn src_bytes<'a>(
+    inputs: &'a [Arc<InputFile>],
+    io: Io,
+    input: usize,
+    begin: usize,
+    end: usize,
+    buf: &'a mut Vec<u8>,
+) -> Result<&'a [u8]> {
     match io {
         Io::Mmap => Ok(&inputs[input].bytes()[begin..end]),
         Io::Pread => {
@@ -141,11 +156,23 @@ fn src_bytes<'a>(inputs: &'a [Arc<InputFile>], io: Io, input: usize, begin: usiz
     }
 }
 
-fn run_item(layout: &Layout, item: &Item, level: Level, io: Io, scratch: &mut Scratch, writer: &Writer) -> Result<u64> {
+fn run_item(
+    layout: &Layout,
+    item: &Item,
+    level: Level,
+    io: Io,
+    scratch: &mut Scratch,
+    writer: &Writer,
+) -> Result<u64> {
     let inputs = &layout.inputs;
     let t = &layout.tensors[item.tensor];
     let (s, e) = (item.start, item.end);
-    let Scratch { acc, acc64, out, src: buf } = scratch;
+    let Scratch {
+        acc,
+        acc64,
+        out,
+        src: buf,
+    } = scratch;
     match &t.kind {
         Kind::Copy(r) => {
             let bytes = src_bytes(inputs, io, r.input, r.offset + s, r.offset + e, buf)?;
@@ -178,7 +205,11 @@ fn run_item(layout: &Layout, item: &Item, level: Level, io: Io, scratch: &mut Sc
                 kernels::finish(level, acc, None, out, t.dtype);
             }
         }
-        Kind::Mean { sources, weights, via } => {
+        Kind::Mean {
+            sources,
+            weights,
+            via,
+        } => {
             if *via == Accumulate::F64 {
                 acc64.clear();
                 acc64.resize(n, 0.0);
@@ -197,12 +228,21 @@ fn run_item(layout: &Layout, item: &Item, level: Level, io: Io, scratch: &mut Sc
                     let (b, en) = range(r);
                     let src = src_bytes(inputs, io, r.input, b, en, buf)?;
                     read += src.len() as u64;
-                    kernels::accumulate(level, acc, src, r.dtype, weights.as_ref().map(|w| w[k] as f32));
+                    kernels::accumulate(
+                        level,
+                        acc,
+                        src,
+                        r.dtype,
+                        weights.as_ref().map(|w| w[k] as f32),
+                    );
                 }
                 let div = weights.is_none().then_some(sources.len() as f32);
                 if t.dtype == Dtype::F64 {
                     // An f32 sum written as f64: divide in f32 (the recipe), then widen exactly.
-                    let widened: Vec<f64> = acc.iter().map(|&a| div.map_or(a, |d| a / d) as f64).collect();
+                    let widened: Vec<f64> = acc
+                        .iter()
+                        .map(|&a| div.map_or(a, |d| a / d) as f64)
+                        .collect();
                     kernels::finish_f64(&widened, None, out, t.dtype);
                 } else {
                     kernels::finish(level, acc, div, out, t.dtype);
@@ -216,12 +256,26 @@ fn run_item(layout: &Layout, item: &Item, level: Level, io: Io, scratch: &mut Sc
 }
 
 /// Runs a resolved plan and writes `output`.
-pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
+pub fn run_layout(
+    layout: &Layout,
+    output: &Path,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Report> {
     let t0 = Instant::now();
     progress.total.store(layout.bytes_read, Ordering::Relaxed);
-    let writer = Writer::create(output, &layout.header, layout.data_len as u64, &layout.identities(), opts.mode)?;
+    let writer = Writer::create(
+        output,
+        &layout.header,
+        layout.data_len as u64,
+        &layout.identities(),
+        opts.mode,
+    )?;
     let level = opts.level.unwrap_or_else(Level::detect);
-    let threads = opts.threads.unwrap_or_else(rayon::current_num_threads).max(1);
+    let threads = opts
+        .threads
+        .unwrap_or_else(rayon::current_num_threads)
+        .max(1);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -268,7 +322,13 @@ pub fn prepare(plan: Plan, inputs: &[PathBuf]) -> Result<Layout> {
 }
 
 /// Opens `inputs`, runs the plan and writes `output`. `seconds` covers the whole job.
-pub fn execute(plan: Plan, inputs: &[PathBuf], output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
+pub fn execute(
+    plan: Plan,
+    inputs: &[PathBuf],
+    output: &Path,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Report> {
     let t0 = Instant::now();
     let layout = prepare(plan, inputs)?;
     let mut report = run_layout(&layout, output, opts, progress)?;
@@ -293,7 +353,12 @@ mod tests {
                     name: name.to_string(),
                     dtype: Some(Dtype::F16),
                     op: Op::Mean {
-                        sources: (0..n).map(|i| Source { input: i, tensor: (*name).into() }).collect(),
+                        sources: (0..n)
+                            .map(|i| Source {
+                                input: i,
+                                tensor: (*name).into(),
+                            })
+                            .collect(),
                         weights: weights.clone(),
                     },
                 })
@@ -312,11 +377,23 @@ mod tests {
     #[test]
     fn uniform_mean_matches_scalar_recipe() {
         let d = tempfile::tempdir().unwrap();
-        let vals: Vec<Vec<f32>> = (0..3).map(|k| (0..1000).map(|i| (i as f32 * 0.37 + k as f32).sin() * 7.0).collect()).collect();
+        let vals: Vec<Vec<f32>> = (0..3)
+            .map(|k| {
+                (0..1000)
+                    .map(|i| (i as f32 * 0.37 + k as f32).sin() * 7.0)
+                    .collect()
+            })
+            .collect();
         let paths: Vec<PathBuf> = (0..3)
             .map(|k| {
                 let p = d.path().join(format!("m{k}.safetensors"));
-                write_file(&p, &[("w", Dtype::F16, vec![10, 100], f16_bytes(&vals[k])), ("ids", Dtype::I64, vec![2], vec![7; 16])]);
+                write_file(
+                    &p,
+                    &[
+                        ("w", Dtype::F16, vec![10, 100], f16_bytes(&vals[k])),
+                        ("ids", Dtype::I64, vec![2], vec![7; 16]),
+                    ],
+                );
                 p
             })
             .collect();
@@ -325,9 +402,19 @@ mod tests {
         plan.outputs.push(OutputTensor {
             name: "ids".into(),
             dtype: None,
-            op: Op::Copy(Source { input: 0, tensor: "ids".into() }),
+            op: Op::Copy(Source {
+                input: 0,
+                tensor: "ids".into(),
+            }),
         });
-        let r = execute(plan, &paths, &out, &Options::default(), &Progress::default()).unwrap();
+        let r = execute(
+            plan,
+            &paths,
+            &out,
+            &Options::default(),
+            &Progress::default(),
+        )
+        .unwrap();
         assert_eq!(r.tensors, 2);
         assert_eq!(r.bytes_read, 3 * 2000 + 16);
         let got = read_tensor(&out, "w");
@@ -352,8 +439,18 @@ mod tests {
         write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
         write_file(&b, &[("v", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
         let out = d.path().join("o.safetensors");
-        let e = execute(mean_plan(&[a.clone(), b.clone()], &["w"], None), &[a, b], &out, &Options::default(), &Progress::default()).unwrap_err();
-        assert!(e.to_string().contains("b.safetensors") && e.to_string().contains("'w'"), "{e}");
+        let e = execute(
+            mean_plan(&[a.clone(), b.clone()], &["w"], None),
+            &[a, b],
+            &out,
+            &Options::default(),
+            &Progress::default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("b.safetensors") && e.to_string().contains("'w'"),
+            "{e}"
+        );
         assert!(!out.exists());
     }
 
@@ -365,9 +462,19 @@ mod tests {
         write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
         write_file(&b, &[("w", Dtype::F16, vec![1, 2], f16_bytes(&[1.0, 2.0]))]);
         let out = d.path().join("o.safetensors");
-        let e = execute(mean_plan(&[a.clone(), b.clone()], &["w"], None), &[a, b], &out, &Options::default(), &Progress::default()).unwrap_err();
+        let e = execute(
+            mean_plan(&[a.clone(), b.clone()], &["w"], None),
+            &[a, b],
+            &out,
+            &Options::default(),
+            &Progress::default(),
+        )
+        .unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("a.safetensors") && s.contains("b.safetensors") && s.contains("'w'"), "{s}");
+        assert!(
+            s.contains("a.safetensors") && s.contains("b.safetensors") && s.contains("'w'"),
+            "{s}"
+        );
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
     }
 
@@ -377,7 +484,14 @@ mod tests {
         let a = d.path().join("a.safetensors");
         write_file(&a, &[("ids", Dtype::I64, vec![1], vec![0; 8])]);
         let out = d.path().join("o.safetensors");
-        let e = execute(mean_plan(&[a.clone()], &["ids"], None), &[a], &out, &Options::default(), &Progress::default()).unwrap_err();
+        let e = execute(
+            mean_plan(&[a.clone()], &["ids"], None),
+            &[a],
+            &out,
+            &Options::default(),
+            &Progress::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("cannot be averaged"), "{e}");
     }
 
@@ -385,11 +499,21 @@ mod tests {
     fn cancel_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a.safetensors");
-        write_file(&a, &[("w", Dtype::F16, vec![4096], f16_bytes(&[1.0; 4096]))]);
+        write_file(
+            &a,
+            &[("w", Dtype::F16, vec![4096], f16_bytes(&[1.0; 4096]))],
+        );
         let out = d.path().join("o.safetensors");
         let p = Progress::default();
         p.cancel.store(true, Ordering::Relaxed);
-        let e = execute(mean_plan(&[a.clone()], &["w"], None), &[a], &out, &Options::default(), &p).unwrap_err();
+        let e = execute(
+            mean_plan(&[a.clone()], &["w"], None),
+            &[a],
+            &out,
+            &Options::default(),
+            &p,
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::Cancelled));
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
@@ -398,12 +522,30 @@ mod tests {
     fn constant_and_cast() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a.safetensors");
-        write_file(&a, &[("w", Dtype::F16, vec![3], f16_bytes(&[-0.0, 1.5, -2.25]))]);
+        write_file(
+            &a,
+            &[("w", Dtype::F16, vec![3], f16_bytes(&[-0.0, 1.5, -2.25]))],
+        );
         let data: crate::plan::Bytes = Arc::new(vec![1u8, 0, 0, 0, 0, 0, 0, 0]);
         let plan = Plan {
             outputs: vec![
-                OutputTensor { name: "c".into(), dtype: None, op: Op::Constant { dtype: Dtype::I64, shape: vec![1], data } },
-                OutputTensor { name: "w".into(), dtype: Some(Dtype::F32), op: Op::Cast(Source { input: 0, tensor: "w".into() }) },
+                OutputTensor {
+                    name: "c".into(),
+                    dtype: None,
+                    op: Op::Constant {
+                        dtype: Dtype::I64,
+                        shape: vec![1],
+                        data,
+                    },
+                },
+                OutputTensor {
+                    name: "w".into(),
+                    dtype: Some(Dtype::F32),
+                    op: Op::Cast(Source {
+                        input: 0,
+                        tensor: "w".into(),
+                    }),
+                },
             ],
             accumulate: Accumulate::F32,
             metadata: Default::default(),
@@ -412,7 +554,10 @@ mod tests {
         let r = execute(plan, &[a], &out, &Options::default(), &Progress::default()).unwrap();
         assert_eq!(r.bytes_read, 6);
         assert_eq!(read_tensor(&out, "c"), vec![1, 0, 0, 0, 0, 0, 0, 0]);
-        let w: Vec<u8> = [-0.0f32, 1.5, -2.25].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let w: Vec<u8> = [-0.0f32, 1.5, -2.25]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         assert_eq!(read_tensor(&out, "w"), w, "a cast keeps the sign of zero");
     }
 

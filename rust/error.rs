@@ -103,7 +103,9 @@ impl Error {
             Error::NotFound { .. } => "InputNotFoundError",
             Error::IsDirectory { .. } | Error::Pickle { .. } => "InvalidFileError",
             Error::InvalidFile { .. } | Error::InvalidTensor { .. } => "InvalidFileError",
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => "DiskFullError",
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                "DiskFullError"
+            }
             Error::Io { .. } => "AstolfomixIOError",
             Error::Mismatch { .. } => "MismatchError",
             Error::Plan(_) => "PlanError",

@@ -118,7 +118,11 @@ pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String]) -> Result<Vec<f64>> {
 
 /// For `compare`: per file, `(sum (x - r)^2, sum r^2)` over `keys`, where `r` is the file
 /// `reference` or, with `None`, the mean of all files. Streams tensor by tensor.
-pub fn l2_distances(files: &[&Checkpoint], keys: &[String], reference: Option<usize>) -> Result<Vec<(f64, f64)>> {
+pub fn l2_distances(
+    files: &[&Checkpoint],
+    keys: &[String],
+    reference: Option<usize>,
+) -> Result<Vec<(f64, f64)>> {
     let per_key: Vec<Vec<(f64, f64)>> = keys
         .par_iter()
         .map(|key| {
@@ -138,7 +142,13 @@ pub fn l2_distances(files: &[&Checkpoint], keys: &[String], reference: Option<us
                     if first.len() != f.len() {
                         return Err(Error::Mismatch {
                             tensor: key.clone(),
-                            reason: format!("{} elements in {} but {} in {}", first.len(), files[0].path().display(), f.len(), ck.path().display()),
+                            reason: format!(
+                                "{} elements in {} but {} in {}",
+                                first.len(),
+                                files[0].path().display(),
+                                f.len(),
+                                ck.path().display()
+                            ),
                         });
                     }
                 }
@@ -148,13 +158,23 @@ pub fn l2_distances(files: &[&Checkpoint], keys: &[String], reference: Option<us
                 Some(i) => vals[i].clone(),
                 None => {
                     let n = vals.len() as f64;
-                    (0..vals[0].len()).map(|j| vals.iter().map(|v| v[j]).sum::<f64>() / n).collect()
+                    (0..vals[0].len())
+                        .map(|j| vals.iter().map(|v| v[j]).sum::<f64>() / n)
+                        .collect()
                 }
             };
             let den: f64 = r.iter().map(|x| x * x).sum();
             Ok(vals
                 .iter()
-                .map(|v| (v.iter().zip(&r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>(), den))
+                .map(|v| {
+                    (
+                        v.iter()
+                            .zip(&r)
+                            .map(|(a, b)| (a - b) * (a - b))
+                            .sum::<f64>(),
+                        den,
+                    )
+                })
                 .collect())
         })
         .collect::<Result<_>>()?;
@@ -179,15 +199,39 @@ mod tests {
         let v = [0.5f32, -1.25, 3.0];
         let a = d.path().join("a.safetensors");
         let b = d.path().join("b.safetensors");
-        write_file(&a, &[("p.x", Dtype::F16, vec![3], f16_bytes(&v)), ("p.y", Dtype::F16, vec![1], f16_bytes(&[2.0]))]);
+        write_file(
+            &a,
+            &[
+                ("p.x", Dtype::F16, vec![3], f16_bytes(&v)),
+                ("p.y", Dtype::F16, vec![1], f16_bytes(&[2.0])),
+            ],
+        );
         let f32b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        write_file(&b, &[("q.y", Dtype::F32, vec![1], 2f32.to_le_bytes().to_vec()), ("q.x", Dtype::F32, vec![3], f32b)]);
+        write_file(
+            &b,
+            &[
+                ("q.y", Dtype::F32, vec![1], 2f32.to_le_bytes().to_vec()),
+                ("q.x", Dtype::F32, vec![3], f32b),
+            ],
+        );
         let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
-        let ea = vec![("x".to_string(), "p.x".to_string()), ("y".to_string(), "p.y".to_string())];
-        let eb = vec![("y".to_string(), "q.y".to_string()), ("x".to_string(), "q.x".to_string())];
-        assert_eq!(content_hash(&ca, &ea).unwrap(), content_hash(&cb, &eb).unwrap());
+        let ea = vec![
+            ("x".to_string(), "p.x".to_string()),
+            ("y".to_string(), "p.y".to_string()),
+        ];
+        let eb = vec![
+            ("y".to_string(), "q.y".to_string()),
+            ("x".to_string(), "q.x".to_string()),
+        ];
+        assert_eq!(
+            content_hash(&ca, &ea).unwrap(),
+            content_hash(&cb, &eb).unwrap()
+        );
         let ec = vec![("x".to_string(), "p.x".to_string())];
-        assert_ne!(content_hash(&ca, &ea).unwrap(), content_hash(&ca, &ec).unwrap());
+        assert_ne!(
+            content_hash(&ca, &ea).unwrap(),
+            content_hash(&ca, &ec).unwrap()
+        );
     }
 
     #[test]

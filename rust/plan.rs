@@ -215,7 +215,12 @@ pub fn normalize_weights(w: &[f64]) -> Result<Vec<f64>> {
 fn provenance(files: &[(String, u64)]) -> String {
     let items: Vec<String> = files
         .iter()
-        .map(|(name, len)| format!("{{\"name\":{},\"size\":{len}}}", serde_json::to_string(name).expect("string")))
+        .map(|(name, len)| {
+            format!(
+                "{{\"name\":{},\"size\":{len}}}",
+                serde_json::to_string(name).expect("string")
+            )
+        })
         .collect();
     format!("[{}]", items.join(","))
 }
@@ -250,24 +255,41 @@ impl Resolver {
         let mut seen = HashSet::new();
         for (o, out) in plan.outputs.iter().enumerate() {
             if !seen.insert(out.name.as_str()) {
-                return Err(Error::Plan(format!("output tensor '{}' appears twice", out.name)));
+                return Err(Error::Plan(format!(
+                    "output tensor '{}' appears twice",
+                    out.name
+                )));
             }
             match &out.op {
                 Op::Mean { sources, weights } => {
                     if sources.is_empty() {
-                        return Err(Error::Plan(format!("mean for '{}' has no sources", out.name)));
+                        return Err(Error::Plan(format!(
+                            "mean for '{}' has no sources",
+                            out.name
+                        )));
                     }
                     if let Some(w) = weights {
                         if w.len() != sources.len() {
-                            return Err(Error::Plan(format!("'{}' has {} weights for {} sources", out.name, w.len(), sources.len())));
+                            return Err(Error::Plan(format!(
+                                "'{}' has {} weights for {} sources",
+                                out.name,
+                                w.len(),
+                                sources.len()
+                            )));
                         }
                         if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
-                            return Err(Error::Plan(format!("'{}': weight {bad} is not finite", out.name)));
+                            return Err(Error::Plan(format!(
+                                "'{}': weight {bad} is not finite",
+                                out.name
+                            )));
                         }
                     }
                 }
                 Op::Constant { dtype, shape, data } => {
-                    let want = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).and_then(|n| dtype.byte_len(n));
+                    let want = shape
+                        .iter()
+                        .try_fold(1usize, |a, &b| a.checked_mul(b))
+                        .and_then(|n| dtype.byte_len(n));
                     if want != Some((**data).as_ref().len()) {
                         return Err(Error::Plan(format!(
                             "constant '{}': {} bytes given for {dtype}{shape:?}",
@@ -276,22 +298,35 @@ impl Resolver {
                         )));
                     }
                     if out.dtype.is_some_and(|d| d != *dtype) {
-                        return Err(Error::Plan(format!("constant '{}' is {dtype}; it cannot be written as another dtype", out.name)));
+                        return Err(Error::Plan(format!(
+                            "constant '{}' is {dtype}; it cannot be written as another dtype",
+                            out.name
+                        )));
                     }
                 }
                 Op::Copy(_) | Op::Cast(_) => {}
             }
             if matches!(out.op, Op::Cast(_)) && out.dtype.is_none() {
-                return Err(Error::Plan(format!("cast '{}' needs an output dtype", out.name)));
+                return Err(Error::Plan(format!(
+                    "cast '{}' needs an output dtype",
+                    out.name
+                )));
             }
             for (j, s) in sources_of(&out.op).iter().enumerate() {
-                let slot = by_input
-                    .get_mut(s.input)
-                    .ok_or_else(|| Error::Plan(format!("tensor '{}' names input #{} of {n_inputs}", s.tensor, s.input)))?;
+                let slot = by_input.get_mut(s.input).ok_or_else(|| {
+                    Error::Plan(format!(
+                        "tensor '{}' names input #{} of {n_inputs}",
+                        s.tensor, s.input
+                    ))
+                })?;
                 slot.push((o as u32, j as u32));
             }
         }
-        let refs = plan.outputs.iter().map(|o| vec![None; sources_of(&o.op).len()]).collect();
+        let refs = plan
+            .outputs
+            .iter()
+            .map(|o| vec![None; sources_of(&o.op).len()])
+            .collect();
         let shapes = vec![None; plan.outputs.len()];
         Ok(Resolver {
             plan,
@@ -310,7 +345,10 @@ impl Resolver {
     /// Locates every source that reads from input `input` (opened as `ck`) and keeps the file.
     pub fn add(&mut self, input: usize, ck: &Checkpoint) -> Result<()> {
         let n = self.files.len();
-        let slot = self.files.get_mut(input).ok_or_else(|| Error::Plan(format!("input #{input} of {n}")))?;
+        let slot = self
+            .files
+            .get_mut(input)
+            .ok_or_else(|| Error::Plan(format!("input #{input} of {n}")))?;
         *slot = Some(ck.file.clone());
         for &(o, j) in &self.by_input[input] {
             let out = &self.plan.outputs[o as usize];
@@ -333,8 +371,16 @@ impl Resolver {
             match &self.shapes[o as usize] {
                 None => self.shapes[o as usize] = Some((t.shape.clone(), input)),
                 Some((shape, first)) if *shape != t.shape => {
-                    let first = self.files[*first].as_ref().map(|f| f.path.display().to_string()).unwrap_or_default();
-                    return Err(mismatch(format!("shape {:?} in {first} but {:?} in {}", shape, t.shape, ck.path().display())));
+                    let first = self.files[*first]
+                        .as_ref()
+                        .map(|f| f.path.display().to_string())
+                        .unwrap_or_default();
+                    return Err(mismatch(format!(
+                        "shape {:?} in {first} but {:?} in {}",
+                        shape,
+                        t.shape,
+                        ck.path().display()
+                    )));
                 }
                 Some(_) => {}
             }
@@ -358,22 +404,29 @@ impl Resolver {
                 tensor: o.name.clone(),
                 reason,
             };
-            let refs: Vec<SrcRef> = refs
-                .into_iter()
-                .collect::<Option<_>>()
-                .ok_or_else(|| Error::Plan(format!("'{}' reads an input that was never opened", o.name)))?;
+            let refs: Vec<SrcRef> = refs.into_iter().collect::<Option<_>>().ok_or_else(|| {
+                Error::Plan(format!("'{}' reads an input that was never opened", o.name))
+            })?;
             let (kind, shape, dtype) = match &o.op {
-                Op::Constant { dtype, shape, data } => (Kind::Constant(data.clone()), shape.clone(), *dtype),
+                Op::Constant { dtype, shape, data } => {
+                    (Kind::Constant(data.clone()), shape.clone(), *dtype)
+                }
                 op => {
-                    let (shape, _) = shape.ok_or_else(|| Error::Plan(format!("'{}' has no source", o.name)))?;
+                    let (shape, _) =
+                        shape.ok_or_else(|| Error::Plan(format!("'{}' has no source", o.name)))?;
                     let first = refs[0];
                     let dtype = o.dtype.unwrap_or(first.dtype);
                     let converting = matches!(op, Op::Mean { .. }) || dtype != first.dtype;
                     if converting && !dtype.is_averageable() {
-                        return Err(mismatch(format!("cannot write a mean or conversion as {dtype}")));
+                        return Err(mismatch(format!(
+                            "cannot write a mean or conversion as {dtype}"
+                        )));
                     }
                     if converting && !first.dtype.is_averageable() {
-                        return Err(mismatch(format!("cannot convert {} to {dtype}", first.dtype)));
+                        return Err(mismatch(format!(
+                            "cannot convert {} to {dtype}",
+                            first.dtype
+                        )));
                     }
                     let kind = match op {
                         Op::Mean { weights, .. } => Kind::Mean {
@@ -386,7 +439,11 @@ impl Resolver {
                         // either side needs the f64 path; the result is one rounding either way.
                         _ => Kind::Cast {
                             src: first,
-                            via: if first.dtype == Dtype::F64 || dtype == Dtype::F64 { Accumulate::F64 } else { Accumulate::F32 },
+                            via: if first.dtype == Dtype::F64 || dtype == Dtype::F64 {
+                                Accumulate::F64
+                            } else {
+                                Accumulate::F32
+                            },
                         },
                     };
                     (kind, shape, dtype)
@@ -397,7 +454,11 @@ impl Resolver {
                 .and_then(|n| dtype.byte_len(n))
                 .ok_or_else(|| mismatch(format!("shape {shape:?} overflows")))?;
             let numel = numel.unwrap_or(0);
-            bytes_read += kind.sources().iter().map(|r| r.dtype.byte_len(numel).unwrap_or(0) as u64).sum::<u64>();
+            bytes_read += kind
+                .sources()
+                .iter()
+                .map(|r| r.dtype.byte_len(numel).unwrap_or(0) as u64)
+                .sum::<u64>();
             tensors.push(Resolved {
                 name: o.name.clone(),
                 dtype,
@@ -417,13 +478,24 @@ impl Resolver {
             .collect::<Result<_>>()?;
         let files: Vec<(String, u64)> = inputs
             .iter()
-            .map(|f| (f.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), f.file_len))
+            .map(|f| {
+                (
+                    f.path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    f.file_len,
+                )
+            })
             .collect();
         let mut metadata = self.plan.metadata;
         // A plan of constants only (a file saved from memory) carries just the caller's metadata.
         if !files.is_empty() {
             metadata.insert("astolfomix.inputs".into(), provenance(&files));
-            metadata.insert("astolfomix.version".into(), env!("CARGO_PKG_VERSION").into());
+            metadata.insert(
+                "astolfomix.version".into(),
+                env!("CARGO_PKG_VERSION").into(),
+            );
         }
         let header = header::serialize(
             tensors.iter().map(|t| OutEntry {
@@ -465,14 +537,23 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a.safetensors");
         let b = d.path().join("b.safetensors");
-        write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0])), ("i", Dtype::I64, vec![1], vec![0; 8])]);
+        write_file(
+            &a,
+            &[
+                ("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0])),
+                ("i", Dtype::I64, vec![1], vec![0; 8]),
+            ],
+        );
         write_file(&b, &[("w", Dtype::F16, vec![1, 2], f16_bytes(&[1.0, 2.0]))]);
         let cks = vec![Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap()];
         (d, cks)
     }
 
     fn src(input: usize, t: &str) -> Source {
-        Source { input, tensor: t.into() }
+        Source {
+            input,
+            tensor: t.into(),
+        }
     }
 
     fn plan(outputs: Vec<OutputTensor>, _cks: &[Checkpoint]) -> Plan {
@@ -484,12 +565,20 @@ mod tests {
     }
 
     fn out(name: &str, dtype: Option<Dtype>, op: Op) -> OutputTensor {
-        OutputTensor { name: name.into(), dtype, op }
+        OutputTensor {
+            name: name.into(),
+            dtype,
+            op,
+        }
     }
 
     fn err(outputs: Vec<OutputTensor>) -> String {
         let (_d, cks) = setup();
-        plan(outputs, &cks).resolve(&cks).err().expect("an error").to_string()
+        plan(outputs, &cks)
+            .resolve(&cks)
+            .err()
+            .expect("an error")
+            .to_string()
     }
 
     #[test]
@@ -499,21 +588,45 @@ mod tests {
 
     #[test]
     fn error_duplicate_output() {
-        let e = err(vec![out("x", None, Op::Copy(src(0, "w"))), out("x", None, Op::Copy(src(0, "w")))]);
+        let e = err(vec![
+            out("x", None, Op::Copy(src(0, "w"))),
+            out("x", None, Op::Copy(src(0, "w"))),
+        ]);
         assert!(e.contains("'x' appears twice"), "{e}");
     }
 
     #[test]
     fn error_mean_without_sources() {
-        let e = err(vec![out("x", None, Op::Mean { sources: vec![], weights: None })]);
+        let e = err(vec![out(
+            "x",
+            None,
+            Op::Mean {
+                sources: vec![],
+                weights: None,
+            },
+        )]);
         assert!(e.contains("no sources"), "{e}");
     }
 
     #[test]
     fn error_weights() {
-        let e = err(vec![out("x", None, Op::Mean { sources: vec![src(0, "w")], weights: Some(vec![0.5, 0.5]) })]);
+        let e = err(vec![out(
+            "x",
+            None,
+            Op::Mean {
+                sources: vec![src(0, "w")],
+                weights: Some(vec![0.5, 0.5]),
+            },
+        )]);
         assert!(e.contains("2 weights for 1 sources"), "{e}");
-        let e = err(vec![out("x", None, Op::Mean { sources: vec![src(0, "w")], weights: Some(vec![f64::NAN]) })]);
+        let e = err(vec![out(
+            "x",
+            None,
+            Op::Mean {
+                sources: vec![src(0, "w")],
+                weights: Some(vec![f64::NAN]),
+            },
+        )]);
         assert!(e.contains("not finite"), "{e}");
     }
 
@@ -531,13 +644,33 @@ mod tests {
 
     #[test]
     fn error_shape_mismatch_names_both_files() {
-        let e = err(vec![out("w", None, Op::Mean { sources: vec![src(0, "w"), src(1, "w")], weights: None })]);
-        assert!(e.contains("[2]") && e.contains("[1, 2]") && e.contains("a.safetensors") && e.contains("b.safetensors"), "{e}");
+        let e = err(vec![out(
+            "w",
+            None,
+            Op::Mean {
+                sources: vec![src(0, "w"), src(1, "w")],
+                weights: None,
+            },
+        )]);
+        assert!(
+            e.contains("[2]")
+                && e.contains("[1, 2]")
+                && e.contains("a.safetensors")
+                && e.contains("b.safetensors"),
+            "{e}"
+        );
     }
 
     #[test]
     fn error_int_mean_and_conversion() {
-        let e = err(vec![out("i", None, Op::Mean { sources: vec![src(0, "i")], weights: None })]);
+        let e = err(vec![out(
+            "i",
+            None,
+            Op::Mean {
+                sources: vec![src(0, "i")],
+                weights: None,
+            },
+        )]);
         assert!(e.contains("I64") && e.contains("cannot be averaged"), "{e}");
         let e = err(vec![out("i", Some(Dtype::F16), Op::Copy(src(0, "i")))]);
         assert!(e.contains("cannot convert I64"), "{e}");
@@ -549,14 +682,27 @@ mod tests {
     fn layout_and_provenance() {
         let (_d, cks) = setup();
         let p = plan(
-            vec![out("w", Some(Dtype::F32), Op::Copy(src(0, "w"))), out("i", None, Op::Copy(src(0, "i")))],
+            vec![
+                out("w", Some(Dtype::F32), Op::Copy(src(0, "w"))),
+                out("i", None, Op::Copy(src(0, "i"))),
+            ],
             &cks,
         );
         let l = p.resolve(&cks).unwrap();
-        assert_eq!((l.tensors[0].out_offset, l.tensors[0].out_len, l.tensors[1].out_offset), (0, 8, 8));
+        assert_eq!(
+            (
+                l.tensors[0].out_offset,
+                l.tensors[0].out_len,
+                l.tensors[1].out_offset
+            ),
+            (0, 8, 8)
+        );
         assert_eq!(l.data_len, 16);
         assert_eq!(l.bytes_read, 4 + 8);
         let text = String::from_utf8_lossy(&l.header);
-        assert!(text.contains("astolfomix.inputs") && text.contains("a.safetensors"), "{text}");
+        assert!(
+            text.contains("astolfomix.inputs") && text.contains("a.safetensors"),
+            "{text}"
+        );
     }
 }

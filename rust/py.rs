@@ -31,13 +31,16 @@ fn to_py(e: Error) -> PyErr {
     }
     Python::attach(|py| {
         let msg = e.to_string();
-        match py.import("astolfomix_rs.errors").and_then(|m| m.getattr(e.kind())).and_then(|c| c.call1((msg,))) {
+        match py
+            .import("astolfomix_rs.errors")
+            .and_then(|m| m.getattr(e.kind()))
+            .and_then(|c| c.call1((msg,)))
+        {
             Ok(inst) => PyErr::from_value(inst),
             Err(err) => err,
         }
     })
 }
-
 
 /// A `PlanError` carrying `msg`: bad arguments from Python are plan errors, not bare ValueErrors.
 fn plan_err(msg: impl Into<String>) -> PyErr {
@@ -52,7 +55,9 @@ fn parse_accumulate(s: &str) -> PyResult<Accumulate> {
     match s {
         "f32" => Ok(Accumulate::F32),
         "f64" => Ok(Accumulate::F64),
-        a => Err(plan_err(format!("accumulate must be 'f32' or 'f64', not '{a}'"))),
+        a => Err(plan_err(format!(
+            "accumulate must be 'f32' or 'f64', not '{a}'"
+        ))),
     }
 }
 
@@ -61,7 +66,13 @@ fn parse_accumulate(s: &str) -> PyResult<Accumulate> {
 /// # Safety
 /// `view` must be a valid `Py_buffer` from the caller, and `ptr..ptr+len` must stay valid and
 /// unchanged as long as `obj` is alive.
-unsafe fn fill_view(view: *mut ffi::Py_buffer, obj: Bound<'_, PyAny>, ptr: *const u8, len: usize, flags: c_int) -> PyResult<()> {
+unsafe fn fill_view(
+    view: *mut ffi::Py_buffer,
+    obj: Bound<'_, PyAny>,
+    ptr: *const u8,
+    len: usize,
+    flags: c_int,
+) -> PyResult<()> {
     if view.is_null() {
         return Err(PyBufferError::new_err("view is null"));
     }
@@ -108,7 +119,9 @@ struct PyCheckpoint(Checkpoint);
 impl PyCheckpoint {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        py.detach(|| Checkpoint::open(&path)).map(PyCheckpoint).map_err(to_py)
+        py.detach(|| Checkpoint::open(&path))
+            .map(PyCheckpoint)
+            .map_err(to_py)
     }
 
     #[getter]
@@ -138,7 +151,15 @@ impl PyCheckpoint {
             .header
             .tensors
             .iter()
-            .map(|t| (t.name.clone(), t.dtype.name(), t.shape.clone(), s + t.begin, t.end - t.begin))
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.dtype.name(),
+                    t.shape.clone(),
+                    s + t.begin,
+                    t.end - t.begin,
+                )
+            })
             .collect()
     }
 
@@ -146,7 +167,11 @@ impl PyCheckpoint {
         self.0.header.tensors.len()
     }
 
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         let data = slf.get().0.file.bytes();
         let (ptr, len) = (data.as_ptr(), data.len());
         // SAFETY: the map lives as long as the checkpoint, which the view keeps alive.
@@ -167,7 +192,11 @@ impl PyInputFile {
         self.0.path.clone()
     }
 
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         let data = slf.get().0.bytes();
         let (ptr, len) = (data.as_ptr(), data.len());
         // SAFETY: the map lives as long as the Arc this object holds, which the view keeps alive.
@@ -194,11 +223,23 @@ impl AsRef<[u8]> for Lent {
 /// weights|None, data|None, shape|None)` with op `copy`, `cast`, `mean` or `constant` (see
 /// `astolfomix_rs.core.plan.Output.as_core`). Key names are interned: a merge of N models names
 /// each key N times, and this keeps one copy.
-fn plan_from_py(outputs: &Bound<'_, PyList>, accumulate: &str, metadata: BTreeMap<String, String>) -> PyResult<Plan> {
+fn plan_from_py(
+    outputs: &Bound<'_, PyList>,
+    accumulate: &str,
+    metadata: BTreeMap<String, String>,
+) -> PyResult<Plan> {
     let accumulate = parse_accumulate(accumulate)?;
     let mut names: HashMap<String, Arc<str>> = HashMap::new();
     let mut outs = Vec::with_capacity(outputs.len());
-    type Entry<'py> = (String, Option<String>, String, Bound<'py, PyList>, Option<Vec<f64>>, Option<Bound<'py, PyAny>>, Option<Vec<usize>>);
+    type Entry<'py> = (
+        String,
+        Option<String>,
+        String,
+        Bound<'py, PyList>,
+        Option<Vec<f64>>,
+        Option<Bound<'py, PyAny>>,
+        Option<Vec<usize>>,
+    );
     for item in outputs.iter() {
         let (name, dtype, op, srcs, weights, data, shape): Entry<'_> = item.extract()?;
         let dtype = dtype.map(|d| parse_dtype(&d)).transpose()?;
@@ -208,7 +249,10 @@ fn plan_from_py(outputs: &Bound<'_, PyList>, accumulate: &str, metadata: BTreeMa
             let key = key.to_str()?;
             let tensor = match names.get(key) {
                 Some(a) => a.clone(),
-                None => names.entry(key.to_string()).or_insert_with(|| Arc::from(key)).clone(),
+                None => names
+                    .entry(key.to_string())
+                    .or_insert_with(|| Arc::from(key))
+                    .clone(),
             };
             sources.push(Source { input, tensor });
         }
@@ -224,19 +268,28 @@ fn plan_from_py(outputs: &Bound<'_, PyList>, accumulate: &str, metadata: BTreeMa
             "cast" => Op::Cast(one(&mut sources)?),
             "mean" => Op::Mean { sources, weights },
             "constant" => {
-                let data = data.ok_or_else(|| plan_err(format!("constant '{name}' has no data")))?;
+                let data =
+                    data.ok_or_else(|| plan_err(format!("constant '{name}' has no data")))?;
                 let buf = PyBuffer::<u8>::get(&data)?;
                 if !buf.is_c_contiguous() {
-                    return Err(plan_err(format!("constant '{name}': data must be C-contiguous bytes")));
+                    return Err(plan_err(format!(
+                        "constant '{name}': data must be C-contiguous bytes"
+                    )));
                 }
-                let dtype = dtype.ok_or_else(|| plan_err(format!("constant '{name}' needs its dtype")))?;
-                let shape = shape.ok_or_else(|| plan_err(format!("constant '{name}' needs its shape")))?;
+                let dtype =
+                    dtype.ok_or_else(|| plan_err(format!("constant '{name}' needs its dtype")))?;
+                let shape =
+                    shape.ok_or_else(|| plan_err(format!("constant '{name}' needs its shape")))?;
                 let op = Op::Constant {
                     dtype,
                     shape,
                     data: Arc::new(Lent { buf }),
                 };
-                outs.push(OutputTensor { name, dtype: None, op });
+                outs.push(OutputTensor {
+                    name,
+                    dtype: None,
+                    op,
+                });
                 continue;
             }
             o => return Err(plan_err(format!("unknown op '{o}' for '{name}'"))),
@@ -261,20 +314,31 @@ impl PyResolver {
     #[pyo3(signature = (outputs, n_inputs, *, accumulate="f32"))]
     fn new(outputs: &Bound<'_, PyList>, n_inputs: usize, accumulate: &str) -> PyResult<Self> {
         let plan = plan_from_py(outputs, accumulate, BTreeMap::new())?;
-        Resolver::new(plan, n_inputs).map(|r| PyResolver(Mutex::new(Some(r)))).map_err(to_py)
+        Resolver::new(plan, n_inputs)
+            .map(|r| PyResolver(Mutex::new(Some(r))))
+            .map_err(to_py)
     }
 
     /// Locates every source that reads from input `input`.
     fn add(&self, input: usize, checkpoint: &Bound<'_, PyCheckpoint>) -> PyResult<()> {
-        let mut g = self.0.lock().map_err(|_| PyRuntimeError::new_err("resolver lock poisoned"))?;
-        let r = g.as_mut().ok_or_else(|| plan_err("the resolver is already finished"))?;
+        let mut g = self
+            .0
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("resolver lock poisoned"))?;
+        let r = g
+            .as_mut()
+            .ok_or_else(|| plan_err("the resolver is already finished"))?;
         r.add(input, &checkpoint.get().0).map_err(to_py)
     }
 
     /// The resolved plan, with `metadata` for the output header.
     #[pyo3(signature = (metadata=BTreeMap::new()))]
     fn finish(&self, metadata: BTreeMap<String, String>) -> PyResult<PyLayout> {
-        let r = self.0.lock().map_err(|_| PyRuntimeError::new_err("resolver lock poisoned"))?.take();
+        let r = self
+            .0
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("resolver lock poisoned"))?
+            .take();
         let mut r = r.ok_or_else(|| plan_err("the resolver is already finished"))?;
         r.set_metadata(metadata);
         r.finish().map(|l| PyLayout(Arc::new(l))).map_err(to_py)
@@ -309,7 +373,11 @@ impl PyLayout {
 
     /// Input `i`, as a read-only buffer of the whole file.
     fn input(&self, i: usize) -> PyResult<PyInputFile> {
-        self.0.inputs.get(i).map(|f| PyInputFile(f.clone())).ok_or_else(|| plan_err(format!("no input #{i}")))
+        self.0
+            .inputs
+            .get(i)
+            .map(|f| PyInputFile(f.clone()))
+            .ok_or_else(|| plan_err(format!("no input #{i}")))
     }
 
     #[getter]
@@ -321,18 +389,47 @@ impl PyLayout {
     /// via)]`: op is `copy` (the stored bytes), `cast`, `mean` or `constant` (see `constant(i)`);
     /// via is the working precision (`f32`/`f64`) of casts and means.
     #[allow(clippy::type_complexity)]
-    fn tensors(&self) -> Vec<(&str, &'static str, Vec<usize>, usize, usize, usize, &'static str, Vec<(usize, &'static str, usize)>, Option<Vec<f64>>, Option<&'static str>)> {
+    fn tensors(
+        &self,
+    ) -> Vec<(
+        &str,
+        &'static str,
+        Vec<usize>,
+        usize,
+        usize,
+        usize,
+        &'static str,
+        Vec<(usize, &'static str, usize)>,
+        Option<Vec<f64>>,
+        Option<&'static str>,
+    )> {
         self.0
             .tensors
             .iter()
             .map(|t| {
-                let srcs = t.kind.sources().iter().map(|r| (r.input, r.dtype.name(), r.offset)).collect();
+                let srcs = t
+                    .kind
+                    .sources()
+                    .iter()
+                    .map(|r| (r.input, r.dtype.name(), r.offset))
+                    .collect();
                 let (weights, via) = match &t.kind {
                     Kind::Mean { weights, via, .. } => (weights.clone(), Some(via.name())),
                     Kind::Cast { via, .. } => (None, Some(via.name())),
                     _ => (None, None),
                 };
-                (t.name.as_str(), t.dtype.name(), t.shape.clone(), t.numel, t.out_offset, t.out_len, t.kind.name(), srcs, weights, via)
+                (
+                    t.name.as_str(),
+                    t.dtype.name(),
+                    t.shape.clone(),
+                    t.numel,
+                    t.out_offset,
+                    t.out_len,
+                    t.kind.name(),
+                    srcs,
+                    weights,
+                    via,
+                )
             })
             .collect()
     }
@@ -356,7 +453,9 @@ fn write_mode(overwrite: bool, in_place: Option<usize>) -> Mode {
 
 fn level_from_py(kernel: Option<&str>) -> PyResult<Option<Level>> {
     let Some(k) = kernel else { return Ok(None) };
-    let want = Level::available().into_iter().find(|l| l.name() == k || format!("{l:?}").eq_ignore_ascii_case(k));
+    let want = Level::available()
+        .into_iter()
+        .find(|l| l.name() == k || format!("{l:?}").eq_ignore_ascii_case(k));
     want.map(Some)
         .ok_or_else(|| plan_err(format!("kernel '{k}' is not available on this CPU")))
 }
@@ -401,7 +500,13 @@ fn run_watched<T: Send>(
                 let res = Python::attach(|py| -> PyResult<()> {
                     py.check_signals()?;
                     if let Some(cb) = &callback {
-                        cb.call1(py, (progress.done.load(Ordering::Relaxed), progress.total.load(Ordering::Relaxed)))?;
+                        cb.call1(
+                            py,
+                            (
+                                progress.done.load(Ordering::Relaxed),
+                                progress.total.load(Ordering::Relaxed),
+                            ),
+                        )?;
                     }
                     Ok(())
                 });
@@ -410,9 +515,11 @@ fn run_watched<T: Send>(
                     interrupt = Some(e);
                 }
             }
-            let result = handle
-                .join()
-                .map_err(|_| PyRuntimeError::new_err("internal error: the engine panicked; no output was written"))?;
+            let result = handle.join().map_err(|_| {
+                PyRuntimeError::new_err(
+                    "internal error: the engine panicked; no output was written",
+                )
+            })?;
             if let Some(e) = interrupt {
                 return Err(e);
             }
@@ -441,7 +548,11 @@ fn execute<'py>(
     let io = match io {
         "pread" => Io::Pread,
         "mmap" => Io::Mmap,
-        other => return Err(plan_err(format!("io must be 'pread' or 'mmap', not '{other}'"))),
+        other => {
+            return Err(plan_err(format!(
+                "io must be 'pread' or 'mmap', not '{other}'"
+            )))
+        }
     };
     let layout = layout.get().0.clone();
     let opts = Options {
@@ -453,7 +564,9 @@ fn execute<'py>(
         mode: write_mode(overwrite, in_place),
     };
     let prog = Progress::default();
-    let report = run_watched(py, progress, &prog, || engine::run_layout(&layout, &output, &opts, &prog))?;
+    let report = run_watched(py, progress, &prog, || {
+        engine::run_layout(&layout, &output, &opts, &prog)
+    })?;
     report_to_py(py, &report)
 }
 
@@ -466,10 +579,22 @@ impl PyWriter {
     /// Creates the temporary file for `layout`'s output at `path` and writes its header.
     #[new]
     #[pyo3(signature = (layout, path, *, overwrite=false, in_place=None))]
-    fn new(py: Python<'_>, layout: &Bound<'_, PyLayout>, path: PathBuf, overwrite: bool, in_place: Option<usize>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        layout: &Bound<'_, PyLayout>,
+        path: PathBuf,
+        overwrite: bool,
+        in_place: Option<usize>,
+    ) -> PyResult<Self> {
         let layout = layout.get().0.clone();
         py.detach(|| {
-            Writer::create(&path, &layout.header, layout.data_len as u64, &layout.identities(), write_mode(overwrite, in_place))
+            Writer::create(
+                &path,
+                &layout.header,
+                layout.data_len as u64,
+                &layout.identities(),
+                write_mode(overwrite, in_place),
+            )
         })
         .map(|w| PyWriter(RwLock::new(Some(w))))
         .map_err(to_py)
@@ -486,8 +611,13 @@ impl PyWriter {
             // SAFETY: `buf` holds the exporter's buffer alive and C-contiguous for `len` bytes
             // until it is dropped after this closure; nothing here mutates it.
             let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-            let guard = self.0.read().map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?;
-            let w = guard.as_ref().ok_or_else(|| plan_err("writer is already closed"))?;
+            let guard = self
+                .0
+                .read()
+                .map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?;
+            let w = guard
+                .as_ref()
+                .ok_or_else(|| plan_err("writer is already closed"))?;
             w.write_at(offset, bytes).map_err(to_py)
         })
     }
@@ -495,20 +625,32 @@ impl PyWriter {
     /// fsync (when durable) and rename into place.
     #[pyo3(signature = (durable=true))]
     fn commit(&self, py: Python<'_>, durable: bool) -> PyResult<()> {
-        let w = self.0.write().map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?.take();
+        let w = self
+            .0
+            .write()
+            .map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?
+            .take();
         let w = w.ok_or_else(|| plan_err("writer is already closed"))?;
         py.detach(|| w.commit(durable)).map_err(to_py)
     }
 
     /// Removes the temporary file; the target is left as it was.
     fn abort(&self) -> PyResult<()> {
-        drop(self.0.write().map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?.take());
+        drop(
+            self.0
+                .write()
+                .map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?
+                .take(),
+        );
         Ok(())
     }
 
     #[getter]
     fn written(&self) -> PyResult<u64> {
-        let g = self.0.read().map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?;
+        let g = self
+            .0
+            .read()
+            .map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?;
         Ok(g.as_ref().map_or(0, |w| w.written()))
     }
 }
@@ -519,18 +661,32 @@ fn handles<'a>(cks: &'a [Bound<'_, PyCheckpoint>]) -> Vec<&'a Checkpoint> {
 
 /// AutoV1/V2/V3 of each open file, files in parallel, each read once (GIL released).
 #[pyfunction]
-fn file_hashes(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>) -> Vec<BTreeMap<&'static str, String>> {
+fn file_hashes(
+    py: Python<'_>,
+    checkpoints: Vec<Bound<'_, PyCheckpoint>>,
+) -> Vec<BTreeMap<&'static str, String>> {
     use rayon::prelude::*;
     let cks = handles(&checkpoints);
-    let res: Vec<hashing::FileHashes> = py.detach(|| cks.par_iter().map(|c| hashing::file_hashes(c)).collect());
+    let res: Vec<hashing::FileHashes> =
+        py.detach(|| cks.par_iter().map(|c| hashing::file_hashes(c)).collect());
     res.into_iter()
-        .map(|h| BTreeMap::from([("sha256", h.sha256), ("autov1", h.autov1), ("autov3", h.autov3)]))
+        .map(|h| {
+            BTreeMap::from([
+                ("sha256", h.sha256),
+                ("autov1", h.autov1),
+                ("autov3", h.autov3),
+            ])
+        })
         .collect()
 }
 
 /// Content hash of each named group of `(canonical name, key)` entries of one open file.
 #[pyfunction]
-fn content_hashes(py: Python<'_>, checkpoint: &Bound<'_, PyCheckpoint>, groups: BTreeMap<String, Vec<(String, String)>>) -> PyResult<BTreeMap<String, String>> {
+fn content_hashes(
+    py: Python<'_>,
+    checkpoint: &Bound<'_, PyCheckpoint>,
+    groups: BTreeMap<String, Vec<(String, String)>>,
+) -> PyResult<BTreeMap<String, String>> {
     let ck = &checkpoint.get().0;
     py.detach(|| {
         groups
@@ -543,26 +699,40 @@ fn content_hashes(py: Python<'_>, checkpoint: &Bound<'_, PyCheckpoint>, groups: 
 
 /// The model-toolkit statistic `sum(sigmoid(fp16(x)) - 0.5)` of each key.
 #[pyfunction]
-fn sigmoid_sums(py: Python<'_>, checkpoint: &Bound<'_, PyCheckpoint>, keys: Vec<String>) -> PyResult<Vec<f64>> {
+fn sigmoid_sums(
+    py: Python<'_>,
+    checkpoint: &Bound<'_, PyCheckpoint>,
+    keys: Vec<String>,
+) -> PyResult<Vec<f64>> {
     let ck = &checkpoint.get().0;
-    py.detach(|| hashing::sigmoid_sums(ck, &keys)).map_err(to_py)
+    py.detach(|| hashing::sigmoid_sums(ck, &keys))
+        .map_err(to_py)
 }
 
 /// Per file `(sum (x - r)^2, sum r^2)` over `keys`; `r` = file `reference`, or the mean of all.
 #[pyfunction]
 #[pyo3(signature = (checkpoints, keys, reference=None))]
-fn l2_distances(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>, keys: Vec<String>, reference: Option<usize>) -> PyResult<Vec<(f64, f64)>> {
+fn l2_distances(
+    py: Python<'_>,
+    checkpoints: Vec<Bound<'_, PyCheckpoint>>,
+    keys: Vec<String>,
+    reference: Option<usize>,
+) -> PyResult<Vec<(f64, f64)>> {
     if reference.is_some_and(|r| r >= checkpoints.len()) {
         return Err(plan_err("reference index out of range"));
     }
     let cks = handles(&checkpoints);
-    py.detach(|| hashing::l2_distances(&cks, &keys, reference)).map_err(to_py)
+    py.detach(|| hashing::l2_distances(&cks, &keys, reference))
+        .map_err(to_py)
 }
 
 /// The dtype table both languages use: `[(name, bits, averageable)]`.
 #[pyfunction]
 fn dtypes() -> Vec<(&'static str, usize, bool)> {
-    Dtype::all().iter().map(|d| (d.name(), d.bits(), d.is_averageable())).collect()
+    Dtype::all()
+        .iter()
+        .map(|d| (d.name(), d.bits(), d.is_averageable()))
+        .collect()
 }
 
 /// Every exception class name the core raises (`astolfomix_rs.errors` must have each).

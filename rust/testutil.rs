@@ -32,5 +32,7 @@ pub fn write_file(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
 
 /// f32 values as F16 bytes.
 pub fn f16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect()
+    v.iter()
+        .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
+        .collect()
 }

@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 
+import astolfomix_rs as am
 import numpy as np
 import pytest
-
-import astolfomix_rs as am
 from astolfomix_rs import toolkit as tk
 from astolfomix_rs.anatomy import XL_TE0, detect
 from astolfomix_rs.cli import main

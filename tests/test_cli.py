@@ -6,9 +6,8 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-
 import astolfomix_rs as am
+import numpy as np
 from astolfomix_rs.cli import main
 from astolfomix_rs.io import save
 

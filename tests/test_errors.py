@@ -10,17 +10,22 @@ import subprocess
 import sys
 import textwrap
 
+import astolfomix_rs as am
 import numpy as np
 import pytest
+from astolfomix_rs.errors import (
+    AstolfomixError,
+    DiskFullError,
+    InputNotFoundError,
+    InvalidFileError,
+    MismatchError,
+    OutputError,
+    PlanError,
+)
+from astolfomix_rs.io import save
 from conftest import leftovers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import astolfomix_rs as am
-from astolfomix_rs.errors import (
-    AstolfomixError, DiskFullError, InputNotFoundError, InvalidFileError, MismatchError, OutputError, PlanError,
-)
-from astolfomix_rs.io import save
 
 
 def raw_file(path, header: dict | bytes, data: bytes = b"", declared_len: int | None = None):

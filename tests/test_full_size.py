@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import shutil
 
+import astolfomix_rs as am
 import numpy as np
 import pytest
-from reference import emulate_mean
-
-import astolfomix_rs as am
 from astolfomix_rs.anatomy import detect, reference
 from astolfomix_rs.synth import make_checkpoint
+from reference import emulate_mean
 
 pytestmark = pytest.mark.slow
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import threading
 
+import astolfomix_rs as am
 import numpy as np
 import pytest
+from astolfomix_rs.io import save
+from astolfomix_rs.plan import normalize
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import decode, emulate_mean, encode, round_minifloat, ulp
-
-import astolfomix_rs as am
-from astolfomix_rs.io import save
-from astolfomix_rs.plan import normalize
 
 FLOATS = ["F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"]
 OUTS = ["F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
+import astolfomix_rs as am
 import numpy as np
 import pytest
-from reference import emulate_mean
-
-import astolfomix_rs as am
 from astolfomix_rs import recipe as rc
 from astolfomix_rs.errors import RecipeError
 from astolfomix_rs.synth import make_checkpoint
+from reference import emulate_mean
 
 EXAMPLE = """\
 ```

@@ -3,15 +3,14 @@ On the CPU this runs everywhere (CI has no GPU); the gpu-marked tests run wherev
 
 from __future__ import annotations
 
+import astolfomix_rs as am
 import numpy as np
 import pytest
+from astolfomix_rs.errors import DeviceError
+from astolfomix_rs.io import save
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import decode, encode, ulp
-
-import astolfomix_rs as am
-from astolfomix_rs.errors import DeviceError
-from astolfomix_rs.io import save
 
 torch = pytest.importorskip("torch")  # installed by .ci/run: the [torch] extra
 CUDA = torch.cuda.is_available()

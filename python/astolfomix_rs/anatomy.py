@@ -7,91 +7,28 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
+from .errors import ArchitectureError
 from .reader import Checkpoint
-from .synth import layout
-
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-SD1_TE = "cond_stage_model.transformer."
-SD2_TE = "cond_stage_model.model."
-XL_TE0 = "conditioner.embedders.0.transformer."
-XL_TE1 = "conditioner.embedders.1.model."
-REFINER_TE = "conditioner.embedders.0.model."
-EMA = "model_ema."
-
-# Component slots per architecture: name -> (prefix, kind).
-ARCHES: dict[str, dict[str, tuple[str, str]]] = {
-    "sd1": {"unet": (UNET, "unet-sd1"), "te": (SD1_TE, "clip_l"), "vae": (VAE, "vae")},
-    "sd2": {"unet": (UNET, "unet-sd2"), "te": (SD2_TE, "vit_h"), "vae": (VAE, "vae")},
-    "sdxl": {"unet": (UNET, "unet-sdxl"), "te0": (XL_TE0, "clip_l"), "te1": (XL_TE1, "bigg"), "vae": (VAE, "vae")},
-    "sdxl-refiner": {"unet": (UNET, "unet-refiner"), "te1": (REFINER_TE, "bigg"), "vae": (VAE, "vae")},
-}
-ALIASES = {"clip_l": "te0", "clip_g": "te1", "clip": "te", "text_encoder": "te"}
-KIND_LABEL = {
-    "clip_l": "OpenAI CLIP ViT-L/14 (SD1 CLIP / SDXL TE0)",
-    "bigg": "OpenCLIP ViT-bigG/14 (SDXL TE1)",
-    "vit_h": "OpenCLIP ViT-H/14 (SD2 text encoder)",
-    "vae": "VAE",
-    "unet-sd1": "SD1 UNET", "unet-sd2": "SD2 UNET", "unet-sdxl": "SDXL UNET", "unet-refiner": "SDXL refiner UNET",
-}
-SCHEDULER_KEYS = {
-    "alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
-    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
-    "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "logvar", "model_ema.decay", "model_ema.num_updates",
-}
-VPRED_KEYS = {"v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min"}
-VARIANTS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix", 5: "depth"}
-
-
-def _strip(table: dict[str, dict], prefix: str, component: str) -> dict[str, dict]:
-    return {k[len(prefix):]: v for k, v in table.items() if v["component"] == component and k.startswith(prefix)}
-
-
-def _vit_h() -> dict[str, dict]:
-    def e(shape, optional=False):
-        return {"shape": shape, "dtype": "float32", "optional": optional}
-
-    keys = {
-        "token_embedding.weight": e([49408, 1024]), "positional_embedding": e([77, 1024]),
-        "ln_final.weight": e([1024]), "ln_final.bias": e([1024]),
-        "text_projection": e([1024, 1024], True), "logit_scale": e([], True),
-    }
-    for b in range(24):
-        p = f"transformer.resblocks.{b}."
-        opt = b == 23  # some SD2 finetunes drop the last block
-        for name, shape in (
-            ("ln_1.weight", [1024]), ("ln_1.bias", [1024]), ("ln_2.weight", [1024]), ("ln_2.bias", [1024]),
-            ("attn.in_proj_weight", [3072, 1024]), ("attn.in_proj_bias", [3072]),
-            ("attn.out_proj.weight", [1024, 1024]), ("attn.out_proj.bias", [1024]),
-            ("mlp.c_fc.weight", [4096, 1024]), ("mlp.c_fc.bias", [4096]),
-            ("mlp.c_proj.weight", [1024, 4096]), ("mlp.c_proj.bias", [1024]),
-        ):
-            keys[p + name] = e(shape, opt)
-    return keys
-
-
-@lru_cache(maxsize=None)
-def reference(kind: str) -> dict[str, dict]:
-    """Reference keys of a component kind, without prefix: key -> {shape, dtype, optional}."""
-    sd1, xl = layout("sd1"), layout("sdxl")
-    if kind == "clip_l":
-        return _strip(sd1, SD1_TE, "clip_l")
-    if kind == "bigg":
-        return _strip(xl, XL_TE1, "clip_g")
-    if kind == "vit_h":
-        return _vit_h()
-    if kind == "vae":
-        return _strip(sd1, VAE, "vae")
-    if kind in ("unet-sd1", "unet-sd2"):
-        return _strip(sd1, UNET, "diffuser")
-    if kind == "unet-sdxl":
-        return _strip(xl, UNET, "diffuser")
-    return {}  # the refiner UNET: no reference table; recognised by prefix and shapes
+from .registry import (  # noqa: F401  (re-exported: the architecture names live in registry)
+    ALIASES,
+    ARCHES,
+    EMA,
+    KIND_LABEL,
+    REFINER_TE,
+    SCHEDULER_KEYS,
+    SD1_TE,
+    SD2_TE,
+    UNET,
+    VAE,
+    VARIANTS,
+    VPRED_KEYS,
+    XL_TE0,
+    XL_TE1,
+    reference,
+)
 
 
 @dataclass
@@ -126,8 +63,6 @@ class Anatomy:
     layout: str | None = None
 
     def component(self, name: str) -> Component:
-        from .errors import ArchitectureError
-
         name = ALIASES.get(name, name)
         if name in self.components:
             return self.components[name]

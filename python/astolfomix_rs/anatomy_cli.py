@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .cli import command, emit, human_bytes
+from .cli_common import command, emit, human_bytes
 
 PROVENANCE_KEYS = ("astolfomix.merge", "astolfomix.inputs", "astolfomix.files", "astolfomix.import", "astolfomix.export")
 
@@ -16,11 +16,17 @@ def inspect_file(path, *, nan: bool = False, metric: bool = True, hashes: bool =
     """Everything ``inspect`` shows about one file, plus its text."""
     from .anatomy import detect
     from .reader import Checkpoint
-    from .toolkit import component_hashes, escape, nonfinite, position_ids_report, toolkit_metric
+    from .toolkit import (
+        component_hashes,
+        escape,
+        nonfinite,
+        position_ids_report,
+        toolkit_metric,
+    )
 
     ck = Checkpoint(path)
     an = detect(ck)
-    comps = {}
+    comps: dict[str, dict] = {}
     for n, c in an.components.items():
         comps[n] = {"kind": c.kind, "label": c.label, "prefix": c.prefix, "tensors": c.tensors, "params": c.params,
                     "bytes": c.bytes, "dtypes": c.dtypes, "missing": c.missing}
@@ -41,11 +47,11 @@ def inspect_file(path, *, nan: bool = False, metric: bool = True, hashes: bool =
     lines = [f"{escape(os.fspath(ck.path))}: {an.arch}" + (f" ({an.variant})" if an.variant != "normal" else "")
              + (f", exported component, {an.layout} layout" if an.layout else "")
              + f", {len(ck)} tensors, {human_bytes(ck.file_len)}"]
-    for n, c in comps.items():
-        dts = ", ".join(f"{d} x{k}" for d, k in c["dtypes"].items())
-        lines.append(f"  {n:5} {c['label']}: {c['tensors']} tensors, {c['params'] / 1e6:.1f} M params, {human_bytes(c['bytes'])} ({dts})")
-        if c["missing"]:
-            lines.append(f"        MISSING {len(c['missing'])} keys: " + ", ".join(c["missing"][:5]) + (" ..." if len(c["missing"]) > 5 else ""))
+    for n, cd in comps.items():
+        dts = ", ".join(f"{d} x{k}" for d, k in cd["dtypes"].items())
+        lines.append(f"  {n:5} {cd['label']}: {cd['tensors']} tensors, {cd['params'] / 1e6:.1f} M params, {human_bytes(cd['bytes'])} ({dts})")
+        if cd["missing"]:
+            lines.append(f"        MISSING {len(cd['missing'])} keys: " + ", ".join(cd["missing"][:5]) + (" ..." if len(cd["missing"]) > 5 else ""))
         if hashes:
             lines.append(f"        content hash {info['component_hashes'][n][:16]}")
     if metric:
@@ -115,7 +121,7 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 @command("export")
 def cmd_export(args: argparse.Namespace) -> int:
-    from .cli import report_text
+    from .cli_common import report_text
     from .toolkit import export
 
     r = export(args.file, args.component, args.output, layout=args.layout, dtype=args.dtype, overwrite=args.overwrite,
@@ -126,7 +132,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 @command("import")
 def cmd_import(args: argparse.Namespace) -> int:
-    from .cli import report_text
+    from .cli_common import report_text
     from .toolkit import import_component
 
     r = import_component(args.target, args.source, args.component, args.output, in_place=args.in_place,

@@ -324,17 +324,17 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
 
         size = 1 << 30
         bw = {}
-        for name, pin in (("pinned host->device", True), ("pageable host->device", False)):
+        for label, pin in (("pinned host->device", True), ("pageable host->device", False)):
             host = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
             host.fill_(1)
-            dev = torch.empty(size, dtype=torch.uint8, device="cuda")
-            dev.copy_(host, non_blocking=pin)
+            gpu = torch.empty(size, dtype=torch.uint8, device="cuda")
+            gpu.copy_(host, non_blocking=pin)
             torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(3):
-                dev.copy_(host, non_blocking=pin)
+                gpu.copy_(host, non_blocking=pin)
             torch.cuda.synchronize()
-            bw[name] = 3 * size / (time.perf_counter() - t) / 1e9
+            bw[label] = 3 * size / (time.perf_counter() - t) / 1e9
         return {"seconds": 0.0, "bandwidth": bw}
     raise SystemExit(f"unknown worker kind {kind}")
 

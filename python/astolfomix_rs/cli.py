@@ -4,45 +4,11 @@ and print; errors print one clear line and exit 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from typing import Any, Callable
 
+from .cli_common import COMMANDS, command, emit, human_bytes, report_text  # noqa: F401
 from .errors import AstolfomixError
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def command(name: str):
-    def deco(fn):
-        COMMANDS[name] = fn
-        return fn
-
-    return deco
-
-
-def emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    """Prints JSON with --json, else the human text."""
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, default=str))
-    else:
-        print(text)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
-
-
-def report_text(r) -> str:
-    return (
-        f"wrote {r.output} ({r.tensors} tensors, {human_bytes(r.bytes_written)}) in {r.seconds:.2f} s: "
-        f"read {human_bytes(r.bytes_read)} at {r.gbps:.2f} GB/s on {r.device} ({r.threads} threads, {r.kernel})"
-    )
 
 
 @command("mean")

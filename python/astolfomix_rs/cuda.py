@@ -25,10 +25,10 @@ from typing import Any, Callable
 import numpy as np
 
 from . import _core
-from .engine import Report
 from .errors import DeviceError
 from .plan import Plan
 from .reader import ITEMSIZE
+from .report import Report
 
 try:
     import torch
@@ -70,7 +70,7 @@ def _host_views(layout: _core.Layout) -> list[Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the buffer is read-only; we never write it
         for i in range(layout.n_inputs):
-            views.append(torch.from_numpy(np.frombuffer(layout.input(i), dtype=np.uint8)))
+            views.append(torch.from_numpy(np.frombuffer(memoryview(layout.input(i)), dtype=np.uint8)))
     return views
 
 

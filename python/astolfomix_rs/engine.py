@@ -4,61 +4,13 @@ write through the Rust streaming writer, so the output is atomic either way."""
 from __future__ import annotations
 
 import os
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from . import _core
 from .plan import Plan
-
-
-@dataclass
-class Report:
-    """What a run did."""
-
-    output: Path
-    tensors: int
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    threads: int
-    kernel: str
-    device: str = "cpu"
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def gbps(self) -> float:
-        """Input gigabytes per second."""
-        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else float("inf")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["output"] = os.fspath(self.output)
-        d["gbps"] = round(self.gbps, 3)
-        return d
-
-
-class ProgressBar:
-    """A tqdm bar over input bytes, shown only on a terminal (and when asked)."""
-
-    def __init__(self, enabled: bool, desc: str):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, leave=False, file=sys.stderr)
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.n = done
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+from .report import ProgressBar, Report  # noqa: F401  (Report is part of this module's API)
 
 
 def execute(

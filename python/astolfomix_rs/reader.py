@@ -121,7 +121,7 @@ class Checkpoint:
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of one tensor as a read-only uint8 view of the map."""
         t = self._get(name)
-        return np.frombuffer(self._core, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        return np.frombuffer(memoryview(self._core), dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
     def tensor(self, name: str, *, raw: bool = False) -> np.ndarray:
         """One tensor as numpy. A read-only view of the mapped file (no copy) for every dtype
@@ -129,11 +129,11 @@ class Checkpoint:
         returns their bits (uint16 / uint8) as a view."""
         t = self._get(name)
         if t.dtype in NUMPY_DTYPES:
-            arr = np.frombuffer(self._core, dtype=NUMPY_DTYPES[t.dtype], count=t.numel, offset=t.offset)
+            arr = np.frombuffer(memoryview(self._core), dtype=NUMPY_DTYPES[t.dtype], count=t.numel, offset=t.offset)
             return arr.reshape(t.shape)
         if t.dtype in ("BF16", "F8_E4M3", "F8_E5M2"):
             bits = np.dtype("<u2") if t.dtype == "BF16" else np.dtype("<u1")
-            arr = np.frombuffer(self._core, dtype=bits, count=t.numel, offset=t.offset).reshape(t.shape)
+            arr = np.frombuffer(memoryview(self._core), dtype=bits, count=t.numel, offset=t.offset).reshape(t.shape)
             return arr if raw else to_float32(arr, t.dtype)
         return self.raw(name)  # packed F4/F6, F8 variants: bytes only
 

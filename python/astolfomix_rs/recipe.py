@@ -104,8 +104,7 @@ class Recipe:
             if kind == "selection":
                 out.append(obj.format())  # type: ignore[attr-defined]
             elif kind == "output":
-                name, f = obj  # type: ignore[misc]
-                out.append(f"{name}={f}")
+                out.append("=".join(str(x) for x in obj))  # type: ignore[attr-defined]
             else:
                 out.append(str(obj))
         return "\n".join(out) + "\n"
@@ -406,6 +405,7 @@ def merge_plan(
     from .hashing import files_hashes
     from .plan import Plan, parse_dtype
     from .reader import Checkpoint
+    from .registry import MODELSPEC
 
     models = Path(models)
     if output is None and len(recipe.outputs) > 1:
@@ -533,10 +533,7 @@ def merge_plan(
         "astolfomix.recipe": recipe.text,
         "astolfomix.merge": json.dumps(provenance),
         "sd_merge_recipe": json.dumps({"type": "astolfomix-recipe", **provenance}),
-        "modelspec.architecture": {
-            "sdxl": "stable-diffusion-xl-v1-base", "sdxl-refiner": "stable-diffusion-xl-v1-refiner",
-            "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2",
-        }.get(base_an.arch, base_an.arch),
+        "modelspec.architecture": MODELSPEC.get(base_an.arch, base_an.arch),
         "modelspec.title": Path(name).stem,
     }
     inputs_info = [{"name": p.name, "size": p.stat().st_size} for p in inputs]

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli import command, emit, human_bytes, report_text
+from .cli_common import command, emit, human_bytes, report_text
 
 DEMO_RECIPE = """\
 ```

@@ -4,28 +4,15 @@ each component can take its own seed, so tests can make models that share a text
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from .io import save
-
-LAYOUT_FILES = {"sd1": "sd1-ldm.json", "sdxl": "sdxl-sgm.json"}
-
-
-@lru_cache(maxsize=None)
-def layout(arch: str) -> dict[str, dict]:
-    """Every key of a real checkpoint of ``arch`` ("sd1" or "sdxl"): shape, dtype, component, optional."""
-    if arch not in LAYOUT_FILES:
-        raise ValueError(f"unknown layout '{arch}' (use {', '.join(LAYOUT_FILES)})")
-    text = resources.files("astolfomix_rs").joinpath("data", LAYOUT_FILES[arch]).read_text()
-    return json.loads(text)
+from .registry import LAYOUT_FILES, VARIANT_CHANNELS, layout, variant_layout  # noqa: F401  (re-exported)
 
 
 def shrink(shape: list[int], factor: int) -> tuple[int, ...]:
@@ -65,13 +52,13 @@ def make_state(
     variant: str = "normal",
     ema: bool = False,
     only: tuple[str, ...] | None = None,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The tensors of one synthetic checkpoint. ``seeds`` overrides the seed per component
     ("diffuser", "clip_l", "clip_g", "vae", ...); ``drop`` lists keys to leave out; ``fast``
     makes F16 values from random bits (for full-size benchmark inputs); ``only`` keeps the listed
     components."""
     seeds = dict(seeds or {})
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     for key, spec in variant_layout(arch).items():
         comp = spec["component"]
         if key in drop or (spec["optional"] and not optional and comp != "clip_l") or (only and comp not in only):
@@ -107,49 +94,6 @@ def make_state(
         out["model_ema.decay"] = np.array(0.9999, dtype=np.float32)
         out["model_ema.num_updates"] = np.array(1000, dtype=np.int32)
     return out
-
-
-VARIANT_CHANNELS = {"normal": 4, "inpainting": 9, "instruct-pix2pix": 8, "depth": 5}
-
-
-def variant_layout(arch: str) -> dict[str, dict]:
-    """Key tables for the architectures without a reference file, derived from the ones we have:
-    ``sd2`` (SD1 UNET with 1024-wide cross-attention and linear proj_in/out, OpenCLIP ViT-H text
-    encoder) and ``sdxl-refiner`` (SDXL UNET keys with a 384-wide first conv, bigG at slot 0).
-    Approximate where the real files differ in ways no test here depends on."""
-    if arch in LAYOUT_FILES:
-        return layout(arch)
-    if arch == "sd2":
-        from .anatomy import SD2_TE, reference
-
-        out = {}
-        for k, v in layout("sd1").items():
-            if v["component"] == "clip_l":
-                continue
-            v = dict(v)
-            if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
-                v["shape"] = [v["shape"][0], 1024]
-            if k.endswith(("proj_in.weight", "proj_out.weight")) and len(v["shape"]) == 4:
-                v["shape"] = v["shape"][:2]
-            out[k] = v
-        for k, v in reference("vit_h").items():
-            out[SD2_TE + k] = {**v, "component": "vit_h"}
-        return out
-    if arch == "sdxl-refiner":
-        from .anatomy import REFINER_TE, XL_TE1
-
-        out = {}
-        for k, v in layout("sdxl").items():
-            if v["component"] == "clip_l":
-                continue
-            v = dict(v)
-            if k.startswith(XL_TE1):
-                k = REFINER_TE + k[len(XL_TE1):]
-            if k == "model.diffusion_model.input_blocks.0.0.weight":
-                v["shape"] = [384, 4, 3, 3]
-            out[k] = v
-        return out
-    raise ValueError(f"unknown layout '{arch}'")
 
 
 def make_checkpoint(path: str | os.PathLike[str], arch: str = "sdxl", *, metadata: Mapping[str, str] | None = None,

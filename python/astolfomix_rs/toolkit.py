@@ -5,29 +5,30 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import _core
-from .anatomy import ALIASES, Anatomy, Component, canonical_name, detect, position_ids_status
+from .anatomy import (
+    ALIASES,
+    Anatomy,
+    Component,
+    canonical_name,
+    detect,
+    position_ids_status,
+)
 from .errors import ArchitectureError, PlanError
 from .plan import Output, Plan, parse_dtype
 from .reader import Checkpoint
+from .registry import KNOWN, REFS, VIT_L_CONFIG, model_id
+from .report import Report
 
 # ---------------------------------------------------------------------------------------------
 # The toolkit metric
-
-REFS = {"unet": (-6131.5400, 10000), "vae": (17870.7051, 10000), "clip_l": (-2097.8596, 1000000), "vit_h": (-8757.5630, 10000)}
-KNOWN = {
-    "vae": {0: "SD-v1", 869: "SD-v2", 2982: "NAI", 155: "WD-VAE-v1", 41: "WD-VAE-v2"},
-    "clip": {0: "SD-v1", 1141: "SD-v2", 2543: "WD-v1-4"},
-}
-
 
 def metric_field(s: float, ref: tuple[float, int] | None) -> str:
     """The toolkit's formula: ``int(abs(S / B - 1) * K)``, folded below 10000, ``----`` for S == 0."""
@@ -50,7 +51,7 @@ def vae_metric_keys(c: Component) -> list[str]:
     return [k for k in c.keys if "encoder." in k or "decoder." in k]
 
 
-def toolkit_metric(ck: Checkpoint, an: Anatomy) -> dict[str, object]:
+def toolkit_metric(ck: Checkpoint, an: Anatomy) -> dict[str, Any]:
     """``UUUU/VVVV/CCCC`` as the toolkit computes it for SD1/SD2; for SDXL the CLIP field reads TE0
     against the ViT-L reference and the VAE against the SD VAE (the toolkit prints ``----``)."""
     def total(keys: list[str]) -> float:
@@ -97,16 +98,6 @@ def component_hashes(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # Export / import
-
-TOOLKIT_STRIP = {"clip_l": ".text_model."}
-VIT_L_CONFIG = {
-    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": 768,
-    "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "vocab_size": 49408,
-    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768,
-    "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
-    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float32",
-}
-
 
 def _ema_map(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
     """EMA keys (``model_ema.`` + the UNET key without dots) -> UNET key names without prefix."""
@@ -179,7 +170,7 @@ def _source_component(ck: Checkpoint, want_kind: str, slot: str) -> Component:
 
 @dataclass
 class ImportResult:
-    report: object
+    report: Report
     replaced: int
     position_ids: str
     ignored: list[str]
@@ -211,7 +202,8 @@ def import_component(target, source, component: str, output=None, *, in_place: b
         if skey is None:
             problems.append(f"'{name}' is missing from {Path(sck.path).name}")
         elif sck.info[skey].shape != tck.info[tkey].shape:
-            problems.append(f"'{name}': {list(sck.info[skey].shape)} in {Path(sck.path).name} but {list(tck.info[tkey].shape)} in {Path(tck.path).name}")
+            have, want_shape = list(sck.info[skey].shape), list(tck.info[tkey].shape)
+            problems.append(f"'{name}': {have} in {Path(sck.path).name} but {want_shape} in {Path(tck.path).name}")
     if problems:
         raise ArchitectureError(f"cannot import {component} ({len(problems)} problems, nothing written):\n  " + "\n  ".join(problems[:30]))
     ignored = sorted(set(src_by_name) - set(want))
@@ -253,14 +245,6 @@ def import_component(target, source, component: str, output=None, *, in_place: b
 
 # ---------------------------------------------------------------------------------------------
 # Compare
-
-_ID = re.compile(r"^_?x(\d+)([A-Za-z]*)-")
-
-
-def model_id(path: str | os.PathLike[str]) -> str | None:
-    m = _ID.match(Path(path).name)
-    return f"{int(m.group(1)):02d}{m.group(2).lower()}" if m else None
-
 
 def compare(paths: Sequence[str | os.PathLike[str]], *, distances: bool = False, reference: int | None = None) -> dict:
     """Per component: groups of files whose content is identical, and (on request) the relative L2

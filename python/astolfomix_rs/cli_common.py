@@ -1,0 +1,41 @@
+"""What every subcommand module shares: the command table, output helpers. Kept apart from
+``cli`` so subcommand modules never import the module that imports them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Callable
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """Prints JSON with --json, else the human text."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def report_text(r) -> str:
+    return (
+        f"wrote {r.output} ({r.tensors} tensors, {human_bytes(r.bytes_written)}) in {r.seconds:.2f} s: "
+        f"read {human_bytes(r.bytes_read)} at {r.gbps:.2f} GB/s on {r.device} ({r.threads} threads, {r.kernel})"
+    )
