@@ -485,7 +485,7 @@ mod tests {
         write_file(&a, &[("ids", Dtype::I64, vec![1], vec![0; 8])]);
         let out = d.path().join("o.safetensors");
         let e = execute(
-            mean_plan(&[a.clone()], &["ids"], None),
+            mean_plan(std::slice::from_ref(&a), &["ids"], None),
             &[a],
             &out,
             &Options::default(),
@@ -507,7 +507,7 @@ mod tests {
         let p = Progress::default();
         p.cancel.store(true, Ordering::Relaxed);
         let e = execute(
-            mean_plan(&[a.clone()], &["w"], None),
+            mean_plan(std::slice::from_ref(&a), &["w"], None),
             &[a],
             &out,
             &Options::default(),

@@ -241,7 +241,7 @@ mod tests {
         let b = d.path().join("b.safetensors");
         write_file(&a, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 2.0]))]);
         write_file(&b, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 4.0]))]);
-        let cks = vec![Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap()];
+        let cks = [Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap()];
         let cks: Vec<&Checkpoint> = cks.iter().collect();
         let r = l2_distances(&cks, &["w".to_string()], Some(0)).unwrap();
         assert_eq!(r, vec![(0.0, 5.0), (4.0, 5.0)]);
