@@ -7,7 +7,7 @@ from __future__ import annotations
 import astolfomix_rs as am
 import numpy as np
 import pytest
-from astolfomix_rs.synth import make_checkpoint
+from astolfomix_rs.tools.synth import make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_bench_cli_small(tmp_path, capsys):
 def test_bench_plot_png(tmp_path):
     """GB/s against N as a PNG (matplotlib is in the test extra, so this runs in CI)."""
     pytest.importorskip("matplotlib")
-    from astolfomix_rs.bench import BenchReport, Result, plot
+    from astolfomix_rs.tools.bench import BenchReport, Result, plot
 
     reps = []
     for n in (2, 4):

@@ -17,8 +17,8 @@ def sha(path: Path) -> str:
 
 def outputs(folder: Path, device: str = "cpu") -> dict[str, str]:
     import astolfomix_rs as am
-    from astolfomix_rs import recipe as rc
-    from astolfomix_rs.synth import make_checkpoint
+    from astolfomix_rs.commands import recipe as rc
+    from astolfomix_rs.tools.synth import make_checkpoint
 
     out: dict[str, str] = {}
     demo = folder / "demo"
@@ -42,7 +42,7 @@ def outputs(folder: Path, device: str = "cpu") -> dict[str, str]:
     am.execute(plan, target, progress=False, device=device)
     out["recipe42"] = sha(target)
 
-    from astolfomix_rs import toolkit as tk
+    from astolfomix_rs.commands import components as tk
 
     rt = folder / "rt"
     rt.mkdir()
@@ -67,7 +67,7 @@ def outputs(folder: Path, device: str = "cpu") -> dict[str, str]:
 
 
 def _demo(folder: Path) -> str:
-    from astolfomix_rs.recipe_cli import run_demo
+    from astolfomix_rs.cli.merge import run_demo
 
     return run_demo(folder, log=lambda *a: None)["output"]
 

@@ -8,13 +8,14 @@ import json
 import astolfomix_rs as am
 import numpy as np
 import pytest
-from astolfomix_rs import toolkit as tk
-from astolfomix_rs.anatomy import XL_TE0, detect
 from astolfomix_rs.cli import main
+from astolfomix_rs.commands import components as tk
+from astolfomix_rs.commands.hashing import file_hashes
+from astolfomix_rs.commands.inspect import escape, nonfinite, position_ids_report  # noqa: F401
+from astolfomix_rs.core.save import save
 from astolfomix_rs.errors import ArchitectureError, InvalidFileError
-from astolfomix_rs.hashing import file_hashes
-from astolfomix_rs.io import save
-from astolfomix_rs.synth import make_checkpoint, make_state
+from astolfomix_rs.models.anatomy import XL_TE0, detect
+from astolfomix_rs.tools.synth import make_checkpoint, make_state
 
 
 @pytest.mark.parametrize("arch,variant", [
@@ -96,11 +97,11 @@ def test_position_ids_states(tmp_path):
         state[key] = val
         save(tmp_path / f"{name}.safetensors", state)
         ck = am.Checkpoint(tmp_path / f"{name}.safetensors")
-        assert tk.position_ids_report(ck, detect(ck)) == {"te": want}
+        assert position_ids_report(ck, detect(ck)) == {"te": want}
     state = make_state("sd1", factor=32, drop=(key,))
     save(tmp_path / "none.safetensors", state)
     ck = am.Checkpoint(tmp_path / "none.safetensors")
-    assert tk.position_ids_report(ck, detect(ck)) == {"te": "missing"}
+    assert position_ids_report(ck, detect(ck)) == {"te": "missing"}
 
 
 def independent_metric_field(tensors, base, k):
@@ -245,7 +246,7 @@ def test_compare_groups_identical_text_encoders(tmp_path):
     assert len(res["components"]["unet"]["groups"]) == 20
     line = tk.selection_line(res, "te0", str(files[2]))
     assert line == "te0: 03,07,08,15,20=5"
-    from astolfomix_rs.recipe import parse_grid
+    from astolfomix_rs.commands.recipe import parse_grid
 
     assert [str(m) for m in parse_grid(line).selections["te0"].listed] == ["03", "07", "08", "15", "20"]
 

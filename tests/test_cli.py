@@ -9,7 +9,7 @@ import sys
 import astolfomix_rs as am
 import numpy as np
 from astolfomix_rs.cli import main
-from astolfomix_rs.io import save
+from astolfomix_rs.core.save import save
 
 
 def test_mean_json_and_weights(tmp_path, capsys):

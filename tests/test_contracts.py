@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from astolfomix_rs import _core, errors
 from astolfomix_rs.cli import main
-from astolfomix_rs.synth import make_checkpoint
+from astolfomix_rs.tools.synth import make_checkpoint
 
 PKG = Path(am.__file__).parent
 
@@ -94,7 +94,7 @@ def test_bad_arguments_to_the_core_raise_plan_errors(tmp_path):
 
 
 def test_dtype_table_is_shared():
-    from astolfomix_rs.reader import FLOAT_DTYPES, ITEMSIZE
+    from astolfomix_rs.core.reader import FLOAT_DTYPES, ITEMSIZE
 
     table = {n: (b, avg) for n, b, avg in _core.dtypes()}
     assert table["F8_E4M3"] == (8, True) and table["BF16"] == (16, True) and table["F4"] == (4, False)
@@ -165,31 +165,51 @@ def test_stub_matches_the_extension():
 # Layers
 
 
-def _imports(path: Path) -> set[str]:
-    """Modules of the package that ``path`` imports, at any depth (function-level imports too)."""
-    tree = ast.parse(path.read_text())
+def _modules() -> dict[str, Path]:
+    """Every module of the package by dotted name relative to it (``core.plan``, ``cli``...)."""
+    out = {}
+    for p in PKG.rglob("*.py"):
+        parts = list(p.relative_to(PKG).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
+    """Modules of the package that ``name`` imports, at any depth (function-level imports too)."""
+    pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    pkg = [p for p in pkg if p]
     out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                out.add(node.module.split(".")[0])
-            else:
-                out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("astolfomix_rs."):
-            out.add(node.module.split(".")[1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = pkg[: len(pkg) - (node.level - 1)]
+        elif (node.module or "").startswith("astolfomix_rs"):
+            base = []
+            node = ast.ImportFrom(module=node.module.removeprefix("astolfomix_rs").lstrip("."), names=node.names)
+        else:
+            continue
+        target = ".".join(base + ([node.module] if node.module else []))
+        if node.module is None or target not in mods:
+            for a in node.names:  # `from . import x`: x may be a module or a name in the package
+                sub = ".".join(x for x in (target, a.name) if x)
+                out.add(sub if sub in mods else target)
+        else:
+            out.add(target)
     return out
 
 
 def test_no_import_cycles():
-    mods = {p.stem: p for p in PKG.glob("*.py")}
-    graph = {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
-    graph["__init__"] = {i for i in graph.get("__init__", set())}
+    mods = _modules()
+    graph = {m: {i for i in _imports(m, p, mods) if i in mods and i != m} for m, p in mods.items()}
     cycles = []
 
     def visit(m, stack):
         for n in graph.get(m, ()):
-            if n == "__init__":
-                continue  # `from . import __version__` reads the package, which imports no command module
+            if n == "":
+                continue  # the package root (`from .. import __version__`) imports no command module
             if n in stack:
                 cycles.append(stack[stack.index(n):] + [n])
             elif len(stack) < len(graph):
@@ -198,3 +218,20 @@ def test_no_import_cycles():
     for m in graph:
         visit(m, [m])
     assert not cycles, json.dumps(sorted({" -> ".join(c) for c in cycles}))
+    assert "core.plan" in graph and "core.reader" in graph["core.plan"]
+
+
+def test_layers_import_only_downwards():
+    """core knows nothing of models, commands or the CLI; models nothing of commands or the CLI;
+    and nothing but the tools, the demo and the CLI's bench imports the synthetic generator."""
+    mods = _modules()
+    graph = {m: {i for i in _imports(m, p, mods) if i in mods and i != m} for m, p in mods.items()}
+    rank = {"core": 0, "models": 1, "commands": 2, "tools": 3, "cli": 4}
+    for m, deps in graph.items():
+        top = m.split(".")[0]
+        for d in deps:
+            dtop = d.split(".")[0]
+            if top in rank and dtop in rank:
+                assert rank[dtop] <= rank[top], f"{m} imports {d}"
+    users = {m for m, deps in graph.items() if "tools.synth" in deps}
+    assert users <= {"tools", "tools.bench", "cli.merge"}, users

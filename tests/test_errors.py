@@ -13,6 +13,7 @@ import textwrap
 import astolfomix_rs as am
 import numpy as np
 import pytest
+from astolfomix_rs.core.save import save
 from astolfomix_rs.errors import (
     AstolfomixError,
     DiskFullError,
@@ -22,7 +23,6 @@ from astolfomix_rs.errors import (
     OutputError,
     PlanError,
 )
-from astolfomix_rs.io import save
 from conftest import leftovers
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -8,8 +8,8 @@ import shutil
 import astolfomix_rs as am
 import numpy as np
 import pytest
-from astolfomix_rs.anatomy import detect, reference
-from astolfomix_rs.synth import make_checkpoint
+from astolfomix_rs.models.anatomy import detect, reference
+from astolfomix_rs.tools.synth import make_checkpoint
 from reference import emulate_mean
 
 pytestmark = pytest.mark.slow

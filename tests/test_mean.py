@@ -7,8 +7,8 @@ import threading
 import astolfomix_rs as am
 import numpy as np
 import pytest
-from astolfomix_rs.io import save
-from astolfomix_rs.plan import normalize
+from astolfomix_rs.core.plan import normalize
+from astolfomix_rs.core.save import save
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import decode, emulate_mean, encode, round_minifloat, ulp

@@ -7,9 +7,9 @@ import json
 import astolfomix_rs as am
 import numpy as np
 import pytest
-from astolfomix_rs import recipe as rc
+from astolfomix_rs.commands import recipe as rc
 from astolfomix_rs.errors import RecipeError
-from astolfomix_rs.synth import make_checkpoint
+from astolfomix_rs.tools.synth import make_checkpoint
 from reference import emulate_mean
 
 EXAMPLE = """\
@@ -182,7 +182,7 @@ def test_merge_40_models_bit_identical_per_component(tmp_path):
     # every input byte read once: exactly the bytes of the selected tensors
     cks = {p.name: am.Checkpoint(p) for p in tmp_path.glob("*x*-*.safetensors") if p != out}
     base = cks["_x40-model40.safetensors"]
-    from astolfomix_rs.anatomy import detect
+    from astolfomix_rs.models.anatomy import detect
 
     an = detect(base)
     sel = {"unet": [f"_x{i:02d}-model{i}.safetensors" for i in range(1, 33)],
@@ -218,12 +218,12 @@ def test_merge_40_models_bit_identical_per_component(tmp_path):
 def test_peak_anon_memory_does_not_grow_with_n(tmp_path):
     import sys
 
-    from astolfomix_rs.bench import run_sampled
+    from astolfomix_rs.tools.bench import run_sampled
 
     make_pool(tmp_path, 24, factor=16)
     script = (
         "import sys, astolfomix_rs as am\n"
-        "from astolfomix_rs import recipe as rc\n"
+        "from astolfomix_rs.commands import recipe as rc\n"
         "plan, s = rc.merge_plan(rc.parse_grid(sys.argv[1]), sys.argv[2])\n"
         "r = am.execute(plan, sys.argv[3], progress=False, durable=False, overwrite=True)\n"
         "print(r.bytes_read)\n"

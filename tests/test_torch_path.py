@@ -6,8 +6,8 @@ from __future__ import annotations
 import astolfomix_rs as am
 import numpy as np
 import pytest
+from astolfomix_rs.core.save import save
 from astolfomix_rs.errors import DeviceError
-from astolfomix_rs.io import save
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import decode, encode, ulp
@@ -58,7 +58,7 @@ def test_torch_cpu_weighted_within_one_ulp(tmp_path_factory, dtypes, out, seed):
 
 def test_torch_cpu_conversion_and_copy(tmp_path, rng):
     paths = make_inputs(tmp_path, rng, ["F32", "BF16"])
-    from astolfomix_rs.plan import Output, Plan
+    from astolfomix_rs.core.plan import Output, Plan
 
     plan = Plan(inputs=paths, outputs=[
         Output("w16", "copy", [(0, "w")], "F16"),   # conversion

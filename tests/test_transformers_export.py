@@ -9,9 +9,9 @@ import warnings
 import astolfomix_rs as am
 import numpy as np
 import pytest
-from astolfomix_rs import toolkit as tk
-from astolfomix_rs.io import save
-from astolfomix_rs.synth import make_state
+from astolfomix_rs.commands import components as tk
+from astolfomix_rs.core.save import save
+from astolfomix_rs.tools.synth import make_state
 
 torch = pytest.importorskip("torch")
 with warnings.catch_warnings():
@@ -43,7 +43,7 @@ def test_transformers_layout_loads_without_missing_or_unexpected(tmp_path, monke
 
 def test_transformers_layout_is_only_for_vit_l(tmp_path):
     from astolfomix_rs.errors import ArchitectureError
-    from astolfomix_rs.synth import make_checkpoint
+    from astolfomix_rs.tools.synth import make_checkpoint
 
     p = make_checkpoint(tmp_path / "xl.safetensors", "sdxl", factor=32)
     with pytest.raises(ArchitectureError, match="ViT-L"):

@@ -9,10 +9,10 @@ from __future__ import annotations
 from . import errors
 from ._core import __version__, kernels
 from .api import mean
-from .engine import Report, execute
+from .core.engine import Report, execute
+from .core.plan import Output, Plan, mean_plan
+from .core.reader import Checkpoint, open_checkpoint
 from .errors import AstolfomixError
-from .plan import Output, Plan, mean_plan
-from .reader import Checkpoint, open_checkpoint
 
 __all__ = [
     "__version__",

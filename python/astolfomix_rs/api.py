@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
-from .engine import Report, execute
-from .plan import KeyFilter, mean_plan
-from .reader import Checkpoint
+from .core.engine import Report, execute
+from .core.plan import KeyFilter, mean_plan
+from .core.reader import Checkpoint
 
 
 def mean(

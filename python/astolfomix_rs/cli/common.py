@@ -7,6 +7,8 @@ import argparse
 import json
 from typing import Any, Callable
 
+from ..commands.inspect import human_bytes  # noqa: F401  (shared by the commands)
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
@@ -24,14 +26,6 @@ def emit(args: argparse.Namespace, data: Any, text: str) -> None:
         print(json.dumps(data, indent=2, default=str))
     else:
         print(text)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def report_text(r) -> str:

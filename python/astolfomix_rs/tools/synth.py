@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .io import save
-from .registry import LAYOUT_FILES, VARIANT_CHANNELS, layout, variant_layout  # noqa: F401  (re-exported)
+from ..core.save import save
+from ..models.registry import LAYOUT_FILES, VARIANT_CHANNELS, layout, variant_layout  # noqa: F401  (re-exported)
 
 
 def shrink(shape: list[int], factor: int) -> tuple[int, ...]:

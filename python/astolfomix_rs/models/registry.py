@@ -13,7 +13,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .errors import ArchitectureError
+from ..errors import ArchitectureError
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import _core
-from .anatomy import (
+from .. import _core
+from ..core.plan import Output, Plan, parse_dtype
+from ..core.reader import Checkpoint
+from ..core.report import Report
+from ..errors import ArchitectureError, PlanError
+from ..models.anatomy import (
     ALIASES,
     Anatomy,
     Component,
@@ -21,11 +24,7 @@ from .anatomy import (
     detect,
     position_ids_status,
 )
-from .errors import ArchitectureError, PlanError
-from .plan import Output, Plan, parse_dtype
-from .reader import Checkpoint
-from .registry import KNOWN, REFS, VIT_L_CONFIG, model_id
-from .report import Report
+from ..models.registry import KNOWN, REFS, VIT_L_CONFIG, model_id
 
 # ---------------------------------------------------------------------------------------------
 # The toolkit metric
@@ -147,7 +146,7 @@ def export(path, component: str, output, *, layout: str = "toolkit", dtype: str 
            overwrite: bool = False, progress: bool = False):
     """Exports ``component`` of ``path``. With ``layout="transformers"``, ``output`` is a folder
     holding ``config.json`` and ``model.safetensors`` that ``CLIPTextModel.from_pretrained`` loads."""
-    from .engine import execute
+    from ..core.engine import execute
 
     ck = Checkpoint(path)
     plan = export_plan(ck, component, layout=layout, dtype=dtype)
@@ -181,7 +180,7 @@ def import_component(target, source, component: str, output=None, *, in_place: b
     """Writes ``target`` with its ``component`` replaced by the matching component of ``source``
     (a full checkpoint or an exported file of any layout). Every key and shape is checked before
     anything is written; ``position_ids`` are copied if sound, else written as int64 0..76."""
-    from .engine import execute
+    from ..core.engine import execute
 
     tck, sck = Checkpoint(target), Checkpoint(source)
     tan = detect(tck)
@@ -294,47 +293,6 @@ def selection_line(result: dict, component: str, same_as: str) -> str:
         raise ArchitectureError("none of those files is named _xNN-... ; cannot write a recipe line")
     ids.sort()
     return f"{component}: {','.join(ids)}={len(ids)}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Inspect helpers
-
-
-def escape(s: str, limit: int = 400) -> str:
-    """Metadata from strangers: control and format characters escaped, so nothing reaches the terminal raw."""
-    out = []
-    for ch in s[:limit]:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") or ch in "\u2028\u2029":
-            out.append(ch.encode("unicode_escape").decode("ascii") if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
-        else:
-            out.append(ch)
-    more = f"... ({len(s)} chars)" if len(s) > limit else ""
-    return "".join(out) + more
-
-
-def nonfinite(ck: Checkpoint, keys: Sequence[str]) -> dict[str, int]:
-    nan = inf = 0
-    for k in keys:
-        t = ck.info[k]
-        if not t.is_float:
-            continue
-        v = ck.tensor(k)
-        nan += int(np.isnan(v).sum())
-        inf += int(np.isinf(v).sum())
-    return {"nan": nan, "inf": inf}
-
-
-def position_ids_report(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
-    out = {}
-    for n, c in an.components.items():
-        if c.kind != "clip_l":
-            continue
-        key = next((k for k in c.keys if k.endswith("position_ids")), None)
-        if key is None:
-            out[n] = "missing"
-        else:
-            out[n] = position_ids_status(ck, key)
-    return out
 
 
 __all__ = [

@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import PlanError
+from ..errors import PlanError
 
 _NP_TO_ST = {
     np.dtype(np.bool_): "BOOL", np.dtype("u1"): "U8", np.dtype("i1"): "I8", np.dtype("i2"): "I16",

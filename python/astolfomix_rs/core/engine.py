@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import _core
+from .. import _core
 from .plan import Plan
 from .report import ProgressBar, Report  # noqa: F401  (Report is part of this module's API)
 

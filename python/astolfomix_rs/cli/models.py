@@ -4,87 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from .cli_common import command, emit, human_bytes
-
-PROVENANCE_KEYS = ("astolfomix.merge", "astolfomix.inputs", "astolfomix.files", "astolfomix.import", "astolfomix.export")
-
-
-def inspect_file(path, *, nan: bool = False, metric: bool = True, hashes: bool = True) -> dict:
-    """Everything ``inspect`` shows about one file, plus its text."""
-    from .anatomy import detect
-    from .reader import Checkpoint
-    from .toolkit import (
-        component_hashes,
-        escape,
-        nonfinite,
-        position_ids_report,
-        toolkit_metric,
-    )
-
-    ck = Checkpoint(path)
-    an = detect(ck)
-    comps: dict[str, dict] = {}
-    for n, c in an.components.items():
-        comps[n] = {"kind": c.kind, "label": c.label, "prefix": c.prefix, "tensors": c.tensors, "params": c.params,
-                    "bytes": c.bytes, "dtypes": c.dtypes, "missing": c.missing}
-    info: dict = {
-        "file": os.fspath(ck.path), "size": ck.file_len, "arch": an.arch, "variant": an.variant, "layout": an.layout,
-        "tensors": len(ck), "components": comps, "junk": an.junk, "buffers": len(an.buffers), "ema_tensors": an.ema,
-        "vpred_keys": an.vpred, "position_ids": position_ids_report(ck, an), "notes": an.notes,
-    }
-    if metric:
-        info["toolkit"] = toolkit_metric(ck, an)
-    if hashes:
-        info["component_hashes"] = component_hashes(ck, an)
-    if nan:
-        info["nonfinite"] = {n: nonfinite(ck, c.keys) for n, c in an.components.items()}
-    md = ck.metadata
-    info["metadata"] = {escape(k, 80): escape(v) for k, v in md.items()}
-    info["provenance"] = {k: md[k] for k in PROVENANCE_KEYS if k in md}
-    lines = [f"{escape(os.fspath(ck.path))}: {an.arch}" + (f" ({an.variant})" if an.variant != "normal" else "")
-             + (f", exported component, {an.layout} layout" if an.layout else "")
-             + f", {len(ck)} tensors, {human_bytes(ck.file_len)}"]
-    for n, cd in comps.items():
-        dts = ", ".join(f"{d} x{k}" for d, k in cd["dtypes"].items())
-        lines.append(f"  {n:5} {cd['label']}: {cd['tensors']} tensors, {cd['params'] / 1e6:.1f} M params, {human_bytes(cd['bytes'])} ({dts})")
-        if cd["missing"]:
-            lines.append(f"        MISSING {len(cd['missing'])} keys: " + ", ".join(cd["missing"][:5]) + (" ..." if len(cd["missing"]) > 5 else ""))
-        if hashes:
-            lines.append(f"        content hash {info['component_hashes'][n][:16]}")
-    if metric:
-        t = info["toolkit"]
-        lines.append(f"  toolkit metric {t['metric']}" + (f"  ({'; '.join(t['names'])})" if t["names"] else ""))
-    for n, st in info["position_ids"].items():
-        if st != "ok":
-            lines.append(f"  {n} position_ids: {st}" + (" (values not exactly 0..76)" if st == "broken" else ""))
-    if an.ema:
-        lines.append(f"  EMA: {an.ema} tensors")
-    if an.vpred:
-        lines.append(f"  v-prediction keys: {', '.join(an.vpred)}")
-    if an.junk:
-        lines.append(f"  junk keys ({len(an.junk)}): " + ", ".join(escape(k, 80) for k in an.junk[:5]) + (" ..." if len(an.junk) > 5 else ""))
-    if nan:
-        for n, v in info["nonfinite"].items():
-            lines.append(f"  {n}: {v['nan']} NaN, {v['inf']} Inf")
-    for note in an.notes:
-        lines.append(f"  note: {note}")
-    if md:
-        lines.append(f"  metadata: {len(md)} keys")
-        for k in ("modelspec.title", "modelspec.architecture", "sd_merge_recipe", "ss_base_model_version", "ss_output_name"):
-            if k in md:
-                lines.append(f"    {k}: {escape(md[k], 120)}")
-    if "astolfomix.merge" in md:
-        try:
-            m = json.loads(md["astolfomix.merge"])
-            lines.append(f"  made by {escape(str(m.get('tool')))}: " + ", ".join(f"{c} x{n}" for c, n in m.get("counts", {}).items())
-                         + f", base {escape(str(m.get('base')))}, dtype {escape(str(m.get('dtype')))}")
-        except (ValueError, AttributeError):
-            lines.append("  astolfomix.merge: unreadable")
-    info["text"] = "\n".join(lines)
-    return info
+from ..commands.inspect import inspect_file
+from .common import command, emit
 
 
 @command("inspect")
@@ -99,10 +22,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 @command("hash")
 def cmd_hash(args: argparse.Namespace) -> int:
-    from .anatomy import detect
-    from .hashing import files_hashes
-    from .reader import Checkpoint
-    from .toolkit import component_hashes, toolkit_metric
+    from ..commands.components import component_hashes, toolkit_metric
+    from ..commands.hashing import files_hashes
+    from ..core.reader import Checkpoint
+    from ..models.anatomy import detect
 
     out, lines = [], []
     for f in args.files:
@@ -121,8 +44,8 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 @command("export")
 def cmd_export(args: argparse.Namespace) -> int:
-    from .cli_common import report_text
-    from .toolkit import export
+    from ..commands.components import export
+    from .common import report_text
 
     r = export(args.file, args.component, args.output, layout=args.layout, dtype=args.dtype, overwrite=args.overwrite,
                progress=not args.json)
@@ -132,8 +55,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 @command("import")
 def cmd_import(args: argparse.Namespace) -> int:
-    from .cli_common import report_text
-    from .toolkit import import_component
+    from ..commands.components import import_component
+    from .common import report_text
 
     r = import_component(args.target, args.source, args.component, args.output, in_place=args.in_place,
                          overwrite=args.overwrite, progress=not args.json)
@@ -148,13 +71,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 @command("compare")
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .toolkit import compare, selection_line
+    from ..commands.components import compare, selection_line
 
     ref = None
     if args.reference:
         names = [Path(f).name for f in args.files]
         if args.reference not in args.files and Path(args.reference).name not in names:
-            from .errors import PlanError
+            from ..errors import PlanError
 
             raise PlanError(f"--reference {args.reference} is not one of the files")
         ref = args.files.index(args.reference) if args.reference in args.files else names.index(Path(args.reference).name)

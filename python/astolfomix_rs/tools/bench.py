@@ -109,7 +109,7 @@ def run_sampled(cmd: list[str], timeout: float = 3600) -> tuple[str, str, int, i
 
 def _run_worker(kind: str, args: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     """Runs one contender in a child process and returns its JSON line plus its peak RssAnon."""
-    out, err, rc, peak = run_sampled([sys.executable, "-m", "astolfomix_rs.bench", kind, json.dumps(args)], timeout)
+    out, err, rc, peak = run_sampled([sys.executable, "-m", "astolfomix_rs.tools.bench", kind, json.dumps(args)], timeout)
     if rc != 0:
         raise RuntimeError(f"bench worker '{kind}' failed:\n{err[-3000:]}")
     res = json.loads(out.strip().splitlines()[-1])
@@ -164,7 +164,7 @@ def run(
     durable: bool = True,
     log=print,
 ) -> BenchReport:
-    from . import Checkpoint
+    from .. import Checkpoint
 
     folder = Path(folder or Path.cwd() / "bench-out")
     inputs = [Path(f) for f in files] if files else make_inputs(folder, n, arch, factor)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from . import _core
-from .reader import Checkpoint
+from .. import _core
+from ..core.reader import Checkpoint
 
 Openable = str | os.PathLike[str] | Checkpoint
 

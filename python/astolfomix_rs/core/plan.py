@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import _core
-from .errors import MismatchError, PlanError
+from .. import _core
+from ..errors import MismatchError, PlanError
 from .reader import FLOAT_DTYPES, Checkpoint
 
 DTYPE_ALIASES = {

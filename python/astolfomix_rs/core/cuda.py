@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _core
-from .errors import DeviceError
+from .. import _core
+from ..errors import DeviceError
 from .plan import Plan
 from .reader import ITEMSIZE
 from .report import Report

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .errors import AstolfomixError, RecipeError
+from ..errors import AstolfomixError, RecipeError
 
 COMPONENT_LINES = ("unet", "te0", "te1", "te", "vae")
 LINE_ALIASES = {"clip_l": "te0", "clip_g": "te1"}
@@ -374,7 +374,7 @@ def check_name(name: str) -> str:
 
 def _merge_outputs(base_ck, base_an, comp_files: dict, idx: dict, out_dtype: str | None, weights: dict) -> list:
     """Per key of the base: the mean over the files chosen for its component, else a copy."""
-    from .plan import Output, normalize
+    from ..core.plan import Output, normalize
 
     outputs: list[Output] = []
     for k, bi in base_ck.info.items():
@@ -400,12 +400,12 @@ def merge_plan(
 ):
     """Resolves the recipe and builds the one-pass plan of output ``output``. Returns
     (plan, summary); raises MergeProblems listing every problem at once."""
-    from . import __version__
-    from .anatomy import detect
+    from .. import __version__
+    from ..core.plan import Plan, parse_dtype
+    from ..core.reader import Checkpoint
+    from ..models.anatomy import detect
+    from ..models.registry import MODELSPEC
     from .hashing import files_hashes
-    from .plan import Plan, parse_dtype
-    from .reader import Checkpoint
-    from .registry import MODELSPEC
 
     models = Path(models)
     if output is None and len(recipe.outputs) > 1:

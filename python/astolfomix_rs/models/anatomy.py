@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ArchitectureError
-from .reader import Checkpoint
+from ..core.reader import Checkpoint
+from ..errors import ArchitectureError
 from .registry import (  # noqa: F401  (re-exported: the architecture names live in registry)
     ALIASES,
     ARCHES,

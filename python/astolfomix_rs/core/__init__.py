@@ -1,0 +1,1 @@
+"""The plan, its two executors (the Rust engine, the torch path), reading and saving."""

@@ -1,0 +1,1 @@
+"""Model knowledge: the architecture registry and anatomy (what a checkpoint holds)."""

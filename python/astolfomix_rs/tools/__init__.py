@@ -1,0 +1,1 @@
+"""Synthetic checkpoints and the benchmark (the only users of the generator)."""
