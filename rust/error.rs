@@ -47,9 +47,31 @@ pub enum Error {
     /// The output cannot be written where asked.
     #[error("{path}: {reason}")]
     Output { path: PathBuf, reason: String },
+    /// Several problems found while resolving a plan, reported together.
+    #[error("{}", problems_text(problems, more))]
+    Problems {
+        problems: Vec<Error>,
+        /// Inputs with more problems than listed: (file, how many more).
+        more: Vec<(PathBuf, usize)>,
+    },
     /// The run was interrupted (Ctrl-C); nothing was left behind.
     #[error("cancelled; no output was written")]
     Cancelled,
+}
+
+fn problems_text(problems: &[Error], more: &[(PathBuf, usize)]) -> String {
+    let total = problems.len() + more.iter().map(|m| m.1).sum::<usize>();
+    let mut s = format!("{total} problems, nothing written:");
+    for p in problems {
+        s.push_str(&format!("\n  {p}"));
+    }
+    for (path, n) in more {
+        s.push_str(&format!(
+            "\n  ... and {n} more problems in {}",
+            path.display()
+        ));
+    }
+    s
 }
 
 /// Result with the crate's [`Error`].
@@ -107,7 +129,7 @@ impl Error {
                 "DiskFullError"
             }
             Error::Io { .. } => "AstolfomixIOError",
-            Error::Mismatch { .. } => "MismatchError",
+            Error::Mismatch { .. } | Error::Problems { .. } => "MismatchError",
             Error::Plan(_) => "PlanError",
             Error::Output { .. } => "OutputError",
             Error::Cancelled => "Cancelled",

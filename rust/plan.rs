@@ -243,7 +243,14 @@ pub struct Resolver {
     /// Per output: the first located source's shape and its input; the others must match.
     shapes: Vec<Option<(Vec<usize>, usize)>>,
     files: Vec<Option<Arc<InputFile>>>,
+    /// Problems found while adding inputs, reported together by `finish`.
+    problems: Vec<Error>,
+    /// Inputs with more problems than were kept: (file, how many more).
+    more: Vec<(std::path::PathBuf, usize)>,
 }
+
+/// Problems listed per input before the rest are only counted.
+const PROBLEMS_PER_INPUT: usize = 5;
 
 impl Resolver {
     /// Checks what can be checked without the files (names, weights, input indices, constants).
@@ -334,6 +341,8 @@ impl Resolver {
             refs,
             shapes,
             files: vec![None; n_inputs],
+            problems: Vec::new(),
+            more: Vec::new(),
         })
     }
 
@@ -343,6 +352,8 @@ impl Resolver {
     }
 
     /// Locates every source that reads from input `input` (opened as `ck`) and keeps the file.
+    /// Problems (a missing tensor, a shape that differs, a dtype that cannot be averaged) are
+    /// collected, not returned: [`Resolver::finish`] reports every one of them at once.
     pub fn add(&mut self, input: usize, ck: &Checkpoint) -> Result<()> {
         let n = self.files.len();
         let slot = self
@@ -350,51 +361,79 @@ impl Resolver {
             .get_mut(input)
             .ok_or_else(|| Error::Plan(format!("input #{input} of {n}")))?;
         *slot = Some(ck.file.clone());
-        for &(o, j) in &self.by_input[input] {
-            let out = &self.plan.outputs[o as usize];
-            let src = &sources_of(&out.op)[j as usize];
-            let t = ck.get(&src.tensor).ok_or_else(|| Error::Mismatch {
-                tensor: src.tensor.to_string(),
-                reason: format!("not found in {}", ck.path().display()),
-            })?;
-            let mismatch = |reason: String| Error::Mismatch {
-                tensor: out.name.clone(),
-                reason,
-            };
-            if matches!(out.op, Op::Mean { .. }) && !t.dtype.is_averageable() {
-                return Err(mismatch(format!(
-                    "{} in {} cannot be averaged (only F16, BF16, F32, F64, F8_E4M3, F8_E5M2 can)",
-                    t.dtype,
-                    ck.path().display()
-                )));
-            }
-            match &self.shapes[o as usize] {
-                None => self.shapes[o as usize] = Some((t.shape.clone(), input)),
-                Some((shape, first)) if *shape != t.shape => {
-                    let first = self.files[*first]
-                        .as_ref()
-                        .map(|f| f.path.display().to_string())
-                        .unwrap_or_default();
-                    return Err(mismatch(format!(
-                        "shape {:?} in {first} but {:?} in {}",
-                        shape,
-                        t.shape,
-                        ck.path().display()
-                    )));
+        let mut found = 0usize;
+        for k in 0..self.by_input[input].len() {
+            let (o, j) = self.by_input[input][k];
+            match self.locate(o as usize, j as usize, input, ck) {
+                Ok(r) => self.refs[o as usize][j as usize] = Some(r),
+                Err(e) => {
+                    found += 1;
+                    // A file of the wrong kind differs in thousands of tensors: list a few.
+                    if found <= PROBLEMS_PER_INPUT {
+                        self.problems.push(e);
+                    }
                 }
-                Some(_) => {}
             }
-            self.refs[o as usize][j as usize] = Some(SrcRef {
-                input,
-                dtype: t.dtype,
-                offset: ck.header.data_start + t.begin,
-            });
+        }
+        if found > PROBLEMS_PER_INPUT {
+            self.more
+                .push((ck.path().to_path_buf(), found - PROBLEMS_PER_INPUT));
         }
         Ok(())
     }
 
+    fn locate(&mut self, o: usize, j: usize, input: usize, ck: &Checkpoint) -> Result<SrcRef> {
+        let out = &self.plan.outputs[o];
+        let src = &sources_of(&out.op)[j];
+        let t = ck.get(&src.tensor).ok_or_else(|| Error::Mismatch {
+            tensor: src.tensor.to_string(),
+            reason: format!("not found in {}", ck.path().display()),
+        })?;
+        let mismatch = |reason: String| Error::Mismatch {
+            tensor: out.name.clone(),
+            reason,
+        };
+        if matches!(out.op, Op::Mean { .. }) && !t.dtype.is_averageable() {
+            return Err(mismatch(format!(
+                "{} in {} cannot be averaged (only F16, BF16, F32, F64, F8_E4M3, F8_E5M2 can)",
+                t.dtype,
+                ck.path().display()
+            )));
+        }
+        match &self.shapes[o] {
+            None => self.shapes[o] = Some((t.shape.clone(), input)),
+            Some((shape, first)) if *shape != t.shape => {
+                let first = self.files[*first]
+                    .as_ref()
+                    .map(|f| f.path.display().to_string())
+                    .unwrap_or_default();
+                return Err(mismatch(format!(
+                    "shape {:?} in {first} but {:?} in {}",
+                    shape,
+                    t.shape,
+                    ck.path().display()
+                )));
+            }
+            Some(_) => {}
+        }
+        Ok(SrcRef {
+            input,
+            dtype: t.dtype,
+            offset: ck.header.data_start + t.begin,
+        })
+    }
+
     /// Decides how each tensor is made and lays out the output once every input has been added.
-    pub fn finish(self) -> Result<Layout> {
+    pub fn finish(mut self) -> Result<Layout> {
+        if self.problems.len() == 1 && self.more.is_empty() {
+            return Err(self.problems.remove(0));
+        }
+        if !self.problems.is_empty() {
+            return Err(Error::Problems {
+                problems: self.problems,
+                more: self.more,
+            });
+        }
         let mut tensors = Vec::with_capacity(self.plan.outputs.len());
         let mut pos = 0usize;
         let mut bytes_read = 0u64;
@@ -676,6 +715,36 @@ mod tests {
         assert!(e.contains("cannot convert I64"), "{e}");
         let e = err(vec![out("w", Some(Dtype::I32), Op::Copy(src(0, "w")))]);
         assert!(e.contains("as I32"), "{e}");
+    }
+
+    #[test]
+    fn error_every_problem_reported_at_once() {
+        let e = err(vec![
+            out(
+                "w",
+                None,
+                Op::Mean {
+                    sources: vec![src(0, "w"), src(1, "w")],
+                    weights: None,
+                },
+            ),
+            out("x", None, Op::Copy(src(1, "i"))),
+            out(
+                "y",
+                None,
+                Op::Mean {
+                    sources: vec![src(0, "i")],
+                    weights: None,
+                },
+            ),
+        ]);
+        assert!(e.starts_with("3 problems"), "{e}");
+        assert!(
+            e.contains("[1, 2]")
+                && e.contains("'i': not found")
+                && e.contains("cannot be averaged"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 from .core.engine import Report, execute
 from .core.plan import KeyFilter, mean_plan
 from .core.reader import Checkpoint
+from .errors import PlanError
 
 
 def mean(
@@ -45,7 +46,6 @@ def mean(
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
-            from .errors import PlanError
 
             raise PlanError(f"metadata keys and values must be strings: {bad[:3]}")
         plan.metadata = {**metadata, **plan.metadata}

@@ -7,13 +7,17 @@ import argparse
 import os
 import sys
 
+from .._core import __version__
+from ..api import mean
 from ..errors import AstolfomixError
+from ..tools import bench
+from . import merge as recipe_cli
+from . import models as anatomy_cli
 from .common import COMMANDS, command, emit, human_bytes, report_text  # noqa: F401
 
 
 @command("mean")
 def cmd_mean(args: argparse.Namespace) -> int:
-    from ..api import mean
 
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     r = mean(
@@ -33,7 +37,6 @@ def cmd_mean(args: argparse.Namespace) -> int:
 
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..tools import bench
 
     threads = [int(t) for t in args.threads.split(",")] if args.threads else None
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -57,7 +60,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="astolfomix", description="Merge dozens of Stable Diffusion checkpoints at disk speed.")
-    from .. import __version__
 
     p.add_argument("--version", action="version", version=f"astolfomix_rs {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_parsers():
     """Subcommands defined beside their features (recipes, anatomy)."""
-    from . import merge as recipe_cli
-    from . import models as anatomy_cli
 
     return [("recipe", recipe_cli.add_parsers), ("anatomy", anatomy_cli.add_parsers)]
 

@@ -9,6 +9,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..commands import recipe as rc
+from ..commands.inspect import inspect_file
+from ..core.engine import execute
+from ..tools.synth import make_checkpoint
 from .common import command, emit, human_bytes, report_text
 
 DEMO_RECIPE = """\
@@ -40,8 +44,6 @@ def _estimate(bytes_to_read: int) -> float:
 
 @command("merge")
 def cmd_merge(args: argparse.Namespace) -> int:
-    from ..commands import recipe as rc
-    from ..core.engine import execute
 
     r = rc.load(args.recipe)
     for note in r.notes:
@@ -69,10 +71,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def run_demo(folder: Path, n_models: int = 8, factor: int = 16, log=print) -> dict:
     """Writes a synthetic SDXL pool and the grid recipe, merges, inspects; returns timings."""
-    from ..commands import recipe as rc
-    from ..commands.inspect import inspect_file
-    from ..core.engine import execute
-    from ..tools.synth import make_checkpoint
 
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..commands.components import compare, component_hashes, export, import_component, selection_line, toolkit_metric
+from ..commands.hashing import files_hashes
 from ..commands.inspect import inspect_file
-from .common import command, emit
+from ..core.reader import Checkpoint
+from ..errors import PlanError
+from ..models.anatomy import detect
+from .common import command, emit, report_text
 
 
 @command("inspect")
@@ -22,10 +27,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 @command("hash")
 def cmd_hash(args: argparse.Namespace) -> int:
-    from ..commands.components import component_hashes, toolkit_metric
-    from ..commands.hashing import files_hashes
-    from ..core.reader import Checkpoint
-    from ..models.anatomy import detect
 
     out, lines = [], []
     for f in args.files:
@@ -44,8 +45,6 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 @command("export")
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..commands.components import export
-    from .common import report_text
 
     r = export(args.file, args.component, args.output, layout=args.layout, dtype=args.dtype, overwrite=args.overwrite,
                progress=not args.json)
@@ -55,8 +54,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 @command("import")
 def cmd_import(args: argparse.Namespace) -> int:
-    from ..commands.components import import_component
-    from .common import report_text
 
     r = import_component(args.target, args.source, args.component, args.output, in_place=args.in_place,
                          overwrite=args.overwrite, progress=not args.json)
@@ -71,13 +68,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 @command("compare")
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..commands.components import compare, selection_line
 
     ref = None
     if args.reference:
         names = [Path(f).name for f in args.files]
         if args.reference not in args.files and Path(args.reference).name not in names:
-            from ..errors import PlanError
 
             raise PlanError(f"--reference {args.reference} is not one of the files")
         ref = args.files.index(args.reference) if args.reference in args.files else names.index(Path(args.reference).name)

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import _core
+from ..core.engine import execute
 from ..core.plan import Output, Plan, parse_dtype
 from ..core.reader import Checkpoint
 from ..core.report import Report
@@ -146,7 +147,6 @@ def export(path, component: str, output, *, layout: str = "toolkit", dtype: str 
            overwrite: bool = False, progress: bool = False):
     """Exports ``component`` of ``path``. With ``layout="transformers"``, ``output`` is a folder
     holding ``config.json`` and ``model.safetensors`` that ``CLIPTextModel.from_pretrained`` loads."""
-    from ..core.engine import execute
 
     ck = Checkpoint(path)
     plan = export_plan(ck, component, layout=layout, dtype=dtype)
@@ -180,7 +180,6 @@ def import_component(target, source, component: str, output=None, *, in_place: b
     """Writes ``target`` with its ``component`` replaced by the matching component of ``source``
     (a full checkpoint or an exported file of any layout). Every key and shape is checked before
     anything is written; ``position_ids`` are copied if sound, else written as int64 0..76."""
-    from ..core.engine import execute
 
     tck, sck = Checkpoint(target), Checkpoint(source)
     tan = detect(tck)

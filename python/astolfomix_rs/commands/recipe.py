@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .._core import __version__
+from ..core.plan import Output, Plan, normalize, parse_dtype
+from ..core.reader import Checkpoint
 from ..errors import AstolfomixError, RecipeError
+from ..models.anatomy import Anatomy, detect
+from ..models.registry import MODELSPEC
+from .hashing import files_hashes
 
 COMPONENT_LINES = ("unet", "te0", "te1", "te", "vae")
 LINE_ALIASES = {"clip_l": "te0", "clip_g": "te1"}
@@ -374,7 +380,6 @@ def check_name(name: str) -> str:
 
 def _merge_outputs(base_ck, base_an, comp_files: dict, idx: dict, out_dtype: str | None, weights: dict) -> list:
     """Per key of the base: the mean over the files chosen for its component, else a copy."""
-    from ..core.plan import Output, normalize
 
     outputs: list[Output] = []
     for k, bi in base_ck.info.items():
@@ -399,15 +404,65 @@ def merge_plan(
     hash_inputs: bool = False,
 ):
     """Resolves the recipe and builds the one-pass plan of output ``output``. Returns
-    (plan, summary); raises MergeProblems listing every problem at once."""
-    from .. import __version__
-    from ..core.plan import Plan, parse_dtype
-    from ..core.reader import Checkpoint
-    from ..models.anatomy import detect
-    from ..models.registry import MODELSPEC
-    from .hashing import files_hashes
-
+    (plan, summary); raises MergeProblems listing every problem at once. Each input is opened
+    once: checked against the architecture here, then handed to the Rust resolver, which finds
+    every tensor-level problem (missing keys, shapes, dtypes)."""
     models = Path(models)
+    out_name, chosen = _choose(recipe, models, output)
+    base_id = base or recipe.base or chosen.get("unet", next(iter(chosen.values())))[0]
+    res = resolve_models([i for ids in chosen.values() for i in ids] + [base_id], models, recipe.table)
+    problems = list(res.problems)
+    files = sorted(set(res.files.values()), key=lambda p: p.name)
+    base_path = res.files.get(_key_of(base_id))
+    base_ck, base_an = _open_base(base_path, base_id, problems)
+    inputs = [base_path] + [p for p in files if p != base_path]
+    idx = {p: i for i, p in enumerate(inputs)}
+    out_dtype = parse_dtype(dtype or recipe.dtype or "f16")
+    comp_files = {c: [res.files[_key_of(t)] for t in ids if _key_of(t) in res.files] for c, ids in chosen.items()}
+    plan = Plan(inputs=list(inputs), outputs=_merge_outputs(base_ck, base_an, comp_files, idx, out_dtype, recipe.weights),
+                accumulate=accumulate or recipe.accumulate or "f32", notes={"recipe_notes": recipe.notes})
+    resolver = plan.resolver()
+    hashes = _check_and_add(files, chosen, res.files, base_path, base_ck, base_an, idx, resolver, problems, hash_inputs)
+    counts = {c: len(v) for c, v in chosen.items()}
+    name = recipe.outputs.get(out_name or "", None) or convention_name(counts)
+    meta: dict[str, str] = {}
+    if not problems:
+        meta = _merge_metadata(recipe, out_name, name, base_path, base_an, comp_files, counts, out_dtype, plan.accumulate,
+                               inputs, hashes if hash_inputs else None)
+    try:
+        plan.resolved = resolver.finish(meta)
+    except AstolfomixError as e:
+        if not problems or "never opened" not in str(e):  # inputs skipped above were reported already
+            problems.append(str(e))
+    if problems:
+        uniq = list(dict.fromkeys(problems))
+        more = f"\n  ... and {len(uniq) - 40} more" if len(uniq) > 40 else ""
+        raise MergeProblems(f"cannot merge ({len(uniq)} problems, nothing written):\n  " + "\n  ".join(uniq[:40]) + more)
+    plan.metadata = meta
+    summary = {
+        "output_name": check_name(name),
+        "title": out_name or "AstolfoMix",
+        "arch": base_an.arch,
+        "base": str(base_path),
+        "components": {c: [str(p) for p in v] for c, v in comp_files.items()},
+        "counts": counts,
+        "inputs": [str(p) for p in inputs],
+        "bytes_to_read": plan.resolved.bytes_read,
+        "output_bytes": plan.resolved.data_len + len(plan.resolved.header),
+        "notes": recipe.notes,
+    }
+    return plan, summary
+
+
+def _key_of(t: str) -> str:
+    try:
+        return str(ModelId.parse(t))
+    except ValueError:
+        return t
+
+
+def _choose(recipe: Recipe, models: Path, output: str | None) -> tuple[str | None, dict[str, list[str]]]:
+    """The output line to build and, per component, the model ids (or TOML file names) it averages."""
     if output is None and len(recipe.outputs) > 1:
         raise RecipeError(f"the recipe defines outputs {', '.join(recipe.outputs)}: choose one with --output")
     out_name = output or (next(iter(recipe.outputs)) if recipe.outputs else None)
@@ -427,19 +482,10 @@ def merge_plan(
             ]
         if not chosen[c]:
             raise RecipeError(f"line {sel.line}: '{sel.name}' selects no model")
-    base_id = base or recipe.base or chosen.get("unet", next(iter(chosen.values())))[0]
-    all_ids = [i for ids in chosen.values() for i in ids] + [base_id]
-    res = resolve_models(all_ids, models, recipe.table)
-    problems = list(res.problems)
+    return out_name, chosen
 
-    def key_of(t: str) -> str:
-        try:
-            return str(ModelId.parse(t))
-        except ValueError:
-            return t
 
-    files = sorted(set(res.files.values()), key=lambda p: p.name)
-    base_path = res.files.get(key_of(base_id))
+def _open_base(base_path: Path | None, base_id: str, problems: list[str]) -> tuple[Checkpoint, Anatomy]:
     base_ck = base_an = None
     if base_path is not None:
         try:
@@ -450,24 +496,18 @@ def merge_plan(
     if base_ck is None or base_an is None:
         problems.append(f"base model {base_id} could not be used")
         raise MergeProblems("cannot merge:\n  " + "\n  ".join(dict.fromkeys(problems)))
+    return base_ck, base_an
+
+
+def _check_and_add(files, chosen, found, base_path, base_ck, base_an, idx, resolver, problems, hash_inputs):
+    """Opens each input once (one parsed header held at a time): checks its architecture and
+    components, hands it to the resolver, hashes it if asked. Returns the hashes by path."""
     uses: dict[Path, list[tuple[str, str]]] = {}
     for c, ids in chosen.items():
         for t in ids:
-            p = res.files.get(key_of(t))
-            if p is not None:
-                uses.setdefault(p, []).append((c, t))
-    inputs = [base_path] + [p for p in files if p != base_path]
-    idx = {p: i for i, p in enumerate(inputs)}
-    out_dtype = parse_dtype(dtype or recipe.dtype or "f16")
-    acc = accumulate or recipe.accumulate or "f32"
-    comp_files = {c: [res.files[key_of(t)] for t in ids if key_of(t) in res.files] for c, ids in chosen.items()}
-    plan = Plan(inputs=list(inputs), outputs=_merge_outputs(base_ck, base_an, comp_files, idx, out_dtype, recipe.weights),
-                accumulate=acc, notes={"recipe_notes": recipe.notes})
-    # Resolved while the inputs are open for the checks: each file is opened once, and only one
-    # parsed header is held at a time, so memory does not grow with the number of inputs.
-    resolver = plan.resolver()
+            if _key_of(t) in found:
+                uses.setdefault(found[_key_of(t)], []).append((c, t))
     hashes: dict[Path, dict[str, str]] = {}
-    bytes_to_read = 0
     for p in files:
         try:
             ck = base_ck if p == base_path else Checkpoint(p)
@@ -475,50 +515,30 @@ def merge_plan(
         except AstolfomixError as e:
             problems.append(str(e))
             continue
+        fine = True
         for c, t in uses.get(p, []):
             if an.arch != base_an.arch:
                 problems.append(f"{c}: model {t} ({p.name}) is {an.arch}, the base is {base_an.arch}")
+                fine = False
                 continue
             try:
                 comp = an.component(c)
-                bcomp = base_an.component(c)
             except AstolfomixError as e:
                 problems.append(f"{c}: model {t}: {e}")
+                fine = False
                 continue
             if comp.missing:
                 problems.append(f"{c}: model {t} ({p.name}) lacks {len(comp.missing)} keys, e.g. {comp.missing[0]}")
-            absent, shapes = [], []
-            for k in bcomp.keys:
-                ti, bi = ck.info.get(k), base_ck.info[k]
-                if ti is None:
-                    if bi.is_float:
-                        absent.append(k)
-                    continue
-                if ti.shape != bi.shape or ti.is_float != bi.is_float:
-                    shapes.append(f"'{k}' is {ti.dtype}{list(ti.shape)} in {p.name} but {bi.dtype}{list(bi.shape)} in the base {base_path.name}")
-                elif bi.is_float:
-                    bytes_to_read += ti.nbytes
-            if absent:
-                problems.append(f"{c}: model {t} ({p.name}) has no tensor '{absent[0]}'"
-                                + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
-            if shapes:
-                problems.append(f"{c}: model {t}: {shapes[0]}" + (f" (and {len(shapes) - 1} more tensors differ)" if len(shapes) > 1 else ""))
-        if not problems:
-            try:
-                resolver.add(idx[p], ck._core)
-            except AstolfomixError as e:
-                problems.append(str(e))
+        if fine:
+            resolver.add(idx[p], ck._core)  # tensor-level problems are collected there
             if hash_inputs:
                 hashes[p] = files_hashes([ck])[0]
         del ck, an
-    if problems:
-        uniq = list(dict.fromkeys(problems))
-        more = f"\n  ... and {len(uniq) - 40} more" if len(uniq) > 40 else ""
-        raise MergeProblems(f"cannot merge ({len(uniq)} problems, nothing written):\n  " + "\n  ".join(uniq[:40]) + more)
-    outputs = plan.outputs
-    counts = {c: len(v) for c, v in chosen.items()}
-    title = out_name or "AstolfoMix"
-    name = recipe.outputs.get(out_name or "", None) or convention_name(counts)
+    return hashes
+
+
+def _merge_metadata(recipe, out_name, name, base_path, base_an, comp_files, counts, out_dtype, acc, inputs, hashes):
+    """The output's metadata: the recipe, provenance, and the keys the webui shows."""
     provenance = {
         "recipe": recipe.text,
         "output": out_name,
@@ -537,7 +557,7 @@ def merge_plan(
         "modelspec.title": Path(name).stem,
     }
     inputs_info = [{"name": p.name, "size": p.stat().st_size} for p in inputs]
-    if hash_inputs:
+    if hashes is not None:
         models_meta = {}
         for i, p in enumerate(inputs):
             h = hashes[p]
@@ -545,22 +565,4 @@ def merge_plan(
             models_meta[h["sha256"]] = {"name": p.stem, "legacy_hash": h["autov1"]}
         meta["sd_merge_models"] = json.dumps(models_meta)
     meta["astolfomix.files"] = json.dumps(inputs_info)
-    plan.metadata = meta
-    plan.resolved = resolver.finish(meta)
-    summary = {
-        "output_name": check_name(name),
-        "title": title,
-        "arch": base_an.arch,
-        "base": str(base_path),
-        "components": {c: [str(p) for p in v] for c, v in comp_files.items()},
-        "counts": counts,
-        "inputs": [str(p) for p in inputs],
-        "bytes_to_read": bytes_to_read + sum(
-            base_ck.info[o.name].nbytes for o in outputs if o.op == "copy"),
-        "output_bytes": sum(
-            (bi.numel * {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}.get(out_dtype or bi.dtype, 2)) if o.op == "mean" else bi.nbytes
-            for o, bi in zip(outputs, base_ck.info.values())
-        ),
-        "notes": recipe.notes,
-    }
-    return plan, summary
+    return meta

@@ -46,7 +46,8 @@ def execute(
             )
             r["seconds"] = time.perf_counter() - t0  # the whole job, resolution included
             return Report(**{**r, "output": Path(r["output"])}, device="cpu", notes=dict(plan.notes))
-        from . import cuda  # torch is imported only there
+
+        from . import cuda  # imports torch: only when a torch device is asked for
 
         return cuda.execute(
             plan, output, device=device, overwrite=overwrite, in_place=in_place, durable=durable,

@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import _core
+from ..errors import MismatchError, PlanError
 
 # safetensors dtype -> numpy dtype for zero-copy views.
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -81,7 +82,6 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
         return (raw.astype(np.uint32) << 16).view(np.float32)
     if dtype in F8_TABLES:
         return F8_TABLES[dtype][raw]
-    from ..errors import PlanError
 
     raise PlanError(f"{dtype} has a numpy dtype; no conversion needed")
 
@@ -141,7 +141,6 @@ class Checkpoint:
         try:
             return self.info[name]
         except KeyError:
-            from ..errors import MismatchError
 
             raise MismatchError(f"tensor '{name}': not found in {self.path}") from None
 

@@ -9,6 +9,8 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import PlanError
+from .engine import execute
+from .plan import Output, Plan
 
 _NP_TO_ST = {
     np.dtype(np.bool_): "BOOL", np.dtype("u1"): "U8", np.dtype("i1"): "I8", np.dtype("i2"): "I16",
@@ -44,8 +46,6 @@ def save(
 ) -> None:
     """Saves ``tensors`` as a safetensors file, atomically: a plan of constants (the arrays are
     lent to the engine, not copied) run through the one writer."""
-    from .engine import execute
-    from .plan import Output, Plan
 
     outputs = [Output.constant(n, *_entry(n, t)) for n, t in tensors.items()]
     execute(Plan([], outputs, metadata=dict(metadata or {})), path, overwrite=overwrite, durable=durable,
