@@ -14,29 +14,21 @@ fn bench(c: &mut Criterion) {
         let bytes = &src[..n * dtype.size()];
         g.throughput(Throughput::Bytes(bytes.len() as u64));
         for level in Level::available() {
-            g.bench_with_input(
-                BenchmarkId::new(format!("{dtype}"), level.name()),
-                &level,
-                |b, &level| {
-                    let mut acc = vec![0f32; n];
-                    b.iter(|| accumulate(level, &mut acc, bytes, dtype, None));
-                },
-            );
+            g.bench_with_input(BenchmarkId::new(format!("{dtype}"), level.name()), &level, |b, &level| {
+                let mut acc = vec![0f32; n];
+                b.iter(|| accumulate(level, &mut acc, bytes, dtype, None));
+            });
         }
     }
     g.finish();
     let mut g = c.benchmark_group("finish_f16");
     g.throughput(Throughput::Elements(n as u64));
     for level in Level::available() {
-        g.bench_with_input(
-            BenchmarkId::from_parameter(level.name()),
-            &level,
-            |b, &level| {
-                let mut acc = vec![1.5f32; n];
-                let mut out = vec![0u8; n * 2];
-                b.iter(|| finish(level, &mut acc, Some(4.0), &mut out, Dtype::F16));
-            },
-        );
+        g.bench_with_input(BenchmarkId::from_parameter(level.name()), &level, |b, &level| {
+            let mut acc = vec![1.5f32; n];
+            let mut out = vec![0u8; n * 2];
+            b.iter(|| finish(level, &mut acc, Some(4.0), &mut out, Dtype::F16));
+        });
     }
     g.finish();
 }

@@ -106,11 +106,7 @@ impl Checkpoint {
             Err(e) => return Err(e),
         };
         let mut index: Vec<u32> = (0..header.tensors.len() as u32).collect();
-        index.sort_by(|&a, &b| {
-            header.tensors[a as usize]
-                .name
-                .cmp(&header.tensors[b as usize].name)
-        });
+        index.sort_by(|&a, &b| header.tensors[a as usize].name.cmp(&header.tensors[b as usize].name));
         OPENS.fetch_add(1, Ordering::Relaxed);
         let file = InputFile {
             path: path.to_path_buf(),
@@ -184,18 +180,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("empty.safetensors");
         std::fs::write(&p, b"").unwrap();
-        assert!(Checkpoint::open(&p)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("empty"));
+        assert!(Checkpoint::open(&p).err().unwrap().to_string().contains("empty"));
         assert!(matches!(
             Checkpoint::open(d.path().join("nope")).err().unwrap(),
             Error::NotFound { .. }
         ));
-        assert!(matches!(
-            Checkpoint::open(d.path()).err().unwrap(),
-            Error::IsDirectory { .. }
-        ));
+        assert!(matches!(Checkpoint::open(d.path()).err().unwrap(), Error::IsDirectory { .. }));
     }
 }

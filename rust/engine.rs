@@ -156,26 +156,12 @@ fn src_bytes<'a>(
     }
 }
 
-fn run_item(
-    layout: &Layout,
-    item: &Item,
-    level: Level,
-    io: Io,
-    scratch: &mut Scratch,
-    writer: &Writer,
-) -> Result<u64> {
-    let inputs = &layout.inputs;
+fn run_item(layout: &Layout, item: &Item, level: Level, io: Io, scratch: &mut Scratch, writer: &Writer) -> Result<u64> {
     let t = &layout.tensors[item.tensor];
     let (s, e) = (item.start, item.end);
-    let Scratch {
-        acc,
-        acc64,
-        out,
-        src: buf,
-    } = scratch;
-    match &t.kind {
+    let read = match &t.kind {
         Kind::Copy(r) => {
-            let bytes = src_bytes(inputs, io, r.input, r.offset + s, r.offset + e, buf)?;
+            let bytes = src_bytes(&layout.inputs, io, r.input, r.offset + s, r.offset + e, &mut scratch.src)?;
             writer.write_at((t.out_offset + s) as u64, bytes)?;
             return Ok(bytes.len() as u64);
         }
@@ -183,85 +169,113 @@ fn run_item(
             writer.write_at((t.out_offset + s) as u64, &(**data).as_ref()[s..e])?;
             return Ok(0);
         }
-        _ => {}
-    }
+        Kind::Cast { src, via } => cast_chunk(layout, t, src, *via, s, e, level, io, scratch)?,
+        Kind::Mean { sources, weights, via } => {
+            mean_chunk(layout, t, sources, weights.as_deref(), *via, s, e, level, io, scratch)?
+        }
+    };
+    writer.write_at((t.out_offset + s * t.dtype.size()) as u64, &scratch.out)?;
+    Ok(read)
+}
+
+/// Input byte range of elements `[s, e)` of a source.
+fn range(r: &SrcRef, s: usize, e: usize) -> (usize, usize) {
+    (r.offset + s * r.dtype.size(), r.offset + e * r.dtype.size())
+}
+
+/// Converts elements `[s, e)` of one source into `scratch.out`; returns the bytes read.
+#[allow(clippy::too_many_arguments)]
+fn cast_chunk(
+    layout: &Layout,
+    t: &Resolved,
+    r: &SrcRef,
+    via: Accumulate,
+    s: usize,
+    e: usize,
+    level: Level,
+    io: Io,
+    scratch: &mut Scratch,
+) -> Result<u64> {
+    let Scratch {
+        acc,
+        acc64,
+        out,
+        src: buf,
+    } = scratch;
     let n = e - s;
     out.resize(n * t.dtype.size(), 0);
-    let out = &mut out[..];
-    let mut read = 0u64;
-    let range = |r: &SrcRef| (r.offset + s * r.dtype.size(), r.offset + e * r.dtype.size());
-    match &t.kind {
-        Kind::Cast { src: r, via } => {
-            let (b, en) = range(r);
-            let src = src_bytes(inputs, io, r.input, b, en, buf)?;
-            read += src.len() as u64;
-            if *via == Accumulate::F64 {
-                acc64.resize(n, 0.0);
-                kernels::load_f64_slice(acc64, src, r.dtype);
-                kernels::finish_f64(acc64, None, out, t.dtype);
-            } else {
-                acc.resize(n, 0.0);
-                kernels::load(acc, src, r.dtype);
-                kernels::finish(level, acc, None, out, t.dtype);
-            }
-        }
-        Kind::Mean {
-            sources,
-            weights,
-            via,
-        } => {
-            if *via == Accumulate::F64 {
-                acc64.clear();
-                acc64.resize(n, 0.0);
-                for (k, r) in sources.iter().enumerate() {
-                    let (b, en) = range(r);
-                    let src = src_bytes(inputs, io, r.input, b, en, buf)?;
-                    read += src.len() as u64;
-                    kernels::accumulate_f64(acc64, src, r.dtype, weights.as_ref().map(|w| w[k]));
-                }
-                let div = weights.is_none().then_some(sources.len() as f64);
-                kernels::finish_f64(acc64, div, out, t.dtype);
-            } else {
-                acc.clear();
-                acc.resize(n, 0.0);
-                for (k, r) in sources.iter().enumerate() {
-                    let (b, en) = range(r);
-                    let src = src_bytes(inputs, io, r.input, b, en, buf)?;
-                    read += src.len() as u64;
-                    kernels::accumulate(
-                        level,
-                        acc,
-                        src,
-                        r.dtype,
-                        weights.as_ref().map(|w| w[k] as f32),
-                    );
-                }
-                let div = weights.is_none().then_some(sources.len() as f32);
-                if t.dtype == Dtype::F64 {
-                    // An f32 sum written as f64: divide in f32 (the recipe), then widen exactly.
-                    let widened: Vec<f64> = acc
-                        .iter()
-                        .map(|&a| div.map_or(a, |d| a / d) as f64)
-                        .collect();
-                    kernels::finish_f64(&widened, None, out, t.dtype);
-                } else {
-                    kernels::finish(level, acc, div, out, t.dtype);
-                }
-            }
-        }
-        Kind::Copy(_) | Kind::Constant(_) => unreachable!("handled above"),
+    let (b, en) = range(r, s, e);
+    let src = src_bytes(&layout.inputs, io, r.input, b, en, buf)?;
+    if via == Accumulate::F64 {
+        acc64.resize(n, 0.0);
+        kernels::load_f64_slice(acc64, src, r.dtype);
+        kernels::finish_f64(acc64, None, out, t.dtype);
+    } else {
+        acc.resize(n, 0.0);
+        kernels::load(acc, src, r.dtype);
+        kernels::finish(level, acc, None, out, t.dtype);
     }
-    writer.write_at((t.out_offset + s * t.dtype.size()) as u64, out)?;
+    Ok(src.len() as u64)
+}
+
+/// Averages elements `[s, e)` of every source, in plan order, into `scratch.out`; returns the
+/// bytes read.
+#[allow(clippy::too_many_arguments)]
+fn mean_chunk(
+    layout: &Layout,
+    t: &Resolved,
+    sources: &[SrcRef],
+    weights: Option<&[f64]>,
+    via: Accumulate,
+    s: usize,
+    e: usize,
+    level: Level,
+    io: Io,
+    scratch: &mut Scratch,
+) -> Result<u64> {
+    let Scratch {
+        acc,
+        acc64,
+        out,
+        src: buf,
+    } = scratch;
+    let n = e - s;
+    out.resize(n * t.dtype.size(), 0);
+    let mut read = 0u64;
+    if via == Accumulate::F64 {
+        acc64.clear();
+        acc64.resize(n, 0.0);
+        for (k, r) in sources.iter().enumerate() {
+            let (b, en) = range(r, s, e);
+            let src = src_bytes(&layout.inputs, io, r.input, b, en, buf)?;
+            read += src.len() as u64;
+            kernels::accumulate_f64(acc64, src, r.dtype, weights.map(|w| w[k]));
+        }
+        let div = weights.is_none().then_some(sources.len() as f64);
+        kernels::finish_f64(acc64, div, out, t.dtype);
+        return Ok(read);
+    }
+    acc.clear();
+    acc.resize(n, 0.0);
+    for (k, r) in sources.iter().enumerate() {
+        let (b, en) = range(r, s, e);
+        let src = src_bytes(&layout.inputs, io, r.input, b, en, buf)?;
+        read += src.len() as u64;
+        kernels::accumulate(level, acc, src, r.dtype, weights.map(|w| w[k] as f32));
+    }
+    let div = weights.is_none().then_some(sources.len() as f32);
+    if t.dtype == Dtype::F64 {
+        // An f32 sum written as f64: divide in f32 (the recipe), then widen exactly.
+        let widened: Vec<f64> = acc.iter().map(|&a| div.map_or(a, |d| a / d) as f64).collect();
+        kernels::finish_f64(&widened, None, out, t.dtype);
+    } else {
+        kernels::finish(level, acc, div, out, t.dtype);
+    }
     Ok(read)
 }
 
 /// Runs a resolved plan and writes `output`.
-pub fn run_layout(
-    layout: &Layout,
-    output: &Path,
-    opts: &Options,
-    progress: &Progress,
-) -> Result<Report> {
+pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
     let t0 = Instant::now();
     progress.total.store(layout.bytes_read, Ordering::Relaxed);
     let writer = Writer::create(
@@ -272,10 +286,7 @@ pub fn run_layout(
         opts.mode,
     )?;
     let level = opts.level.unwrap_or_else(Level::detect);
-    let threads = opts
-        .threads
-        .unwrap_or_else(rayon::current_num_threads)
-        .max(1);
+    let threads = opts.threads.unwrap_or_else(rayon::current_num_threads).max(1);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -322,13 +333,7 @@ pub fn prepare(plan: Plan, inputs: &[PathBuf]) -> Result<Layout> {
 }
 
 /// Opens `inputs`, runs the plan and writes `output`. `seconds` covers the whole job.
-pub fn execute(
-    plan: Plan,
-    inputs: &[PathBuf],
-    output: &Path,
-    opts: &Options,
-    progress: &Progress,
-) -> Result<Report> {
+pub fn execute(plan: Plan, inputs: &[PathBuf], output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
     let t0 = Instant::now();
     let layout = prepare(plan, inputs)?;
     let mut report = run_layout(&layout, output, opts, progress)?;
@@ -378,11 +383,7 @@ mod tests {
     fn uniform_mean_matches_scalar_recipe() {
         let d = tempfile::tempdir().unwrap();
         let vals: Vec<Vec<f32>> = (0..3)
-            .map(|k| {
-                (0..1000)
-                    .map(|i| (i as f32 * 0.37 + k as f32).sin() * 7.0)
-                    .collect()
-            })
+            .map(|k| (0..1000).map(|i| (i as f32 * 0.37 + k as f32).sin() * 7.0).collect())
             .collect();
         let paths: Vec<PathBuf> = (0..3)
             .map(|k| {
@@ -407,14 +408,7 @@ mod tests {
                 tensor: "ids".into(),
             }),
         });
-        let r = execute(
-            plan,
-            &paths,
-            &out,
-            &Options::default(),
-            &Progress::default(),
-        )
-        .unwrap();
+        let r = execute(plan, &paths, &out, &Options::default(), &Progress::default()).unwrap();
         assert_eq!(r.tensors, 2);
         assert_eq!(r.bytes_read, 3 * 2000 + 16);
         let got = read_tensor(&out, "w");
@@ -499,10 +493,7 @@ mod tests {
     fn cancel_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a.safetensors");
-        write_file(
-            &a,
-            &[("w", Dtype::F16, vec![4096], f16_bytes(&[1.0; 4096]))],
-        );
+        write_file(&a, &[("w", Dtype::F16, vec![4096], f16_bytes(&[1.0; 4096]))]);
         let out = d.path().join("o.safetensors");
         let p = Progress::default();
         p.cancel.store(true, Ordering::Relaxed);
@@ -522,10 +513,7 @@ mod tests {
     fn constant_and_cast() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a.safetensors");
-        write_file(
-            &a,
-            &[("w", Dtype::F16, vec![3], f16_bytes(&[-0.0, 1.5, -2.25]))],
-        );
+        write_file(&a, &[("w", Dtype::F16, vec![3], f16_bytes(&[-0.0, 1.5, -2.25]))]);
         let data: crate::plan::Bytes = Arc::new(vec![1u8, 0, 0, 0, 0, 0, 0, 0]);
         let plan = Plan {
             outputs: vec![
@@ -554,10 +542,7 @@ mod tests {
         let r = execute(plan, &[a], &out, &Options::default(), &Progress::default()).unwrap();
         assert_eq!(r.bytes_read, 6);
         assert_eq!(read_tensor(&out, "c"), vec![1, 0, 0, 0, 0, 0, 0, 0]);
-        let w: Vec<u8> = [-0.0f32, 1.5, -2.25]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let w: Vec<u8> = [-0.0f32, 1.5, -2.25].iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(read_tensor(&out, "w"), w, "a cast keeps the sign of zero");
     }
 

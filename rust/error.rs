@@ -33,11 +33,7 @@ pub enum Error {
     InvalidFile { path: PathBuf, reason: String },
     /// One tensor's header entry is malformed.
     #[error("{path}: tensor '{tensor}': {reason}")]
-    InvalidTensor {
-        path: PathBuf,
-        tensor: String,
-        reason: String,
-    },
+    InvalidTensor { path: PathBuf, tensor: String, reason: String },
     /// Inputs disagree about a tensor (shape, kind of dtype) or a key is missing in strict mode.
     #[error("tensor '{tensor}': {reason}")]
     Mismatch { tensor: String, reason: String },
@@ -66,10 +62,7 @@ fn problems_text(problems: &[Error], more: &[(PathBuf, usize)]) -> String {
         s.push_str(&format!("\n  {p}"));
     }
     for (path, n) in more {
-        s.push_str(&format!(
-            "\n  ... and {n} more problems in {}",
-            path.display()
-        ));
+        s.push_str(&format!("\n  ... and {n} more problems in {}", path.display()));
     }
     s
 }
@@ -125,9 +118,7 @@ impl Error {
             Error::NotFound { .. } => "InputNotFoundError",
             Error::IsDirectory { .. } | Error::Pickle { .. } => "InvalidFileError",
             Error::InvalidFile { .. } | Error::InvalidTensor { .. } => "InvalidFileError",
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                "DiskFullError"
-            }
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => "DiskFullError",
             Error::Io { .. } => "AstolfomixIOError",
             Error::Mismatch { .. } | Error::Problems { .. } => "MismatchError",
             Error::Plan(_) => "PlanError",

@@ -118,11 +118,7 @@ pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String]) -> Result<Vec<f64>> {
 
 /// For `compare`: per file, `(sum (x - r)^2, sum r^2)` over `keys`, where `r` is the file
 /// `reference` or, with `None`, the mean of all files. Streams tensor by tensor.
-pub fn l2_distances(
-    files: &[&Checkpoint],
-    keys: &[String],
-    reference: Option<usize>,
-) -> Result<Vec<(f64, f64)>> {
+pub fn l2_distances(files: &[&Checkpoint], keys: &[String], reference: Option<usize>) -> Result<Vec<(f64, f64)>> {
     let per_key: Vec<Vec<(f64, f64)>> = keys
         .par_iter()
         .map(|key| {
@@ -166,15 +162,7 @@ pub fn l2_distances(
             let den: f64 = r.iter().map(|x| x * x).sum();
             Ok(vals
                 .iter()
-                .map(|v| {
-                    (
-                        v.iter()
-                            .zip(&r)
-                            .map(|(a, b)| (a - b) * (a - b))
-                            .sum::<f64>(),
-                        den,
-                    )
-                })
+                .map(|v| (v.iter().zip(&r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>(), den))
                 .collect())
         })
         .collect::<Result<_>>()?;
@@ -215,23 +203,11 @@ mod tests {
             ],
         );
         let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
-        let ea = vec![
-            ("x".to_string(), "p.x".to_string()),
-            ("y".to_string(), "p.y".to_string()),
-        ];
-        let eb = vec![
-            ("y".to_string(), "q.y".to_string()),
-            ("x".to_string(), "q.x".to_string()),
-        ];
-        assert_eq!(
-            content_hash(&ca, &ea).unwrap(),
-            content_hash(&cb, &eb).unwrap()
-        );
+        let ea = vec![("x".to_string(), "p.x".to_string()), ("y".to_string(), "p.y".to_string())];
+        let eb = vec![("y".to_string(), "q.y".to_string()), ("x".to_string(), "q.x".to_string())];
+        assert_eq!(content_hash(&ca, &ea).unwrap(), content_hash(&cb, &eb).unwrap());
         let ec = vec![("x".to_string(), "p.x".to_string())];
-        assert_ne!(
-            content_hash(&ca, &ea).unwrap(),
-            content_hash(&ca, &ec).unwrap()
-        );
+        assert_ne!(content_hash(&ca, &ea).unwrap(), content_hash(&ca, &ec).unwrap());
     }
 
     #[test]

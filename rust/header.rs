@@ -60,10 +60,7 @@ impl<'de> Deserialize<'de> for Entries {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<Entries, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Entries, A::Error> {
                 let mut seen = HashSet::new();
                 let mut out = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, Value>()? {
@@ -81,8 +78,7 @@ impl<'de> Deserialize<'de> for Entries {
 
 /// Whether the first bytes look like a pickle or a torch zip checkpoint.
 pub fn looks_like_pickle(head: &[u8]) -> bool {
-    head.starts_with(b"PK\x03\x04")
-        || (head.len() >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]))
+    head.starts_with(b"PK\x03\x04") || (head.len() >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]))
 }
 
 /// Reads the header length from the first 8 bytes and checks it against the file length.
@@ -110,9 +106,7 @@ pub fn header_len(path: &Path, head: &[u8], file_len: u64) -> Result<usize> {
 }
 
 fn as_usize_list(v: &Value, what: &str) -> std::result::Result<Vec<usize>, String> {
-    let arr = v
-        .as_array()
-        .ok_or_else(|| format!("'{what}' is not a list"))?;
+    let arr = v.as_array().ok_or_else(|| format!("'{what}' is not a list"))?;
     arr.iter()
         .map(|x| {
             x.as_u64()
@@ -124,31 +118,20 @@ fn as_usize_list(v: &Value, what: &str) -> std::result::Result<Vec<usize>, Strin
 
 fn parse_entry(path: &Path, name: &str, v: &Value) -> Result<TensorInfo> {
     let err = |r: String| Error::tensor(path, name, r);
-    let obj = v
-        .as_object()
-        .ok_or_else(|| err("entry is not a JSON object".into()))?;
+    let obj = v.as_object().ok_or_else(|| err("entry is not a JSON object".into()))?;
     let dtype_s = obj
         .get("dtype")
         .and_then(Value::as_str)
         .ok_or_else(|| err("missing or non-string 'dtype'".into()))?;
     let dtype = Dtype::parse(dtype_s).ok_or_else(|| err(format!("unknown dtype '{dtype_s}'")))?;
-    let shape = as_usize_list(
-        obj.get("shape")
-            .ok_or_else(|| err("missing 'shape'".into()))?,
-        "shape",
-    )
-    .map_err(err)?;
+    let shape = as_usize_list(obj.get("shape").ok_or_else(|| err("missing 'shape'".into()))?, "shape").map_err(err)?;
     let offs = as_usize_list(
-        obj.get("data_offsets")
-            .ok_or_else(|| err("missing 'data_offsets'".into()))?,
+        obj.get("data_offsets").ok_or_else(|| err("missing 'data_offsets'".into()))?,
         "data_offsets",
     )
     .map_err(err)?;
     if offs.len() != 2 {
-        return Err(err(format!(
-            "'data_offsets' has {} values, expected 2",
-            offs.len()
-        )));
+        return Err(err(format!("'data_offsets' has {} values, expected 2", offs.len())));
     }
     let (begin, end) = (offs[0], offs[1]);
     if end < begin {
@@ -158,11 +141,9 @@ fn parse_entry(path: &Path, name: &str, v: &Value) -> Result<TensorInfo> {
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| err(format!("shape {shape:?} overflows")))?;
-    let nbytes = dtype.byte_len(numel).ok_or_else(|| {
-        err(format!(
-            "shape {shape:?} of {dtype} overflows or does not end on a byte"
-        ))
-    })?;
+    let nbytes = dtype
+        .byte_len(numel)
+        .ok_or_else(|| err(format!("shape {shape:?} of {dtype} overflows or does not end on a byte")))?;
     if end - begin != nbytes {
         return Err(err(format!(
             "shape {shape:?} of {dtype} needs {nbytes} bytes but data_offsets [{begin}, {end}] hold {}",
@@ -180,10 +161,9 @@ fn parse_entry(path: &Path, name: &str, v: &Value) -> Result<TensorInfo> {
 
 /// Parses and validates the JSON header of a file whose data section is `data_len` bytes.
 pub fn parse(path: &Path, json: &[u8], data_len: usize) -> Result<Header> {
-    let text = std::str::from_utf8(json)
-        .map_err(|e| Error::invalid(path, format!("header is not UTF-8: {e}")))?;
-    let Entries(entries) = serde_json::from_str(text)
-        .map_err(|e| Error::invalid(path, format!("header is not a valid JSON object: {e}")))?;
+    let text = std::str::from_utf8(json).map_err(|e| Error::invalid(path, format!("header is not UTF-8: {e}")))?;
+    let Entries(entries) =
+        serde_json::from_str(text).map_err(|e| Error::invalid(path, format!("header is not a valid JSON object: {e}")))?;
     let mut header = Header {
         data_start: 8 + json.len(),
         ..Header::default()
@@ -194,9 +174,9 @@ pub fn parse(path: &Path, json: &[u8], data_len: usize) -> Result<Header> {
                 Value::Null => {}
                 Value::Object(m) => {
                     for (k, v) in m {
-                        let s = v.as_str().ok_or_else(|| {
-                            Error::invalid(path, format!("metadata value of '{k}' is not a string"))
-                        })?;
+                        let s = v
+                            .as_str()
+                            .ok_or_else(|| Error::invalid(path, format!("metadata value of '{k}' is not a string")))?;
                         header.metadata.insert(k, s.to_string());
                     }
                 }
@@ -221,10 +201,7 @@ pub fn parse(path: &Path, json: &[u8], data_len: usize) -> Result<Header> {
             return Err(Error::tensor(
                 path,
                 &t.name,
-                format!(
-                    "data_offsets [{}, {}] {what} (expected begin {pos})",
-                    t.begin, t.end
-                ),
+                format!("data_offsets [{}, {}] {what} (expected begin {pos})", t.begin, t.end),
             ));
         }
         pos = t.end;
@@ -255,18 +232,12 @@ pub struct OutEntry<'a> {
 }
 
 /// Serializes a header (length prefix included), padded with spaces so data starts 8-aligned.
-pub fn serialize<'a>(
-    entries: impl Iterator<Item = OutEntry<'a>>,
-    metadata: &BTreeMap<String, String>,
-) -> Vec<u8> {
+pub fn serialize<'a>(entries: impl Iterator<Item = OutEntry<'a>>, metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let q = |s: &str| serde_json::to_string(s).expect("strings serialize");
     let mut json = String::from("{");
     if !metadata.is_empty() {
         json.push_str("\"__metadata__\":{");
-        let items: Vec<String> = metadata
-            .iter()
-            .map(|(k, v)| format!("{}:{}", q(k), q(v)))
-            .collect();
+        let items: Vec<String> = metadata.iter().map(|(k, v)| format!("{}:{}", q(k), q(v))).collect();
         json.push_str(&items.join(","));
         json.push('}');
     }
@@ -387,29 +358,17 @@ mod tests {
 
     #[test]
     fn error_gap() {
-        expect_err(
-            r#"{"x":{"dtype":"F16","shape":[2],"data_offsets":[2,6]}}"#,
-            6,
-            "gap",
-        );
+        expect_err(r#"{"x":{"dtype":"F16","shape":[2],"data_offsets":[2,6]}}"#, 6, "gap");
     }
 
     #[test]
     fn error_leftover_bytes() {
-        expect_err(
-            r#"{"x":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#,
-            10,
-            "left over",
-        );
+        expect_err(r#"{"x":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#, 10, "left over");
     }
 
     #[test]
     fn error_out_of_range() {
-        expect_err(
-            r#"{"x":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#,
-            2,
-            "truncated",
-        );
+        expect_err(r#"{"x":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#, 2, "truncated");
     }
 
     #[test]
@@ -428,11 +387,7 @@ mod tests {
             2,
             "non-negative",
         );
-        expect_err(
-            r#"{"x":{"dtype":"F16","shape":[1],"data_offsets":[0]}}"#,
-            2,
-            "expected 2",
-        );
+        expect_err(r#"{"x":{"dtype":"F16","shape":[1],"data_offsets":[0]}}"#, 2, "expected 2");
         expect_err(r#"{"x":5}"#, 0, "not a JSON object");
     }
 
@@ -444,9 +399,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("limit"), "{e}");
-        let e = header_len(p(), &(100u64).to_le_bytes(), 50)
-            .unwrap_err()
-            .to_string();
+        let e = header_len(p(), &(100u64).to_le_bytes(), 50).unwrap_err().to_string();
         assert!(e.contains("past the end"), "{e}");
     }
 

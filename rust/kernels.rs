@@ -138,11 +138,7 @@ impl Mini {
     }
 
     fn decode(self, bits: u32) -> f64 {
-        let sign = if bits & self.sign_bit() != 0 {
-            -1.0
-        } else {
-            1.0
-        };
+        let sign = if bits & self.sign_bit() != 0 { -1.0 } else { 1.0 };
         let e = (bits >> self.man_bits) & self.max_exp_field();
         let m = bits & ((1 << self.man_bits) - 1);
         let top = e == self.max_exp_field();
@@ -159,8 +155,7 @@ impl Mini {
         let v = if e == 0 {
             m as f64 * pow2(1 - self.bias() - self.man_bits as i32)
         } else {
-            (m as f64 + (1u64 << self.man_bits) as f64)
-                * pow2(e as i32 - self.bias() - self.man_bits as i32)
+            (m as f64 + (1u64 << self.man_bits) as f64) * pow2(e as i32 - self.bias() - self.man_bits as i32)
         };
         sign * v
     }
@@ -168,11 +163,7 @@ impl Mini {
     /// Round-to-nearest-even of `x` into this format: scale by the format's quantum at x's
     /// binade (exact in f64), round the integer, re-encode.
     fn encode(self, x: f64) -> u32 {
-        let sign = if x.is_sign_negative() {
-            self.sign_bit()
-        } else {
-            0
-        };
+        let sign = if x.is_sign_negative() { self.sign_bit() } else { 0 };
         if x.is_nan() {
             return sign | self.nan();
         }
@@ -270,9 +261,7 @@ fn f32_to_f16(x: f32) -> u16 {
             .wrapping_sub(DENORM_MAGIC.to_bits()) as u16
     } else {
         let odd = (a >> 13) & 1;
-        ((a.wrapping_add(((15 - 127) << 23) as u32)
-            .wrapping_add(0xfff + odd))
-            >> 13) as u16
+        ((a.wrapping_add(((15 - 127) << 23) as u32).wrapping_add(0xfff + odd)) >> 13) as u16
     };
     o | sign
 }
@@ -330,9 +319,7 @@ fn store_f64(out: &mut [u8], dtype: Dtype, i: usize, x: f64) {
         Dtype::F64 => out[8 * i..8 * i + 8].copy_from_slice(&x.to_le_bytes()),
         Dtype::F32 => out[4 * i..4 * i + 4].copy_from_slice(&(x as f32).to_le_bytes()),
         Dtype::F16 => out[2 * i..2 * i + 2].copy_from_slice(&(F16.encode(x) as u16).to_le_bytes()),
-        Dtype::BF16 => {
-            out[2 * i..2 * i + 2].copy_from_slice(&(BF16.encode(x) as u16).to_le_bytes())
-        }
+        Dtype::BF16 => out[2 * i..2 * i + 2].copy_from_slice(&(BF16.encode(x) as u16).to_le_bytes()),
         Dtype::F8_E4M3 => out[i] = E4M3.encode(x) as u8,
         Dtype::F8_E5M2 => out[i] = E5M2.encode(x) as u8,
         d => unreachable!("{d} is not a float output; plans reject it"),
@@ -392,13 +379,7 @@ pub fn accumulate(level: Level, acc: &mut [f32], src: &[u8], dtype: Dtype, weigh
 ///
 /// # Panics
 /// If `out` does not hold exactly `acc.len()` elements of `out_dtype`.
-pub fn finish(
-    level: Level,
-    acc: &mut [f32],
-    divisor: Option<f32>,
-    out: &mut [u8],
-    out_dtype: Dtype,
-) {
+pub fn finish(level: Level, acc: &mut [f32], divisor: Option<f32>, out: &mut [u8], out_dtype: Dtype) {
     assert_eq!(
         out.len(),
         acc.len() * out_dtype.size(),
@@ -431,10 +412,7 @@ pub fn load(acc: &mut [f32], src: &[u8], dtype: Dtype) {
 /// f64 accumulation: `acc = acc + f64(x)` or `acc + w * f64(x)`.
 pub fn accumulate_f64(acc: &mut [f64], src: &[u8], dtype: Dtype, weight: Option<f64>) {
     match weight {
-        None => acc
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, a)| *a += load_f64(src, dtype, i)),
+        None => acc.iter_mut().enumerate().for_each(|(i, a)| *a += load_f64(src, dtype, i)),
         Some(w) => acc.iter_mut().enumerate().for_each(|(i, a)| {
             let p = w * load_f64(src, dtype, i);
             *a += p
@@ -444,9 +422,7 @@ pub fn accumulate_f64(acc: &mut [f64], src: &[u8], dtype: Dtype, weight: Option<
 
 /// Sets `acc[i] = f64(src[i])` exactly.
 pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
-    acc.iter_mut()
-        .enumerate()
-        .for_each(|(i, a)| *a = load_f64(src, dtype, i));
+    acc.iter_mut().enumerate().for_each(|(i, a)| *a = load_f64(src, dtype, i));
 }
 
 /// `out[i] = round(acc[i] / divisor)`, rounded once from f64 straight into `out_dtype`.
@@ -468,12 +444,7 @@ mod x86 {
 
     /// Returns how many leading elements were done (a multiple of 8); the caller does the tail.
     #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn accumulate_avx2(
-        acc: &mut [f32],
-        src: &[u8],
-        dtype: Dtype,
-        weight: Option<f32>,
-    ) -> usize {
+    pub unsafe fn accumulate_avx2(acc: &mut [f32], src: &[u8], dtype: Dtype, weight: Option<f32>) -> usize {
         // SAFETY: the caller guarantees the target features (a detected `Level`) and that
         // `src`/`out` hold `acc.len()` elements; every pointer below stays inside those slices.
         unsafe {
@@ -513,12 +484,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx2,f16c")]
-    pub unsafe fn accumulate_avx512(
-        acc: &mut [f32],
-        src: &[u8],
-        dtype: Dtype,
-        weight: Option<f32>,
-    ) -> usize {
+    pub unsafe fn accumulate_avx512(acc: &mut [f32], src: &[u8], dtype: Dtype, weight: Option<f32>) -> usize {
         // SAFETY: the caller guarantees the target features (a detected `Level`) and that
         // `src`/`out` hold `acc.len()` elements; every pointer below stays inside those slices.
         unsafe {
@@ -558,19 +524,13 @@ mod x86 {
                 return 0;
             }
             // Let the AVX2 loop take any 8-element block left before the scalar tail.
-            let rest =
-                accumulate_avx2(&mut acc[done..], &src[done * dtype.size()..], dtype, weight);
+            let rest = accumulate_avx2(&mut acc[done..], &src[done * dtype.size()..], dtype, weight);
             done + rest
         }
     }
 
     #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn finish_avx2(
-        acc: &mut [f32],
-        divisor: Option<f32>,
-        out: &mut [u8],
-        out_dtype: Dtype,
-    ) -> usize {
+    pub unsafe fn finish_avx2(acc: &mut [f32], divisor: Option<f32>, out: &mut [u8], out_dtype: Dtype) -> usize {
         // SAFETY: the caller guarantees the target features (a detected `Level`) and that
         // `src`/`out` hold `acc.len()` elements; every pointer below stays inside those slices.
         unsafe {
@@ -597,14 +557,9 @@ mod x86 {
                     }
                     Dtype::BF16 => {
                         let b = _mm256_castps_si256(x);
-                        let lsb =
-                            _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-                        let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(
-                            b,
-                            _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)),
-                        ));
-                        let nan =
-                            _mm256_or_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x40));
+                        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+                        let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))));
+                        let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x40));
                         let is_nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
                         let v = _mm256_blendv_epi8(r, nan, is_nan);
                         // packus works per 128-bit lane; put lanes 0 and 2 together.
@@ -647,13 +602,10 @@ mod tests {
 
     #[test]
     fn f16_encode_matches_half_on_sampled_f32_patterns() {
-        for b in (0u32..=u32::MAX).step_by(7919).chain([
-            0x3380_0000,
-            0x3380_0001,
-            0x477f_f000,
-            0x477f_efff,
-            0x8000_0000,
-        ]) {
+        for b in (0u32..=u32::MAX)
+            .step_by(7919)
+            .chain([0x3380_0000, 0x3380_0001, 0x477f_f000, 0x477f_efff, 0x8000_0000])
+        {
             let x = f32::from_bits(b);
             let (ours, theirs) = (f32_to_f16(x), half::f16::from_f32(x).to_bits());
             if x.is_nan() {
@@ -674,10 +626,7 @@ mod tests {
                 "{h:#x}"
             );
             let exact = F16.decode(h as u32);
-            assert!(
-                exact.is_nan() || (ours as f64).to_bits() == exact.to_bits(),
-                "{h:#x}"
-            );
+            assert!(exact.is_nan() || (ours as f64).to_bits() == exact.to_bits(), "{h:#x}");
         }
     }
 

@@ -215,12 +215,7 @@ pub fn normalize_weights(w: &[f64]) -> Result<Vec<f64>> {
 fn provenance(files: &[(String, u64)]) -> String {
     let items: Vec<String> = files
         .iter()
-        .map(|(name, len)| {
-            format!(
-                "{{\"name\":{},\"size\":{len}}}",
-                serde_json::to_string(name).expect("string")
-            )
-        })
+        .map(|(name, len)| format!("{{\"name\":{},\"size\":{len}}}", serde_json::to_string(name).expect("string")))
         .collect();
     format!("[{}]", items.join(","))
 }
@@ -231,6 +226,103 @@ fn sources_of(op: &Op) -> &[Source] {
         Op::Mean { sources, .. } => sources,
         Op::Constant { .. } => &[],
     }
+}
+
+/// The executor's instruction for one output: raw copy, cast (and through which precision), mean
+/// or constant, with the shape and the output dtype.
+fn decide(
+    o: &OutputTensor,
+    refs: Vec<SrcRef>,
+    shape: Option<(Vec<usize>, usize)>,
+    accumulate: Accumulate,
+) -> Result<(Kind, Vec<usize>, Dtype)> {
+    let mismatch = |reason: String| Error::Mismatch {
+        tensor: o.name.clone(),
+        reason,
+    };
+    let decided = match &o.op {
+        Op::Constant { dtype, shape, data } => (Kind::Constant(data.clone()), shape.clone(), *dtype),
+        op => {
+            let (shape, _) = shape.ok_or_else(|| Error::Plan(format!("'{}' has no source", o.name)))?;
+            let first = refs[0];
+            let dtype = o.dtype.unwrap_or(first.dtype);
+            let converting = matches!(op, Op::Mean { .. }) || dtype != first.dtype;
+            if converting && !dtype.is_averageable() {
+                return Err(mismatch(format!("cannot write a mean or conversion as {dtype}")));
+            }
+            if converting && !first.dtype.is_averageable() {
+                return Err(mismatch(format!("cannot convert {} to {dtype}", first.dtype)));
+            }
+            let kind = match op {
+                Op::Mean { weights, .. } => Kind::Mean {
+                    sources: refs,
+                    weights: weights.clone(),
+                    via: accumulate,
+                },
+                _ if !converting => Kind::Copy(first),
+                // f32 holds every value of the other float types exactly, so only f64 on
+                // either side needs the f64 path; the result is one rounding either way.
+                _ => Kind::Cast {
+                    src: first,
+                    via: if first.dtype == Dtype::F64 || dtype == Dtype::F64 {
+                        Accumulate::F64
+                    } else {
+                        Accumulate::F32
+                    },
+                },
+            };
+            (kind, shape, dtype)
+        }
+    };
+    Ok(decided)
+}
+
+/// Checks one output on its own (before any file is opened): sources, weights, constants.
+fn check_output(out: &OutputTensor) -> Result<()> {
+    match &out.op {
+        Op::Mean { sources, weights } => {
+            if sources.is_empty() {
+                return Err(Error::Plan(format!("mean for '{}' has no sources", out.name)));
+            }
+            if let Some(w) = weights {
+                if w.len() != sources.len() {
+                    return Err(Error::Plan(format!(
+                        "'{}' has {} weights for {} sources",
+                        out.name,
+                        w.len(),
+                        sources.len()
+                    )));
+                }
+                if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
+                    return Err(Error::Plan(format!("'{}': weight {bad} is not finite", out.name)));
+                }
+            }
+        }
+        Op::Constant { dtype, shape, data } => {
+            let want = shape
+                .iter()
+                .try_fold(1usize, |a, &b| a.checked_mul(b))
+                .and_then(|n| dtype.byte_len(n));
+            if want != Some((**data).as_ref().len()) {
+                return Err(Error::Plan(format!(
+                    "constant '{}': {} bytes given for {dtype}{shape:?}",
+                    out.name,
+                    (**data).as_ref().len()
+                )));
+            }
+            if out.dtype.is_some_and(|d| d != *dtype) {
+                return Err(Error::Plan(format!(
+                    "constant '{}' is {dtype}; it cannot be written as another dtype",
+                    out.name
+                )));
+            }
+        }
+        Op::Copy(_) | Op::Cast(_) => {}
+    }
+    if matches!(out.op, Op::Cast(_)) && out.dtype.is_none() {
+        return Err(Error::Plan(format!("cast '{}' needs an output dtype", out.name)));
+    }
+    Ok(())
 }
 
 /// Resolves a plan one input at a time, so a run never needs more than one parsed header at
@@ -262,78 +354,17 @@ impl Resolver {
         let mut seen = HashSet::new();
         for (o, out) in plan.outputs.iter().enumerate() {
             if !seen.insert(out.name.as_str()) {
-                return Err(Error::Plan(format!(
-                    "output tensor '{}' appears twice",
-                    out.name
-                )));
+                return Err(Error::Plan(format!("output tensor '{}' appears twice", out.name)));
             }
-            match &out.op {
-                Op::Mean { sources, weights } => {
-                    if sources.is_empty() {
-                        return Err(Error::Plan(format!(
-                            "mean for '{}' has no sources",
-                            out.name
-                        )));
-                    }
-                    if let Some(w) = weights {
-                        if w.len() != sources.len() {
-                            return Err(Error::Plan(format!(
-                                "'{}' has {} weights for {} sources",
-                                out.name,
-                                w.len(),
-                                sources.len()
-                            )));
-                        }
-                        if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
-                            return Err(Error::Plan(format!(
-                                "'{}': weight {bad} is not finite",
-                                out.name
-                            )));
-                        }
-                    }
-                }
-                Op::Constant { dtype, shape, data } => {
-                    let want = shape
-                        .iter()
-                        .try_fold(1usize, |a, &b| a.checked_mul(b))
-                        .and_then(|n| dtype.byte_len(n));
-                    if want != Some((**data).as_ref().len()) {
-                        return Err(Error::Plan(format!(
-                            "constant '{}': {} bytes given for {dtype}{shape:?}",
-                            out.name,
-                            (**data).as_ref().len()
-                        )));
-                    }
-                    if out.dtype.is_some_and(|d| d != *dtype) {
-                        return Err(Error::Plan(format!(
-                            "constant '{}' is {dtype}; it cannot be written as another dtype",
-                            out.name
-                        )));
-                    }
-                }
-                Op::Copy(_) | Op::Cast(_) => {}
-            }
-            if matches!(out.op, Op::Cast(_)) && out.dtype.is_none() {
-                return Err(Error::Plan(format!(
-                    "cast '{}' needs an output dtype",
-                    out.name
-                )));
-            }
+            check_output(out)?;
             for (j, s) in sources_of(&out.op).iter().enumerate() {
-                let slot = by_input.get_mut(s.input).ok_or_else(|| {
-                    Error::Plan(format!(
-                        "tensor '{}' names input #{} of {n_inputs}",
-                        s.tensor, s.input
-                    ))
-                })?;
+                let slot = by_input
+                    .get_mut(s.input)
+                    .ok_or_else(|| Error::Plan(format!("tensor '{}' names input #{} of {n_inputs}", s.tensor, s.input)))?;
                 slot.push((o as u32, j as u32));
             }
         }
-        let refs = plan
-            .outputs
-            .iter()
-            .map(|o| vec![None; sources_of(&o.op).len()])
-            .collect();
+        let refs = plan.outputs.iter().map(|o| vec![None; sources_of(&o.op).len()]).collect();
         let shapes = vec![None; plan.outputs.len()];
         Ok(Resolver {
             plan,
@@ -376,8 +407,7 @@ impl Resolver {
             }
         }
         if found > PROBLEMS_PER_INPUT {
-            self.more
-                .push((ck.path().to_path_buf(), found - PROBLEMS_PER_INPUT));
+            self.more.push((ck.path().to_path_buf(), found - PROBLEMS_PER_INPUT));
         }
         Ok(())
     }
@@ -443,51 +473,11 @@ impl Resolver {
                 tensor: o.name.clone(),
                 reason,
             };
-            let refs: Vec<SrcRef> = refs.into_iter().collect::<Option<_>>().ok_or_else(|| {
-                Error::Plan(format!("'{}' reads an input that was never opened", o.name))
-            })?;
-            let (kind, shape, dtype) = match &o.op {
-                Op::Constant { dtype, shape, data } => {
-                    (Kind::Constant(data.clone()), shape.clone(), *dtype)
-                }
-                op => {
-                    let (shape, _) =
-                        shape.ok_or_else(|| Error::Plan(format!("'{}' has no source", o.name)))?;
-                    let first = refs[0];
-                    let dtype = o.dtype.unwrap_or(first.dtype);
-                    let converting = matches!(op, Op::Mean { .. }) || dtype != first.dtype;
-                    if converting && !dtype.is_averageable() {
-                        return Err(mismatch(format!(
-                            "cannot write a mean or conversion as {dtype}"
-                        )));
-                    }
-                    if converting && !first.dtype.is_averageable() {
-                        return Err(mismatch(format!(
-                            "cannot convert {} to {dtype}",
-                            first.dtype
-                        )));
-                    }
-                    let kind = match op {
-                        Op::Mean { weights, .. } => Kind::Mean {
-                            sources: refs,
-                            weights: weights.clone(),
-                            via: accumulate,
-                        },
-                        _ if !converting => Kind::Copy(first),
-                        // f32 holds every value of the other float types exactly, so only f64 on
-                        // either side needs the f64 path; the result is one rounding either way.
-                        _ => Kind::Cast {
-                            src: first,
-                            via: if first.dtype == Dtype::F64 || dtype == Dtype::F64 {
-                                Accumulate::F64
-                            } else {
-                                Accumulate::F32
-                            },
-                        },
-                    };
-                    (kind, shape, dtype)
-                }
-            };
+            let refs: Vec<SrcRef> = refs
+                .into_iter()
+                .collect::<Option<_>>()
+                .ok_or_else(|| Error::Plan(format!("'{}' reads an input that was never opened", o.name)))?;
+            let (kind, shape, dtype) = decide(o, refs, shape, accumulate)?;
             let numel = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
             let out_len = numel
                 .and_then(|n| dtype.byte_len(n))
@@ -531,10 +521,7 @@ impl Resolver {
         // A plan of constants only (a file saved from memory) carries just the caller's metadata.
         if !files.is_empty() {
             metadata.insert("astolfomix.inputs".into(), provenance(&files));
-            metadata.insert(
-                "astolfomix.version".into(),
-                env!("CARGO_PKG_VERSION").into(),
-            );
+            metadata.insert("astolfomix.version".into(), env!("CARGO_PKG_VERSION").into());
         }
         let header = header::serialize(
             tensors.iter().map(|t| OutEntry {
@@ -589,10 +576,7 @@ mod tests {
     }
 
     fn src(input: usize, t: &str) -> Source {
-        Source {
-            input,
-            tensor: t.into(),
-        }
+        Source { input, tensor: t.into() }
     }
 
     fn plan(outputs: Vec<OutputTensor>, _cks: &[Checkpoint]) -> Plan {
@@ -613,11 +597,7 @@ mod tests {
 
     fn err(outputs: Vec<OutputTensor>) -> String {
         let (_d, cks) = setup();
-        plan(outputs, &cks)
-            .resolve(&cks)
-            .err()
-            .expect("an error")
-            .to_string()
+        plan(outputs, &cks).resolve(&cks).err().expect("an error").to_string()
     }
 
     #[test]
@@ -692,10 +672,7 @@ mod tests {
             },
         )]);
         assert!(
-            e.contains("[2]")
-                && e.contains("[1, 2]")
-                && e.contains("a.safetensors")
-                && e.contains("b.safetensors"),
+            e.contains("[2]") && e.contains("[1, 2]") && e.contains("a.safetensors") && e.contains("b.safetensors"),
             "{e}"
         );
     }
@@ -740,9 +717,7 @@ mod tests {
         ]);
         assert!(e.starts_with("3 problems"), "{e}");
         assert!(
-            e.contains("[1, 2]")
-                && e.contains("'i': not found")
-                && e.contains("cannot be averaged"),
+            e.contains("[1, 2]") && e.contains("'i': not found") && e.contains("cannot be averaged"),
             "{e}"
         );
     }
@@ -759,19 +734,12 @@ mod tests {
         );
         let l = p.resolve(&cks).unwrap();
         assert_eq!(
-            (
-                l.tensors[0].out_offset,
-                l.tensors[0].out_len,
-                l.tensors[1].out_offset
-            ),
+            (l.tensors[0].out_offset, l.tensors[0].out_len, l.tensors[1].out_offset),
             (0, 8, 8)
         );
         assert_eq!(l.data_len, 16);
         assert_eq!(l.bytes_read, 4 + 8);
         let text = String::from_utf8_lossy(&l.header);
-        assert!(
-            text.contains("astolfomix.inputs") && text.contains("a.safetensors"),
-            "{text}"
-        );
+        assert!(text.contains("astolfomix.inputs") && text.contains("a.safetensors"), "{text}");
     }
 }

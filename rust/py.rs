@@ -55,9 +55,7 @@ fn parse_accumulate(s: &str) -> PyResult<Accumulate> {
     match s {
         "f32" => Ok(Accumulate::F32),
         "f64" => Ok(Accumulate::F64),
-        a => Err(plan_err(format!(
-            "accumulate must be 'f32' or 'f64', not '{a}'"
-        ))),
+        a => Err(plan_err(format!("accumulate must be 'f32' or 'f64', not '{a}'"))),
     }
 }
 
@@ -66,13 +64,7 @@ fn parse_accumulate(s: &str) -> PyResult<Accumulate> {
 /// # Safety
 /// `view` must be a valid `Py_buffer` from the caller, and `ptr..ptr+len` must stay valid and
 /// unchanged as long as `obj` is alive.
-unsafe fn fill_view(
-    view: *mut ffi::Py_buffer,
-    obj: Bound<'_, PyAny>,
-    ptr: *const u8,
-    len: usize,
-    flags: c_int,
-) -> PyResult<()> {
+unsafe fn fill_view(view: *mut ffi::Py_buffer, obj: Bound<'_, PyAny>, ptr: *const u8, len: usize, flags: c_int) -> PyResult<()> {
     if view.is_null() {
         return Err(PyBufferError::new_err("view is null"));
     }
@@ -119,9 +111,7 @@ struct PyCheckpoint(Checkpoint);
 impl PyCheckpoint {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        py.detach(|| Checkpoint::open(&path))
-            .map(PyCheckpoint)
-            .map_err(to_py)
+        py.detach(|| Checkpoint::open(&path)).map(PyCheckpoint).map_err(to_py)
     }
 
     #[getter]
@@ -151,15 +141,7 @@ impl PyCheckpoint {
             .header
             .tensors
             .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    t.dtype.name(),
-                    t.shape.clone(),
-                    s + t.begin,
-                    t.end - t.begin,
-                )
-            })
+            .map(|t| (t.name.clone(), t.dtype.name(), t.shape.clone(), s + t.begin, t.end - t.begin))
             .collect()
     }
 
@@ -167,11 +149,7 @@ impl PyCheckpoint {
         self.0.header.tensors.len()
     }
 
-    unsafe fn __getbuffer__(
-        slf: Bound<'_, Self>,
-        view: *mut ffi::Py_buffer,
-        flags: c_int,
-    ) -> PyResult<()> {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let data = slf.get().0.file.bytes();
         let (ptr, len) = (data.as_ptr(), data.len());
         // SAFETY: the map lives as long as the checkpoint, which the view keeps alive.
@@ -192,11 +170,7 @@ impl PyInputFile {
         self.0.path.clone()
     }
 
-    unsafe fn __getbuffer__(
-        slf: Bound<'_, Self>,
-        view: *mut ffi::Py_buffer,
-        flags: c_int,
-    ) -> PyResult<()> {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let data = slf.get().0.bytes();
         let (ptr, len) = (data.as_ptr(), data.len());
         // SAFETY: the map lives as long as the Arc this object holds, which the view keeps alive.
@@ -223,14 +197,22 @@ impl AsRef<[u8]> for Lent {
 /// weights|None, data|None, shape|None)` with op `copy`, `cast`, `mean` or `constant` (see
 /// `astolfomix_rs.core.plan.Output.as_core`). Key names are interned: a merge of N models names
 /// each key N times, and this keeps one copy.
-fn plan_from_py(
-    outputs: &Bound<'_, PyList>,
-    accumulate: &str,
-    metadata: BTreeMap<String, String>,
-) -> PyResult<Plan> {
+fn plan_from_py(outputs: &Bound<'_, PyList>, accumulate: &str, metadata: BTreeMap<String, String>) -> PyResult<Plan> {
     let accumulate = parse_accumulate(accumulate)?;
     let mut names: HashMap<String, Arc<str>> = HashMap::new();
-    let mut outs = Vec::with_capacity(outputs.len());
+    let outputs = outputs
+        .iter()
+        .map(|item| output_from_py(&item, &mut names))
+        .collect::<PyResult<_>>()?;
+    Ok(Plan {
+        outputs,
+        accumulate,
+        metadata,
+    })
+}
+
+/// One output in its Python form (see [`plan_from_py`]).
+fn output_from_py(item: &Bound<'_, PyAny>, names: &mut HashMap<String, Arc<str>>) -> PyResult<OutputTensor> {
     type Entry<'py> = (
         String,
         Option<String>,
@@ -240,67 +222,45 @@ fn plan_from_py(
         Option<Bound<'py, PyAny>>,
         Option<Vec<usize>>,
     );
-    for item in outputs.iter() {
-        let (name, dtype, op, srcs, weights, data, shape): Entry<'_> = item.extract()?;
-        let dtype = dtype.map(|d| parse_dtype(&d)).transpose()?;
-        let mut sources = Vec::with_capacity(srcs.len());
-        for s in srcs.iter() {
-            let (input, key): (usize, Bound<'_, PyString>) = s.extract()?;
-            let key = key.to_str()?;
-            let tensor = match names.get(key) {
-                Some(a) => a.clone(),
-                None => names
-                    .entry(key.to_string())
-                    .or_insert_with(|| Arc::from(key))
-                    .clone(),
-            };
-            sources.push(Source { input, tensor });
-        }
-        let one = |sources: &mut Vec<Source>| {
-            if sources.len() == 1 {
-                Ok(sources.remove(0))
-            } else {
-                Err(plan_err(format!("{op} '{name}' needs exactly one source")))
-            }
+    let (name, dtype, op, srcs, weights, data, shape): Entry<'_> = item.extract()?;
+    let dtype = dtype.map(|d| parse_dtype(&d)).transpose()?;
+    let mut sources = Vec::with_capacity(srcs.len());
+    for s in srcs.iter() {
+        let (input, key): (usize, Bound<'_, PyString>) = s.extract()?;
+        let key = key.to_str()?;
+        let tensor = match names.get(key) {
+            Some(a) => a.clone(),
+            None => names.entry(key.to_string()).or_insert_with(|| Arc::from(key)).clone(),
         };
-        let op = match op.as_str() {
-            "copy" => Op::Copy(one(&mut sources)?),
-            "cast" => Op::Cast(one(&mut sources)?),
-            "mean" => Op::Mean { sources, weights },
-            "constant" => {
-                let data =
-                    data.ok_or_else(|| plan_err(format!("constant '{name}' has no data")))?;
-                let buf = PyBuffer::<u8>::get(&data)?;
-                if !buf.is_c_contiguous() {
-                    return Err(plan_err(format!(
-                        "constant '{name}': data must be C-contiguous bytes"
-                    )));
-                }
-                let dtype =
-                    dtype.ok_or_else(|| plan_err(format!("constant '{name}' needs its dtype")))?;
-                let shape =
-                    shape.ok_or_else(|| plan_err(format!("constant '{name}' needs its shape")))?;
-                let op = Op::Constant {
-                    dtype,
-                    shape,
-                    data: Arc::new(Lent { buf }),
-                };
-                outs.push(OutputTensor {
-                    name,
-                    dtype: None,
-                    op,
-                });
-                continue;
-            }
-            o => return Err(plan_err(format!("unknown op '{o}' for '{name}'"))),
-        };
-        outs.push(OutputTensor { name, dtype, op });
+        sources.push(Source { input, tensor });
     }
-    Ok(Plan {
-        outputs: outs,
-        accumulate,
-        metadata,
-    })
+    let one = |mut sources: Vec<Source>| {
+        if sources.len() == 1 {
+            Ok(sources.remove(0))
+        } else {
+            Err(plan_err(format!("{op} '{name}' needs exactly one source")))
+        }
+    };
+    let op = match op.as_str() {
+        "copy" => Op::Copy(one(sources)?),
+        "cast" => Op::Cast(one(sources)?),
+        "mean" => Op::Mean { sources, weights },
+        "constant" => {
+            let data = data.ok_or_else(|| plan_err(format!("constant '{name}' has no data")))?;
+            let buf = PyBuffer::<u8>::get(&data)?;
+            if !buf.is_c_contiguous() {
+                return Err(plan_err(format!("constant '{name}': data must be C-contiguous bytes")));
+            }
+            let op = Op::Constant {
+                dtype: dtype.ok_or_else(|| plan_err(format!("constant '{name}' needs its dtype")))?,
+                shape: shape.ok_or_else(|| plan_err(format!("constant '{name}' needs its shape")))?,
+                data: Arc::new(Lent { buf }),
+            };
+            return Ok(OutputTensor { name, dtype: None, op });
+        }
+        o => return Err(plan_err(format!("unknown op '{o}' for '{name}'"))),
+    };
+    Ok(OutputTensor { name, dtype, op })
 }
 
 /// Resolves a plan against opened checkpoints, one at a time: `add` each input (the caller may
@@ -321,13 +281,8 @@ impl PyResolver {
 
     /// Locates every source that reads from input `input`.
     fn add(&self, input: usize, checkpoint: &Bound<'_, PyCheckpoint>) -> PyResult<()> {
-        let mut g = self
-            .0
-            .lock()
-            .map_err(|_| PyRuntimeError::new_err("resolver lock poisoned"))?;
-        let r = g
-            .as_mut()
-            .ok_or_else(|| plan_err("the resolver is already finished"))?;
+        let mut g = self.0.lock().map_err(|_| PyRuntimeError::new_err("resolver lock poisoned"))?;
+        let r = g.as_mut().ok_or_else(|| plan_err("the resolver is already finished"))?;
         r.add(input, &checkpoint.get().0).map_err(to_py)
     }
 
@@ -407,12 +362,7 @@ impl PyLayout {
             .tensors
             .iter()
             .map(|t| {
-                let srcs = t
-                    .kind
-                    .sources()
-                    .iter()
-                    .map(|r| (r.input, r.dtype.name(), r.offset))
-                    .collect();
+                let srcs = t.kind.sources().iter().map(|r| (r.input, r.dtype.name(), r.offset)).collect();
                 let (weights, via) = match &t.kind {
                     Kind::Mean { weights, via, .. } => (weights.clone(), Some(via.name())),
                     Kind::Cast { via, .. } => (None, Some(via.name())),
@@ -502,10 +452,7 @@ fn run_watched<T: Send>(
                     if let Some(cb) = &callback {
                         cb.call1(
                             py,
-                            (
-                                progress.done.load(Ordering::Relaxed),
-                                progress.total.load(Ordering::Relaxed),
-                            ),
+                            (progress.done.load(Ordering::Relaxed), progress.total.load(Ordering::Relaxed)),
                         )?;
                     }
                     Ok(())
@@ -515,11 +462,9 @@ fn run_watched<T: Send>(
                     interrupt = Some(e);
                 }
             }
-            let result = handle.join().map_err(|_| {
-                PyRuntimeError::new_err(
-                    "internal error: the engine panicked; no output was written",
-                )
-            })?;
+            let result = handle
+                .join()
+                .map_err(|_| PyRuntimeError::new_err("internal error: the engine panicked; no output was written"))?;
             if let Some(e) = interrupt {
                 return Err(e);
             }
@@ -548,11 +493,7 @@ fn execute<'py>(
     let io = match io {
         "pread" => Io::Pread,
         "mmap" => Io::Mmap,
-        other => {
-            return Err(plan_err(format!(
-                "io must be 'pread' or 'mmap', not '{other}'"
-            )))
-        }
+        other => return Err(plan_err(format!("io must be 'pread' or 'mmap', not '{other}'"))),
     };
     let layout = layout.get().0.clone();
     let opts = Options {
@@ -564,9 +505,7 @@ fn execute<'py>(
         mode: write_mode(overwrite, in_place),
     };
     let prog = Progress::default();
-    let report = run_watched(py, progress, &prog, || {
-        engine::run_layout(&layout, &output, &opts, &prog)
-    })?;
+    let report = run_watched(py, progress, &prog, || engine::run_layout(&layout, &output, &opts, &prog))?;
     report_to_py(py, &report)
 }
 
@@ -611,13 +550,8 @@ impl PyWriter {
             // SAFETY: `buf` holds the exporter's buffer alive and C-contiguous for `len` bytes
             // until it is dropped after this closure; nothing here mutates it.
             let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-            let guard = self
-                .0
-                .read()
-                .map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?;
-            let w = guard
-                .as_ref()
-                .ok_or_else(|| plan_err("writer is already closed"))?;
+            let guard = self.0.read().map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?;
+            let w = guard.as_ref().ok_or_else(|| plan_err("writer is already closed"))?;
             w.write_at(offset, bytes).map_err(to_py)
         })
     }
@@ -647,10 +581,7 @@ impl PyWriter {
 
     #[getter]
     fn written(&self) -> PyResult<u64> {
-        let g = self
-            .0
-            .read()
-            .map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?;
+        let g = self.0.read().map_err(|_| PyRuntimeError::new_err("writer lock poisoned"))?;
         Ok(g.as_ref().map_or(0, |w| w.written()))
     }
 }
@@ -661,22 +592,12 @@ fn handles<'a>(cks: &'a [Bound<'_, PyCheckpoint>]) -> Vec<&'a Checkpoint> {
 
 /// AutoV1/V2/V3 of each open file, files in parallel, each read once (GIL released).
 #[pyfunction]
-fn file_hashes(
-    py: Python<'_>,
-    checkpoints: Vec<Bound<'_, PyCheckpoint>>,
-) -> Vec<BTreeMap<&'static str, String>> {
+fn file_hashes(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>) -> Vec<BTreeMap<&'static str, String>> {
     use rayon::prelude::*;
     let cks = handles(&checkpoints);
-    let res: Vec<hashing::FileHashes> =
-        py.detach(|| cks.par_iter().map(|c| hashing::file_hashes(c)).collect());
+    let res: Vec<hashing::FileHashes> = py.detach(|| cks.par_iter().map(|c| hashing::file_hashes(c)).collect());
     res.into_iter()
-        .map(|h| {
-            BTreeMap::from([
-                ("sha256", h.sha256),
-                ("autov1", h.autov1),
-                ("autov3", h.autov3),
-            ])
-        })
+        .map(|h| BTreeMap::from([("sha256", h.sha256), ("autov1", h.autov1), ("autov3", h.autov3)]))
         .collect()
 }
 
@@ -699,14 +620,9 @@ fn content_hashes(
 
 /// The model-toolkit statistic `sum(sigmoid(fp16(x)) - 0.5)` of each key.
 #[pyfunction]
-fn sigmoid_sums(
-    py: Python<'_>,
-    checkpoint: &Bound<'_, PyCheckpoint>,
-    keys: Vec<String>,
-) -> PyResult<Vec<f64>> {
+fn sigmoid_sums(py: Python<'_>, checkpoint: &Bound<'_, PyCheckpoint>, keys: Vec<String>) -> PyResult<Vec<f64>> {
     let ck = &checkpoint.get().0;
-    py.detach(|| hashing::sigmoid_sums(ck, &keys))
-        .map_err(to_py)
+    py.detach(|| hashing::sigmoid_sums(ck, &keys)).map_err(to_py)
 }
 
 /// Per file `(sum (x - r)^2, sum r^2)` over `keys`; `r` = file `reference`, or the mean of all.
@@ -722,8 +638,7 @@ fn l2_distances(
         return Err(plan_err("reference index out of range"));
     }
     let cks = handles(&checkpoints);
-    py.detach(|| hashing::l2_distances(&cks, &keys, reference))
-        .map_err(to_py)
+    py.detach(|| hashing::l2_distances(&cks, &keys, reference)).map_err(to_py)
 }
 
 /// The dtype table both languages use: `[(name, bits, averageable)]`.

@@ -34,10 +34,7 @@ pub struct Writer {
 }
 
 fn is_no_space(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT)
-    )
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT))
 }
 
 /// Maps write errors so "disk full" reads as such (the `Io` error keeps ENOSPC for the Python side).
@@ -53,22 +50,13 @@ impl Writer {
     /// Checks the target, creates the temporary file, reserves its space and writes the header.
     /// `inputs` are the (device, inode) pairs of the open inputs: the target may not be one,
     /// except the one an in-place `mode` names.
-    pub fn create(
-        target: &Path,
-        header: &[u8],
-        data_len: u64,
-        inputs: &[(u64, u64)],
-        mode: Mode,
-    ) -> Result<Writer> {
+    pub fn create(target: &Path, header: &[u8], data_len: u64, inputs: &[(u64, u64)], mode: Mode) -> Result<Writer> {
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
         if !parent.is_dir() {
-            return Err(Error::output(
-                target,
-                format!("folder {} does not exist", parent.display()),
-            ));
+            return Err(Error::output(target, format!("folder {} does not exist", parent.display())));
         }
         let name = target
             .file_name()
@@ -77,12 +65,9 @@ impl Writer {
             .into_owned();
         let existing = std::fs::metadata(target).ok();
         if let Mode::InPlace(i) = mode {
-            let want = inputs.get(i).ok_or_else(|| {
-                Error::Plan(format!(
-                    "in-place output names input #{i} of {}",
-                    inputs.len()
-                ))
-            })?;
+            let want = inputs
+                .get(i)
+                .ok_or_else(|| Error::Plan(format!("in-place output names input #{i} of {}", inputs.len())))?;
             if existing.as_ref().map(|m| (m.dev(), m.ino())) != Some(*want) {
                 return Err(Error::output(
                     target,
@@ -94,16 +79,10 @@ impl Writer {
             Some(m) if m.is_dir() => return Err(Error::output(target, "is a directory")),
             Some(_) if matches!(mode, Mode::InPlace(_)) => {}
             Some(m) if inputs.contains(&(m.dev(), m.ino())) => {
-                return Err(Error::output(
-                    target,
-                    "is one of the inputs; refusing to write over an input",
-                ))
+                return Err(Error::output(target, "is one of the inputs; refusing to write over an input"))
             }
             Some(_) if mode == Mode::Create => {
-                return Err(Error::output(
-                    target,
-                    "already exists (pass overwrite=True / --overwrite)",
-                ))
+                return Err(Error::output(target, "already exists (pass overwrite=True / --overwrite)"))
             }
             _ => {}
         }
@@ -123,9 +102,7 @@ impl Writer {
             committed: false,
         };
         w.reserve()?;
-        w.file
-            .write_all_at(header, 0)
-            .map_err(|e| write_error(&w.tmp, e))?;
+        w.file.write_all_at(header, 0).map_err(|e| write_error(&w.tmp, e))?;
         Ok(w)
     }
 
@@ -140,10 +117,7 @@ impl Writer {
         let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, len as libc::off_t) };
         match rc {
             0 => Ok(()),
-            libc::EOPNOTSUPP | libc::EINVAL => self
-                .file
-                .set_len(len)
-                .map_err(|e| write_error(&self.tmp, e)),
+            libc::EOPNOTSUPP | libc::EINVAL => self.file.set_len(len).map_err(|e| write_error(&self.tmp, e)),
             e => Err(write_error(&self.tmp, std::io::Error::from_raw_os_error(e))),
         }
     }
@@ -160,8 +134,7 @@ impl Writer {
         self.file
             .write_all_at(bytes, self.data_start + offset)
             .map_err(|e| write_error(&self.tmp, e))?;
-        self.written
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -186,9 +159,7 @@ impl Writer {
             )));
         }
         if durable {
-            self.file
-                .sync_all()
-                .map_err(|e| write_error(&self.tmp, e))?;
+            self.file.sync_all().map_err(|e| write_error(&self.tmp, e))?;
         }
         std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
         self.committed = true;
@@ -241,15 +212,9 @@ mod tests {
     #[test]
     fn error_missing_folder() {
         let d = tempfile::tempdir().unwrap();
-        let e = Writer::create(
-            &d.path().join("nope/out.safetensors"),
-            &header(),
-            0,
-            &[],
-            Mode::Create,
-        )
-        .err()
-        .unwrap();
+        let e = Writer::create(&d.path().join("nope/out.safetensors"), &header(), 0, &[], Mode::Create)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
@@ -258,9 +223,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("o.safetensors");
         std::fs::write(&p, b"keep").unwrap();
-        let e = Writer::create(&p, &header(), 0, &[], Mode::Create)
-            .err()
-            .unwrap();
+        let e = Writer::create(&p, &header(), 0, &[], Mode::Create).err().unwrap();
         assert!(e.to_string().contains("already exists"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), b"keep");
     }
@@ -280,10 +243,7 @@ mod tests {
     #[test]
     fn in_place_replaces_only_its_own_input() {
         let d = tempfile::tempdir().unwrap();
-        let (p, q) = (
-            d.path().join("a.safetensors"),
-            d.path().join("b.safetensors"),
-        );
+        let (p, q) = (d.path().join("a.safetensors"), d.path().join("b.safetensors"));
         std::fs::write(&p, b"old").unwrap();
         std::fs::write(&q, b"other").unwrap();
         let id = |x: &Path| {
@@ -291,9 +251,7 @@ mod tests {
             (m.dev(), m.ino())
         };
         let ids = [id(&p), id(&q)];
-        let e = Writer::create(&q, &header(), 0, &ids, Mode::InPlace(0))
-            .err()
-            .unwrap();
+        let e = Writer::create(&q, &header(), 0, &ids, Mode::InPlace(0)).err().unwrap();
         assert!(e.to_string().contains("not input #0"), "{e}");
         let h = header();
         let w = Writer::create(&p, &h, 2, &ids, Mode::InPlace(0)).unwrap();
@@ -306,9 +264,7 @@ mod tests {
     #[test]
     fn error_target_is_directory() {
         let d = tempfile::tempdir().unwrap();
-        let e = Writer::create(d.path(), &header(), 0, &[], Mode::Overwrite)
-            .err()
-            .unwrap();
+        let e = Writer::create(d.path(), &header(), 0, &[], Mode::Overwrite).err().unwrap();
         assert!(
             e.to_string().contains("directory") || e.to_string().contains("file name"),
             "{e}"

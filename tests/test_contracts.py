@@ -235,3 +235,12 @@ def test_layers_import_only_downwards():
                 assert rank[dtop] <= rank[top], f"{m} imports {d}"
     users = {m for m, deps in graph.items() if "tools.synth" in deps}
     assert users <= {"tools", "tools.bench", "cli.merge"}, users
+
+
+def test_importing_the_package_and_cli_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, astolfomix_rs, astolfomix_rs.cli; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"

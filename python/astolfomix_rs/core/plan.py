@@ -118,6 +118,36 @@ def _key_selector(keys: KeyFilter) -> Callable[[str], bool]:
     return lambda k: k in wanted
 
 
+def _mean_outputs(checkpoints: Sequence[Checkpoint], order: dict[str, list[int]], weights: Sequence[float] | None,
+                  normalize_weights: bool, out_dtype: str | None) -> tuple[list[Output], dict[str, list[str]]]:
+    """Per key: a mean over the inputs that have it (a copy of the first for integer tensors),
+    and which inputs lack it."""
+    n = len(checkpoints)
+    missing: dict[str, list[str]] = {}
+    outputs: list[Output] = []
+    for k, have in order.items():
+        infos = [checkpoints[i].info[k] for i in have]
+        kinds = {t.is_float for t in infos}
+        if len(kinds) > 1:
+            a = next(i for i, t in zip(have, infos) if t.is_float)
+            b = next(i for i, t in zip(have, infos) if not t.is_float)
+            raise MismatchError(
+                f"tensor '{k}': {checkpoints[a].info[k].dtype} in {checkpoints[a].path} but "
+                f"{checkpoints[b].info[k].dtype} in {checkpoints[b].path}"
+            )
+        if len(have) < n:
+            missing[k] = [os.path.basename(checkpoints[i].path) for i in range(n) if i not in have]
+        if not infos[0].is_float:
+            outputs.append(Output(k, "copy", [(have[0], k)], None))
+            continue
+        w = None
+        if weights is not None:
+            sub = [float(weights[i]) for i in have]
+            w = normalize(sub) if normalize_weights else sub
+        outputs.append(Output(k, "mean", [(i, k) for i in have], out_dtype, w))
+    return outputs, missing
+
+
 def mean_plan(
     checkpoints: Sequence[Checkpoint],
     *,
@@ -150,28 +180,7 @@ def mean_plan(
                 order.setdefault(k, []).append(i)
     if not order:
         raise PlanError("no tensors selected" + (" (check keys=)" if keys is not None else ""))
-    missing: dict[str, list[str]] = {}
-    outputs: list[Output] = []
-    for k, have in order.items():
-        infos = [checkpoints[i].info[k] for i in have]
-        kinds = {t.is_float for t in infos}
-        if len(kinds) > 1:
-            a = next(i for i, t in zip(have, infos) if t.is_float)
-            b = next(i for i, t in zip(have, infos) if not t.is_float)
-            raise MismatchError(
-                f"tensor '{k}': {checkpoints[a].info[k].dtype} in {checkpoints[a].path} but "
-                f"{checkpoints[b].info[k].dtype} in {checkpoints[b].path}"
-            )
-        if len(have) < n:
-            missing[k] = [os.path.basename(checkpoints[i].path) for i in range(n) if i not in have]
-        if not infos[0].is_float:
-            outputs.append(Output(k, "copy", [(have[0], k)], None))
-            continue
-        w = None
-        if weights is not None:
-            sub = [float(weights[i]) for i in have]
-            w = normalize(sub) if normalize_weights else sub
-        outputs.append(Output(k, "mean", [(i, k) for i in have], out_dtype, w))
+    outputs, missing = _mean_outputs(checkpoints, order, weights, normalize_weights, out_dtype)
     if missing and strict:
         k, files = next(iter(missing.items()))
         more = f" (and {len(missing) - 1} more keys)" if len(missing) > 1 else ""

@@ -120,8 +120,20 @@ def _exported(keys: list[str]) -> tuple[str, str, str, str] | None:
 def detect(ck: Checkpoint) -> Anatomy:
     """Recognises a checkpoint or an exported component from its keys and a few shapes."""
     keys = ck.keys()
-    has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
     a = Anatomy(path=str(ck.path), arch="unknown")
+    _recognise(a, ck, keys)
+    _assign_keys(a, ck, keys)
+    first = ck.info.get(UNET + "input_blocks.0.0.weight") or ck.info.get("input_blocks.0.0.weight")
+    if first is not None and len(first.shape) == 4:
+        a.variant = VARIANTS.get(first.shape[1], f"{first.shape[1]}-channel input")
+    if a.arch == "unknown":
+        a.notes.append("layout not recognised: no known component prefix or exported-component keys")
+    return a
+
+
+def _recognise(a: Anatomy, ck: Checkpoint, keys: list[str]) -> None:
+    """The architecture (or exported-component layout) and its component slots."""
+    has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
     if has(XL_TE1) or (has(XL_TE0) and has(UNET)):
         a.arch = "sdxl"
     elif has(REFINER_TE):
@@ -151,6 +163,11 @@ def detect(ck: Checkpoint) -> Anatomy:
         for name, (prefix, kind) in ARCHES[a.arch].items():
             if has(prefix):
                 a.components[name] = Component(name, kind, prefix, [])
+
+
+def _assign_keys(a: Anatomy, ck: Checkpoint, keys: list[str]) -> None:
+    """Each component's keys, statistics and missing keys; the rest sorted into buffers, EMA,
+    v-prediction markers and junk."""
     # Keys of each component, and what is missing against the reference tables.
     assigned: set[str] = set()
     for c in a.components.values():
@@ -186,12 +203,6 @@ def detect(ck: Checkpoint) -> Anatomy:
             a.vpred.append(k)
         else:
             a.junk.append(k)
-    first = ck.info.get(UNET + "input_blocks.0.0.weight") or ck.info.get("input_blocks.0.0.weight")
-    if first is not None and len(first.shape) == 4:
-        a.variant = VARIANTS.get(first.shape[1], f"{first.shape[1]}-channel input")
-    if a.arch == "unknown":
-        a.notes.append("layout not recognised: no known component prefix or exported-component keys")
-    return a
 
 
 def position_ids_status(ck: Checkpoint, key: str) -> str:

@@ -79,7 +79,7 @@ def _vit_h() -> dict[str, dict]:
 @lru_cache(maxsize=None)
 def reference(kind: str) -> dict[str, dict]:
     """Reference keys of a component kind, without prefix: key -> {shape, dtype, optional}."""
-    sd1, xl = layout("sd1"), layout("sdxl")
+    sd1, xl = key_table("sd1"), key_table("sdxl")
     if kind == "clip_l":
         return _strip(sd1, SD1_TE, "clip_l")
     if kind == "bigg":
@@ -101,31 +101,31 @@ MODELSPEC = {
 }
 
 
-LAYOUT_FILES = {"sd1": "sd1-ldm.json", "sdxl": "sdxl-sgm.json"}
+KEY_TABLE_FILES = {"sd1": "sd1-ldm.json", "sdxl": "sdxl-sgm.json"}
 
 
 @lru_cache(maxsize=None)
-def layout(arch: str) -> dict[str, dict]:
+def key_table(arch: str) -> dict[str, dict]:
     """Every key of a real checkpoint of ``arch`` ("sd1" or "sdxl"): shape, dtype, component, optional."""
-    if arch not in LAYOUT_FILES:
-        raise ArchitectureError(f"unknown layout '{arch}' (use {', '.join(LAYOUT_FILES)})")
-    text = resources.files("astolfomix_rs").joinpath("data", LAYOUT_FILES[arch]).read_text()
+    if arch not in KEY_TABLE_FILES:
+        raise ArchitectureError(f"unknown architecture '{arch}' (use {', '.join(KEY_TABLE_FILES)})")
+    text = resources.files("astolfomix_rs").joinpath("data", KEY_TABLE_FILES[arch]).read_text()
     return json.loads(text)
 
 
 VARIANT_CHANNELS = {"normal": 4, "inpainting": 9, "instruct-pix2pix": 8, "depth": 5}
 
 
-def variant_layout(arch: str) -> dict[str, dict]:
+def arch_key_table(arch: str) -> dict[str, dict]:
     """Key tables for the architectures without a reference file, derived from the ones we have:
     ``sd2`` (SD1 UNET with 1024-wide cross-attention and linear proj_in/out, OpenCLIP ViT-H text
     encoder) and ``sdxl-refiner`` (SDXL UNET keys with a 384-wide first conv, bigG at slot 0).
     Approximate where the real files differ in ways no test here depends on."""
-    if arch in LAYOUT_FILES:
-        return layout(arch)
+    if arch in KEY_TABLE_FILES:
+        return key_table(arch)
     if arch == "sd2":
         out = {}
-        for k, v in layout("sd1").items():
+        for k, v in key_table("sd1").items():
             if v["component"] == "clip_l":
                 continue
             v = dict(v)
@@ -139,7 +139,7 @@ def variant_layout(arch: str) -> dict[str, dict]:
         return out
     if arch == "sdxl-refiner":
         out = {}
-        for k, v in layout("sdxl").items():
+        for k, v in key_table("sdxl").items():
             if v["component"] == "clip_l":
                 continue
             v = dict(v)
@@ -149,7 +149,7 @@ def variant_layout(arch: str) -> dict[str, dict]:
                 v["shape"] = [384, 4, 3, 3]
             out[k] = v
         return out
-    raise ArchitectureError(f"unknown layout '{arch}'")
+    raise ArchitectureError(f"unknown architecture '{arch}'")
 
 
 # ---------------------------------------------------------------------------------------------

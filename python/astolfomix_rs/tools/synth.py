@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..core.save import save
-from ..models.registry import LAYOUT_FILES, VARIANT_CHANNELS, layout, variant_layout  # noqa: F401  (re-exported)
+from ..models.registry import VARIANT_CHANNELS, arch_key_table
 
 
 def shrink(shape: list[int], factor: int) -> tuple[int, ...]:
@@ -59,7 +59,7 @@ def make_state(
     components."""
     seeds = dict(seeds or {})
     out: dict[str, Any] = {}
-    for key, spec in variant_layout(arch).items():
+    for key, spec in arch_key_table(arch).items():
         comp = spec["component"]
         if key in drop or (spec["optional"] and not optional and comp != "clip_l") or (only and comp not in only):
             continue
