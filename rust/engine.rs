@@ -102,6 +102,23 @@ struct Item {
     end: usize,
 }
 
+/// Reads elements `[s, e)` of source `r` (through the map or `pread` into `buf`) and hands the
+/// bytes to `f`; returns the bytes read. For executors of other modules (robust merges).
+pub(crate) fn read_source(
+    layout: &Layout,
+    r: &SrcRef,
+    s: usize,
+    e: usize,
+    io: Io,
+    buf: &mut Vec<u8>,
+    f: impl FnOnce(&[u8]),
+) -> Result<u64> {
+    let (b, en) = range(r, s, e);
+    let bytes = src_bytes(&layout.inputs, io, r.input, b, en, buf)?;
+    f(bytes);
+    Ok(bytes.len() as u64)
+}
+
 fn is_bytes(t: &Resolved) -> bool {
     matches!(t.kind, Kind::Copy(_) | Kind::Constant(_))
 }
@@ -173,6 +190,7 @@ fn run_item(layout: &Layout, item: &Item, level: Level, io: Io, scratch: &mut Sc
         Kind::Mean { sources, weights, via } => {
             mean_chunk(layout, t, sources, weights.as_deref(), *via, s, e, level, io, scratch)?
         }
+        Kind::Expr { .. } => unreachable!("expressions are not split into items"),
     };
     writer.write_at((t.out_offset + s * t.dtype.size()) as u64, &scratch.out)?;
     Ok(read)
@@ -309,6 +327,12 @@ pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Pro
             .map(|r| r.map(|(_, n)| n))
             .try_reduce(|| 0, |a, b| Ok(a + b))
     })?;
+    let mut bytes_read = bytes_read;
+    for t in &layout.tensors {
+        if let Kind::Expr { sources, expr } = &t.kind {
+            bytes_read += pool.install(|| crate::robust::run_expr(layout, t, sources, expr, opts.io, &writer, progress))?;
+        }
+    }
     let bytes_written = writer.file_len();
     writer.commit(opts.durable)?;
     Ok(Report {

@@ -15,6 +15,7 @@ pub mod hashing;
 pub mod header;
 pub mod kernels;
 pub mod plan;
+pub mod robust;
 pub mod writer;
 
 #[cfg(feature = "python")]

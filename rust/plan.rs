@@ -11,6 +11,7 @@ use crate::checkpoint::{Checkpoint, InputFile};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::header::{self, OutEntry};
+use crate::robust::Expr;
 
 /// Precision of the running sum (and of conversions that need more than f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +59,13 @@ pub enum Op {
         /// `None`: uniform.
         weights: Option<Vec<f64>>,
     },
+    /// A robust merge expression over `sources` (see [`crate::robust`]), computed in f64.
+    Expr {
+        /// The inputs the expression reads.
+        sources: Vec<Source>,
+        /// Linear terms and robust nodes over them.
+        expr: Arc<Expr>,
+    },
     /// Bytes given by the plan, stored as `dtype` with `shape`.
     Constant {
         /// Stored dtype.
@@ -76,6 +84,7 @@ impl std::fmt::Debug for Op {
             Op::Cast(s) => write!(f, "Cast({s:?})"),
             Op::Mean { sources, weights } => write!(f, "Mean({sources:?}, {weights:?})"),
             Op::Constant { dtype, shape, .. } => write!(f, "Constant({dtype}, {shape:?})"),
+            Op::Expr { sources, expr } => write!(f, "Expr({sources:?}, {expr:?})"),
         }
     }
 }
@@ -136,6 +145,13 @@ pub enum Kind {
     },
     /// Bytes carried by the plan.
     Constant(Bytes),
+    /// A robust merge expression, computed in f64 and rounded once.
+    Expr {
+        /// The sources, as the expression numbers them.
+        sources: Vec<SrcRef>,
+        /// The expression.
+        expr: Arc<Expr>,
+    },
 }
 
 impl Kind {
@@ -146,6 +162,7 @@ impl Kind {
             Kind::Cast { .. } => "cast",
             Kind::Mean { .. } => "mean",
             Kind::Constant(_) => "constant",
+            Kind::Expr { .. } => "expr",
         }
     }
 
@@ -153,7 +170,7 @@ impl Kind {
     pub fn sources(&self) -> &[SrcRef] {
         match self {
             Kind::Copy(r) | Kind::Cast { src: r, .. } => std::slice::from_ref(r),
-            Kind::Mean { sources, .. } => sources,
+            Kind::Mean { sources, .. } | Kind::Expr { sources, .. } => sources,
             Kind::Constant(_) => &[],
         }
     }
@@ -223,7 +240,7 @@ fn provenance(files: &[(String, u64)]) -> String {
 fn sources_of(op: &Op) -> &[Source] {
     match op {
         Op::Copy(s) | Op::Cast(s) => std::slice::from_ref(s),
-        Op::Mean { sources, .. } => sources,
+        Op::Mean { sources, .. } | Op::Expr { sources, .. } => sources,
         Op::Constant { .. } => &[],
     }
 }
@@ -246,7 +263,7 @@ fn decide(
             let (shape, _) = shape.ok_or_else(|| Error::Plan(format!("'{}' has no source", o.name)))?;
             let first = refs[0];
             let dtype = o.dtype.unwrap_or(first.dtype);
-            let converting = matches!(op, Op::Mean { .. }) || dtype != first.dtype;
+            let converting = matches!(op, Op::Mean { .. } | Op::Expr { .. }) || dtype != first.dtype;
             if converting && !dtype.is_averageable() {
                 return Err(mismatch(format!("cannot write a mean or conversion as {dtype}")));
             }
@@ -258,6 +275,10 @@ fn decide(
                     sources: refs,
                     weights: weights.clone(),
                     via: accumulate,
+                },
+                Op::Expr { expr, .. } => Kind::Expr {
+                    sources: refs,
+                    expr: expr.clone(),
                 },
                 _ if !converting => Kind::Copy(first),
                 // f32 holds every value of the other float types exactly, so only f64 on
@@ -316,6 +337,13 @@ fn check_output(out: &OutputTensor) -> Result<()> {
                     out.name
                 )));
             }
+        }
+        Op::Expr { sources, expr } => {
+            if sources.is_empty() {
+                return Err(Error::Plan(format!("expression for '{}' has no sources", out.name)));
+            }
+            expr.check(sources.len())
+                .map_err(|e| Error::Plan(format!("'{}': {e}", out.name)))?;
         }
         Op::Copy(_) | Op::Cast(_) => {}
     }
@@ -423,7 +451,7 @@ impl Resolver {
             tensor: out.name.clone(),
             reason,
         };
-        if matches!(out.op, Op::Mean { .. }) && !t.dtype.is_averageable() {
+        if matches!(out.op, Op::Mean { .. } | Op::Expr { .. }) && !t.dtype.is_averageable() {
             return Err(mismatch(format!(
                 "{} in {} cannot be averaged (only F16, BF16, F32, F64, F8_E4M3, F8_E5M2 can)",
                 t.dtype,
@@ -483,11 +511,15 @@ impl Resolver {
                 .and_then(|n| dtype.byte_len(n))
                 .ok_or_else(|| mismatch(format!("shape {shape:?} overflows")))?;
             let numel = numel.unwrap_or(0);
-            bytes_read += kind
+            let per_source: Vec<u64> = kind
                 .sources()
                 .iter()
                 .map(|r| r.dtype.byte_len(numel).unwrap_or(0) as u64)
-                .sum::<u64>();
+                .collect();
+            bytes_read += match &kind {
+                Kind::Expr { expr, .. } => expr.bytes_read(&per_source),
+                _ => per_source.iter().sum(),
+            };
             tensors.push(Resolved {
                 name: o.name.clone(),
                 dtype,

@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::hashing;
 use crate::kernels::Level;
 use crate::plan::{Accumulate, Kind, Layout, Op, OutputTensor, Plan, Resolver, Source};
+use crate::robust::{Expr, Median, Method, Robust, Ties};
 use crate::writer::{Mode, Writer};
 
 /// Converts a crate error into the matching `astolfomix_rs.errors` exception.
@@ -221,8 +222,9 @@ fn output_from_py(item: &Bound<'_, PyAny>, names: &mut HashMap<String, Arc<str>>
         Option<Vec<f64>>,
         Option<Bound<'py, PyAny>>,
         Option<Vec<usize>>,
+        Option<Bound<'py, PyAny>>,
     );
-    let (name, dtype, op, srcs, weights, data, shape): Entry<'_> = item.extract()?;
+    let (name, dtype, op, srcs, weights, data, shape, expr): Entry<'_> = item.extract()?;
     let dtype = dtype.map(|d| parse_dtype(&d)).transpose()?;
     let mut sources = Vec::with_capacity(srcs.len());
     for s in srcs.iter() {
@@ -245,6 +247,13 @@ fn output_from_py(item: &Bound<'_, PyAny>, names: &mut HashMap<String, Arc<str>>
         "copy" => Op::Copy(one(sources)?),
         "cast" => Op::Cast(one(sources)?),
         "mean" => Op::Mean { sources, weights },
+        "expr" => {
+            let expr = expr.ok_or_else(|| plan_err(format!("expression '{name}' has no expression")))?;
+            Op::Expr {
+                sources,
+                expr: Arc::new(expr_from_py(&expr).map_err(|e| plan_err(format!("'{name}': {e}")))?),
+            }
+        }
         "constant" => {
             let data = data.ok_or_else(|| plan_err(format!("constant '{name}' has no data")))?;
             let buf = PyBuffer::<u8>::get(&data)?;
@@ -261,6 +270,64 @@ fn output_from_py(item: &Bound<'_, PyAny>, names: &mut HashMap<String, Arc<str>>
         o => return Err(plan_err(format!("unknown op '{o}' for '{name}'"))),
     };
     Ok(OutputTensor { name, dtype, op })
+}
+
+type PyTerms = Vec<(usize, f64)>;
+type PyRobust = (f64, String, HashMap<String, f64>, Vec<PyTerms>);
+
+/// An expression in its Python form: `(linear, [(coefficient, method, {param: value}, [points])])`,
+/// each point a list of `(source, coefficient)`; booleans as 0/1.
+fn expr_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Expr> {
+    let (linear, robust): (PyTerms, Vec<PyRobust>) = obj.extract()?;
+    let robust = robust
+        .into_iter()
+        .map(|(a, method, params, points)| method_from_py(&method, &params).map(|method| (a, Robust { points, method })))
+        .collect::<PyResult<_>>()?;
+    Ok(Expr { linear, robust })
+}
+
+fn method_from_py(name: &str, p: &HashMap<String, f64>) -> PyResult<Method> {
+    let allowed: &[&str] = match name {
+        "ties_sum" => &["k", "vote_mass"],
+        "ties_stock" => &["k", "vote_mass", "cos_eps"],
+        "ties_median" => &["k", "vote_mass", "eps", "maxiter", "ftol"],
+        "geometric_median" => &["eps", "maxiter", "ftol"],
+        "model_stock" => &["cos_eps", "whole"],
+        other => return Err(plan_err(format!("unknown robust method '{other}'"))),
+    };
+    if let Some(bad) = p.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(plan_err(format!(
+            "{name} has no parameter '{bad}' (it takes {})",
+            allowed.join(", ")
+        )));
+    }
+    let get = |k: &str, d: f64| p.get(k).copied().unwrap_or(d);
+    let ties = Ties {
+        k: get("k", 1.0),
+        vote_mass: get("vote_mass", 0.0) != 0.0,
+    };
+    let maxiter = get("maxiter", 100.0);
+    if !(0.0..=100_000.0).contains(&maxiter) || maxiter.fract() != 0.0 {
+        return Err(plan_err(format!(
+            "maxiter must be a whole number from 0 to 100000, not {maxiter}"
+        )));
+    }
+    let median = Median {
+        eps: get("eps", 1e-6),
+        maxiter: maxiter as usize,
+        ftol: get("ftol", 1e-20),
+    };
+    let cos_eps = get("cos_eps", 1e-6);
+    Ok(match name {
+        "ties_sum" => Method::TiesSum(ties),
+        "ties_stock" => Method::TiesStock { ties, cos_eps },
+        "ties_median" => Method::TiesMedian { ties, median },
+        "geometric_median" => Method::GeometricMedian(median),
+        _ => Method::ModelStock {
+            cos_eps,
+            whole: get("whole", 0.0) != 0.0,
+        },
+    })
 }
 
 /// Resolves a plan against opened checkpoints, one at a time: `add` each input (the caller may

@@ -87,10 +87,10 @@ def test_bad_arguments_to_the_core_raise_plan_errors(tmp_path):
     with pytest.raises(errors.PlanError, match="accumulate"):
         _core.Resolver([], 0, accumulate="f16")
     with pytest.raises(errors.PlanError, match="unknown op"):
-        _core.Resolver([("x", None, "nope", [], None, None, None)], 0)
+        _core.Resolver([("x", None, "nope", [], None, None, None, None)], 0)
     with pytest.raises(errors.PlanError, match="bytes given"):
         data = np.zeros(3, np.uint8)
-        _core.Resolver([("x", "F32", "constant", [], None, data, [1])], 0)
+        _core.Resolver([("x", "F32", "constant", [], None, data, [1], None)], 0)
 
 
 def test_dtype_table_is_shared():

@@ -7,8 +7,9 @@ from typing import Any
 
 __version__: str
 
-# (name, dtype | None, op, [(input, key)], weights | None, constant bytes | None, shape | None)
-_Output = tuple[str, str | None, str, list[tuple[int, str]], list[float] | None, Any, list[int] | None]
+# (name, dtype | None, op, [(input, key)], weights | None, constant bytes | None, shape | None,
+#  expression | None): an expression is (linear terms, [(coefficient, method, params, points)])
+_Output = tuple[str, str | None, str, list[tuple[int, str]], list[float] | None, Any, list[int] | None, Any]
 # (name, dtype, shape, numel, out_offset, out_len, op, [(input, dtype, offset)], weights, via)
 _Resolved = tuple[str, str, list[int], int, int, int, str, list[tuple[int, str, int]], list[float] | None, str | None]
 

@@ -43,7 +43,8 @@ def parse_dtype(dtype: str | None) -> str | None:
 @dataclass
 class Output:
     """One output tensor: a ``copy`` of one source (converted if ``dtype`` differs), a ``cast``, a
-    ``mean`` of several in this order, or a ``constant`` (``data``: its bytes, ``shape``)."""
+    ``mean`` of several in this order, a ``constant`` (``data``: its bytes, ``shape``), or an
+    ``expr``: linear terms and robust merges over the sources, in f64 (see ``rust/robust.rs``)."""
 
     name: str
     op: str  # "copy" | "cast" | "mean" | "constant"
@@ -52,6 +53,8 @@ class Output:
     weights: list[float] | None = None  # normalised; None = uniform (divide by N)
     data: np.ndarray | None = None  # a constant's bytes (uint8, C-contiguous)
     shape: tuple[int, ...] | None = None  # a constant's shape
+    #: an ``expr``'s terms: ``(linear, [(coefficient, method, params, points)])`` over ``sources``
+    expr: tuple | None = None
 
     @classmethod
     def constant(cls, name: str, dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> Output:
@@ -61,7 +64,7 @@ class Output:
     def as_core(self) -> tuple:
         srcs = self.sources if isinstance(self.sources, list) else list(self.sources)
         shape = list(self.shape) if self.shape is not None else None
-        return (self.name, self.dtype, self.op, srcs, self.weights, self.data, shape)
+        return (self.name, self.dtype, self.op, srcs, self.weights, self.data, shape, self.expr)
 
 
 @dataclass

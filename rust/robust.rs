@@ -1,0 +1,672 @@
+//! Robust merges as streaming passes over blocks of all N inputs: TIES (trim, sign election,
+//! disjoint mean), the geometric median, model stock. None of them needs the N tensors of a key
+//! in memory (see README "Robust merges"):
+//! - element-wise steps (sign vote, agreement, disjoint mean) need one block of all inputs;
+//! - TIES trimming with k < 1 needs a per-point threshold: one pass, one point's tensor at a time;
+//! - the geometric median (and whole-tensor model stock) needs the Gram matrix of the N points:
+//!   one pass accumulates it, Weiszfeld runs on N-vectors, a second pass writes the result;
+//! - row-wise model stock needs whole rows: blocks are cut on row boundaries.
+//!
+//! Determinism: blocks are a fixed size (whole rows, about 64K elements), independent of the
+//! engine's chunk option and of the thread count; each block's Gram partial is summed in block
+//! order. So every thread count and chunk size gives the same bits.
+//!
+//! Numbers: everything in f64. A robust term whose value is NaN or infinite at an element
+//! contributes 0 there (sd-mecha's `nan_to_num` for its TIES methods). Model stock rows where
+//! `|1 + (N-1) c| < 1e-9` get `t = 0` (sd-mecha divides by zero there); with one point, `t = 1`.
+//! A Gram matrix that is not finite (NaN/Inf inputs) gives the uniform mean's weights.
+
+use rayon::prelude::*;
+
+use crate::engine::{read_source, Io, Progress};
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::plan::{Layout, Resolved, SrcRef};
+use crate::writer::Writer;
+
+/// Elements per block (rounded to whole rows where a method needs rows).
+pub const BLOCK: usize = 1 << 16;
+
+/// TIES trimming and sign election.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ties {
+    /// Fraction kept per point (by magnitude, over the whole tensor); 1 keeps everything.
+    pub k: f64,
+    /// Elect the sign of the sum of the deltas (mass) instead of the sum of their signs (count).
+    pub vote_mass: bool,
+}
+
+/// Weiszfeld iteration for the geometric median.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Median {
+    /// Smallest distance used in a weight (`1 / max(d, eps)`).
+    pub eps: f64,
+    /// Iterations at most.
+    pub maxiter: usize,
+    /// Stop when the objective changes by at most `ftol` times itself.
+    pub ftol: f64,
+}
+
+/// A robust method over N points.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Method {
+    /// `ties_sum`: sum of the agreeing trimmed deltas over their count.
+    TiesSum(Ties),
+    /// `ties_sum_extended` with model stock (sd-mecha's `apply_stock=False`): the sum of the
+    /// agreeing deltas times the row-wise model stock factor, over their count.
+    TiesStock {
+        /// Trim and vote.
+        ties: Ties,
+        /// Norm clamp of the cosines.
+        cos_eps: f64,
+    },
+    /// `ties_sum_extended` with `apply_median`: the geometric median of the agreeing deltas.
+    TiesMedian {
+        /// Trim and vote.
+        ties: Ties,
+        /// Weiszfeld parameters.
+        median: Median,
+    },
+    /// `geometric_median` of the points.
+    GeometricMedian(Median),
+    /// `model_stock`: the mean times the model stock factor, row-wise over adjacent pairs
+    /// (sd-mecha) or over the whole tensor and all pairs (`whole`, mergekit).
+    ModelStock {
+        /// Norm clamp of the cosines.
+        cos_eps: f64,
+        /// Whole tensor, all pairs.
+        whole: bool,
+    },
+}
+
+impl Method {
+    fn ties(&self) -> Option<Ties> {
+        match *self {
+            Method::TiesSum(t) | Method::TiesStock { ties: t, .. } | Method::TiesMedian { ties: t, .. } => Some(t),
+            _ => None,
+        }
+    }
+
+    fn median(&self) -> Option<Median> {
+        match *self {
+            Method::TiesMedian { median, .. } | Method::GeometricMedian(median) => Some(median),
+            _ => None,
+        }
+    }
+
+    fn needs_rows(&self) -> bool {
+        matches!(self, Method::TiesStock { .. } | Method::ModelStock { whole: false, .. })
+    }
+
+    /// Checks the parameters.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let Some(t) = self.ties() {
+            if !(t.k > 0.0 && t.k <= 1.0) {
+                return Err(format!("k must be in (0, 1], not {}", t.k));
+            }
+        }
+        if let Some(m) = self.median() {
+            let ok = m.eps > 0.0 && m.eps.is_finite() && m.ftol >= 0.0 && m.maxiter <= 100_000;
+            if !ok {
+                return Err(format!(
+                    "geometric median needs eps > 0, ftol >= 0, maxiter <= 100000 (got {m:?})"
+                ));
+            }
+        }
+        if let Method::TiesStock { cos_eps, .. } | Method::ModelStock { cos_eps, .. } = *self {
+            if !(cos_eps > 0.0 && cos_eps.is_finite()) {
+                return Err(format!("cos_eps must be > 0, not {cos_eps}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A robust node: N points, each a linear combination of the output's sources.
+#[derive(Clone, Debug)]
+pub struct Robust {
+    /// Point i = sum of `coef * source` over its terms.
+    pub points: Vec<Vec<(usize, f64)>>,
+    /// The method.
+    pub method: Method,
+}
+
+/// An output tensor made of a linear part and robust terms: `sum lin_j x_j + sum a_r R_r`.
+#[derive(Clone, Debug, Default)]
+pub struct Expr {
+    /// (source, coefficient), added in this order.
+    pub linear: Vec<(usize, f64)>,
+    /// (coefficient, node), added after the linear part, in this order.
+    pub robust: Vec<(f64, Robust)>,
+}
+
+impl Expr {
+    /// Input bytes all passes read, given each source's byte length: the output pass, plus a
+    /// Gram pass per median or whole-tensor stock term, plus a threshold pass per trimmed point.
+    pub fn bytes_read(&self, source_bytes: &[u64]) -> u64 {
+        let all: u64 = source_bytes.iter().sum();
+        let mut total = all;
+        for (_, r) in &self.robust {
+            if r.method.median().is_some() || matches!(r.method, Method::ModelStock { whole: true, .. }) {
+                total += all;
+            }
+            if r.method.ties().is_some_and(|t| t.k < 1.0) {
+                total += r
+                    .points
+                    .iter()
+                    .flatten()
+                    .map(|&(j, _)| source_bytes.get(j).copied().unwrap_or(0))
+                    .sum::<u64>();
+            }
+        }
+        total
+    }
+
+    /// Checks source indices and parameters against `n_sources`.
+    pub fn check(&self, n_sources: usize) -> std::result::Result<(), String> {
+        let bad = |&(s, c): &(usize, f64)| s >= n_sources || !c.is_finite();
+        if self.linear.iter().any(bad) {
+            return Err("a linear term names a missing source or has a non-finite coefficient".into());
+        }
+        for (a, r) in &self.robust {
+            if !a.is_finite() {
+                return Err(format!("robust term coefficient {a} is not finite"));
+            }
+            if r.points.is_empty() {
+                return Err("a robust node has no points".into());
+            }
+            if r.points.iter().any(|p| p.iter().any(bad)) {
+                return Err("a robust point names a missing source or has a non-finite coefficient".into());
+            }
+            r.method.check()?;
+        }
+        Ok(())
+    }
+}
+
+/// What a robust term needs before the output pass.
+struct Prepared {
+    /// Per point: keep |p| >= thr (TIES with k < 1).
+    thresholds: Option<Vec<f64>>,
+    /// Median weights (unnormalised), or the whole-tensor model stock factor in `stock`.
+    weights: Option<Vec<f64>>,
+    stock: Option<f64>,
+}
+
+/// Runs one expression tensor: the statistics passes its robust terms need, then the output pass.
+/// Returns the input bytes read.
+pub(crate) fn run_expr(
+    layout: &Layout,
+    t: &Resolved,
+    sources: &[SrcRef],
+    expr: &Expr,
+    io: Io,
+    writer: &Writer,
+    progress: &Progress,
+) -> Result<u64> {
+    let row = t.shape.last().copied().unwrap_or(1).max(1);
+    let rows = expr.robust.iter().any(|(_, r)| r.method.needs_rows());
+    let block = if rows { (BLOCK / row).max(1) * row } else { BLOCK };
+    let blocks: Vec<(usize, usize)> = (0..t.numel)
+        .step_by(block.max(1))
+        .map(|s| (s, (s + block).min(t.numel)))
+        .collect();
+    let ctx = Ctx {
+        layout,
+        sources,
+        io,
+        progress,
+    };
+    let mut read = 0u64;
+    let mut prepared = Vec::with_capacity(expr.robust.len());
+    for (_, r) in &expr.robust {
+        let (p, n) = prepare(&ctx, r, &blocks, t.numel)?;
+        read += n;
+        prepared.push(p);
+    }
+    let osz = t.dtype.size();
+    let out_read: Vec<u64> = blocks
+        .par_iter()
+        .map(|&(s, e)| -> Result<u64> {
+            if progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let (x, n) = ctx.load(s, e)?;
+            let len = e - s;
+            let mut acc = vec![0f64; len];
+            for &(j, c) in &expr.linear {
+                acc.iter_mut().zip(&x[j]).for_each(|(a, v)| *a += c * v);
+            }
+            for ((a, r), p) in expr.robust.iter().zip(&prepared) {
+                let vals = evaluate(r, p, &x, len, row);
+                acc.iter_mut().zip(vals).for_each(|(o, v)| *o += a * v);
+            }
+            let mut out = vec![0u8; len * osz];
+            kernels::finish_f64(&acc, None, &mut out, t.dtype);
+            writer.write_at((t.out_offset + s * osz) as u64, &out)?;
+            Ok(n)
+        })
+        .collect::<Result<_>>()?;
+    Ok(read + out_read.iter().sum::<u64>())
+}
+
+struct Ctx<'a> {
+    layout: &'a Layout,
+    sources: &'a [SrcRef],
+    io: Io,
+    progress: &'a Progress,
+}
+
+impl Ctx<'_> {
+    /// Elements `[s, e)` of every source, as f64; and the bytes read.
+    fn load(&self, s: usize, e: usize) -> Result<(Vec<Vec<f64>>, u64)> {
+        let mut buf = Vec::new();
+        let mut n = 0u64;
+        let mut out = Vec::with_capacity(self.sources.len());
+        for r in self.sources {
+            let mut v = vec![0f64; e - s];
+            n += read_source(self.layout, r, s, e, self.io, &mut buf, |bytes| {
+                kernels::load_f64_slice(&mut v, bytes, r.dtype)
+            })?;
+            out.push(v);
+        }
+        self.progress.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok((out, n))
+    }
+}
+
+/// Point i of a block: `sum coef * x_source`, in term order.
+fn point(terms: &[(usize, f64)], x: &[Vec<f64>], len: usize) -> Vec<f64> {
+    let mut p = vec![0f64; len];
+    for &(j, c) in terms {
+        p.iter_mut().zip(&x[j]).for_each(|(a, v)| *a += c * v);
+    }
+    p
+}
+
+fn sign(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else if x == 0.0 {
+        0.0
+    } else {
+        f64::NAN
+    }
+}
+
+/// The agreeing, trimmed points of a block (`y_i = a_i d_i`, point-major) and their count per element.
+fn ties_filter(r: &Robust, ties: Ties, thr: Option<&[f64]>, x: &[Vec<f64>], len: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let mut d: Vec<Vec<f64>> = r.points.iter().map(|p| point(p, x, len)).collect();
+    if let Some(thr) = thr {
+        for (di, &t) in d.iter_mut().zip(thr) {
+            // Keep |d| >= t; NaN is not kept.
+            di.iter_mut().for_each(|v| {
+                if v.abs().partial_cmp(&t).is_none_or(|o| o.is_lt()) {
+                    *v = 0.0;
+                }
+            });
+        }
+    }
+    let mut count = vec![0f64; len];
+    for e in 0..len {
+        let vote: f64 = if ties.vote_mass {
+            d.iter().map(|di| di[e]).sum()
+        } else {
+            d.iter().map(|di| sign(di[e])).sum()
+        };
+        let s = sign(vote);
+        for di in d.iter_mut() {
+            if sign(di[e]) == s {
+                count[e] += 1.0;
+            } else {
+                di[e] = 0.0;
+            }
+        }
+    }
+    (d, count)
+}
+
+fn finite_or_zero(v: f64) -> f64 {
+    if v.is_finite() {
+        v
+    } else {
+        0.0
+    }
+}
+
+/// Model stock factor per row of `pts` (adjacent pairs, cosines along the row).
+fn stock_rows(pts: &[Vec<f64>], len: usize, row: usize, cos_eps: f64) -> Vec<f64> {
+    let n = pts.len();
+    (0..len / row)
+        .map(|k| {
+            if n == 1 {
+                return 1.0;
+            }
+            let rng = k * row..(k + 1) * row;
+            let mut c = 0.0;
+            for i in 0..n - 1 {
+                let (a, b) = (&pts[i][rng.clone()], &pts[i + 1][rng.clone()]);
+                let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+                let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+                c += dot / (na.max(cos_eps) * nb.max(cos_eps));
+            }
+            stock_factor(n, c / (n - 1) as f64)
+        })
+        .collect()
+}
+
+fn stock_factor(n: usize, c: f64) -> f64 {
+    let den = 1.0 + (n as f64 - 1.0) * c;
+    if den.abs() < 1e-9 {
+        0.0
+    } else {
+        n as f64 * c / den
+    }
+}
+
+/// The robust term's value at each element of a block.
+fn evaluate(r: &Robust, p: &Prepared, x: &[Vec<f64>], len: usize, row: usize) -> Vec<f64> {
+    let n = r.points.len();
+    match r.method {
+        Method::TiesSum(ties) => {
+            let (y, count) = ties_filter(r, ties, p.thresholds.as_deref(), x, len);
+            (0..len)
+                .map(|e| finite_or_zero(y.iter().map(|yi| yi[e]).sum::<f64>() / count[e]))
+                .collect()
+        }
+        Method::TiesStock { ties, cos_eps } => {
+            let (y, count) = ties_filter(r, ties, p.thresholds.as_deref(), x, len);
+            let t = stock_rows(&y, len, row, cos_eps);
+            (0..len)
+                .map(|e| finite_or_zero(y.iter().map(|yi| yi[e]).sum::<f64>() * t[e / row] / count[e]))
+                .collect()
+        }
+        Method::TiesMedian { ties, .. } => {
+            let (y, _) = ties_filter(r, ties, p.thresholds.as_deref(), x, len);
+            let w = p.weights.as_deref().expect("prepared");
+            let wsum: f64 = w.iter().sum();
+            (0..len)
+                .map(|e| finite_or_zero(y.iter().zip(w).map(|(yi, wi)| yi[e] * wi).sum::<f64>() / wsum))
+                .collect()
+        }
+        Method::GeometricMedian(_) => {
+            let pts: Vec<Vec<f64>> = r.points.iter().map(|q| point(q, x, len)).collect();
+            let w = p.weights.as_deref().expect("prepared");
+            let wsum: f64 = w.iter().sum();
+            (0..len)
+                .map(|e| pts.iter().zip(w).map(|(pi, wi)| pi[e] * wi).sum::<f64>() / wsum)
+                .collect()
+        }
+        Method::ModelStock { cos_eps, whole } => {
+            let pts: Vec<Vec<f64>> = r.points.iter().map(|q| point(q, x, len)).collect();
+            let t_rows = if whole {
+                Vec::new()
+            } else {
+                stock_rows(&pts, len, row, cos_eps)
+            };
+            (0..len)
+                .map(|e| {
+                    let t = if whole { p.stock.expect("prepared") } else { t_rows[e / row] };
+                    finite_or_zero(t * (pts.iter().map(|pi| pi[e]).sum::<f64>() / n as f64))
+                })
+                .collect()
+        }
+    }
+}
+
+/// The statistics passes of one robust term. Returns what it prepared and the bytes read.
+fn prepare(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize) -> Result<(Prepared, u64)> {
+    let mut read = 0u64;
+    let thresholds = match r.method.ties() {
+        Some(t) if t.k < 1.0 => {
+            let (thr, n) = thresholds(ctx, r, blocks, numel, t.k)?;
+            read += n;
+            Some(thr)
+        }
+        _ => None,
+    };
+    let gram_needed = r.method.median().is_some() || matches!(r.method, Method::ModelStock { whole: true, .. });
+    let mut prepared = Prepared {
+        thresholds,
+        weights: None,
+        stock: None,
+    };
+    if !gram_needed {
+        return Ok((prepared, read));
+    }
+    let (g, n) = gram(ctx, r, prepared.thresholds.as_deref(), blocks)?;
+    read += n;
+    let np = r.points.len();
+    match r.method {
+        Method::ModelStock { cos_eps, .. } => {
+            let norm = |i: usize| g[i * np + i].max(0.0).sqrt().max(cos_eps);
+            let mut c = 0.0;
+            let mut pairs = 0usize;
+            for i in 0..np {
+                for j in i + 1..np {
+                    c += g[i * np + j] / (norm(i) * norm(j));
+                    pairs += 1;
+                }
+            }
+            prepared.stock = Some(if pairs == 0 { 1.0 } else { stock_factor(np, c / pairs as f64) });
+        }
+        _ => prepared.weights = Some(weiszfeld(&g, np, r.method.median().expect("median"))),
+    }
+    Ok((prepared, read))
+}
+
+/// Per point: the m-th smallest |p| over the whole tensor, m = max(floor((1-k) numel), 1).
+/// One point's tensor at a time.
+fn thresholds(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize, k: f64) -> Result<(Vec<f64>, u64)> {
+    let m = (((1.0 - k) * numel as f64).floor() as usize).max(1);
+    let mut read = 0u64;
+    let mut out = Vec::with_capacity(r.points.len());
+    for terms in &r.points {
+        let mut all = Vec::with_capacity(numel);
+        for &(s, e) in blocks {
+            let (x, n) = ctx.load_terms(terms, s, e)?;
+            read += n;
+            all.extend(point(&remap(terms), &x, e - s).into_iter().map(f64::abs));
+        }
+        if all.is_empty() {
+            out.push(0.0);
+            continue;
+        }
+        let (_, kth, _) = all.select_nth_unstable_by(m - 1, |a, b| a.total_cmp(b));
+        out.push(*kth);
+    }
+    Ok((out, read))
+}
+
+/// Terms renumbered 0..len, for a block loaded with only the sources those terms name.
+fn remap(terms: &[(usize, f64)]) -> Vec<(usize, f64)> {
+    terms.iter().enumerate().map(|(i, &(_, c))| (i, c)).collect()
+}
+
+impl Ctx<'_> {
+    /// Elements `[s, e)` of the sources `terms` name, in term order.
+    fn load_terms(&self, terms: &[(usize, f64)], s: usize, e: usize) -> Result<(Vec<Vec<f64>>, u64)> {
+        let mut buf = Vec::new();
+        let mut n = 0u64;
+        let mut out = Vec::with_capacity(terms.len());
+        for &(j, _) in terms {
+            let r = &self.sources[j];
+            let mut v = vec![0f64; e - s];
+            n += read_source(self.layout, r, s, e, self.io, &mut buf, |bytes| {
+                kernels::load_f64_slice(&mut v, bytes, r.dtype)
+            })?;
+            out.push(v);
+        }
+        Ok((out, n))
+    }
+}
+
+/// The Gram matrix of the points (TIES-filtered when the method says so), summed over blocks in
+/// block order; each block's partial is one matrix product.
+fn gram(ctx: &Ctx<'_>, r: &Robust, thr: Option<&[f64]>, blocks: &[(usize, usize)]) -> Result<(Vec<f64>, u64)> {
+    let np = r.points.len();
+    let partials: Vec<(Vec<f64>, u64)> = blocks
+        .par_iter()
+        .map(|&(s, e)| -> Result<(Vec<f64>, u64)> {
+            if ctx.progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let (x, n) = ctx.load(s, e)?;
+            let len = e - s;
+            let pts = match r.method.ties() {
+                Some(t) => ties_filter(r, t, thr, &x, len).0,
+                None => r.points.iter().map(|q| point(q, &x, len)).collect(),
+            };
+            let flat: Vec<f64> = pts.concat();
+            let mut g = vec![0f64; np * np];
+            // SAFETY: `flat` is np x len, row-major (row stride len, column stride 1); read as
+            // its transpose (len x np) for the right operand; `g` is np x np, row-major. All
+            // pointers are valid for those extents and `g` does not alias `flat`.
+            unsafe {
+                matrixmultiply::dgemm(
+                    np,
+                    len,
+                    np,
+                    1.0,
+                    flat.as_ptr(),
+                    len as isize,
+                    1,
+                    flat.as_ptr(),
+                    1,
+                    len as isize,
+                    0.0,
+                    g.as_mut_ptr(),
+                    np as isize,
+                    1,
+                );
+            }
+            Ok((g, n))
+        })
+        .collect::<Result<_>>()?;
+    let mut g = vec![0f64; np * np];
+    let mut read = 0u64;
+    for (p, n) in partials {
+        g.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        read += n;
+    }
+    Ok((g, read))
+}
+
+/// Weiszfeld on the Gram matrix: the median is `m = sum c_i x_i`, so
+/// `|x_i - m|^2 = G_ii - 2 (G c)_i + c^T G c`. Returns the last iteration's (unnormalised)
+/// weights, as sd-mecha returns `weighted_average(points, new_weights)`.
+pub fn weiszfeld(g: &[f64], n: usize, m: Median) -> Vec<f64> {
+    let uniform = vec![1.0; n];
+    if g.iter().any(|v| !v.is_finite()) {
+        return uniform;
+    }
+    let dists = |w: &[f64]| -> Vec<f64> {
+        let s: f64 = w.iter().sum();
+        let c: Vec<f64> = w.iter().map(|x| x / s).collect();
+        let gc: Vec<f64> = (0..n).map(|i| (0..n).map(|j| g[i * n + j] * c[j]).sum()).collect();
+        let cgc: f64 = c.iter().zip(&gc).map(|(a, b)| a * b).sum();
+        (0..n).map(|i| (g[i * n + i] - 2.0 * gc[i] + cgc).max(0.0).sqrt()).collect()
+    };
+    let objective = |d: &[f64]| d.iter().sum::<f64>() / n as f64;
+    let mut w = uniform;
+    let mut d = dists(&w);
+    let mut f = objective(&d);
+    for _ in 0..m.maxiter {
+        let prev = f;
+        w = d.iter().map(|&di| 1.0 / di.max(m.eps)).collect();
+        d = dists(&w);
+        f = objective(&d);
+        if (prev - f).abs() <= m.ftol * f {
+            break;
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn med() -> Median {
+        Median {
+            eps: 1e-6,
+            maxiter: 100,
+            ftol: 1e-20,
+        }
+    }
+
+    #[test]
+    fn weiszfeld_matches_direct_iteration() {
+        // Points on a line 0, 1, 10: the median is the middle point.
+        let xs = [0.0f64, 1.0, 10.0];
+        let g: Vec<f64> = (0..9).map(|k| xs[k / 3] * xs[k % 3]).collect();
+        let w = weiszfeld(&g, 3, med());
+        let m: f64 = xs.iter().zip(&w).map(|(x, w)| x * w).sum::<f64>() / w.iter().sum::<f64>();
+        assert!((m - 1.0).abs() < 1e-5, "{m}");
+    }
+
+    #[test]
+    fn weiszfeld_zero_iterations_is_the_mean_and_nan_falls_back() {
+        let g = vec![1.0, 0.0, 0.0, 4.0];
+        assert_eq!(weiszfeld(&g, 2, Median { maxiter: 0, ..med() }), vec![1.0, 1.0]);
+        assert_eq!(weiszfeld(&[f64::NAN, 0.0, 0.0, 1.0], 2, med()), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn ties_filter_elects_by_count_or_mass() {
+        let r = Robust {
+            points: vec![vec![(0, 1.0)], vec![(1, 1.0)], vec![(2, 1.0)]],
+            method: Method::TiesSum(Ties {
+                k: 1.0,
+                vote_mass: false,
+            }),
+        };
+        let x = vec![vec![1.0, 0.0], vec![2.0, 0.0], vec![-5.0, 3.0]];
+        let (y, c) = ties_filter(
+            &r,
+            Ties {
+                k: 1.0,
+                vote_mass: false,
+            },
+            None,
+            &x,
+            2,
+        );
+        assert_eq!((y[0][0], y[1][0], y[2][0], c[0]), (1.0, 2.0, 0.0, 2.0));
+        // element 1: signs 0, 0, + -> elected +, only the third agrees
+        assert_eq!((y[2][1], c[1]), (3.0, 1.0));
+        let (y, c) = ties_filter(&r, Ties { k: 1.0, vote_mass: true }, None, &x, 2);
+        assert_eq!((y[0][0], y[2][0], c[0]), (0.0, -5.0, 1.0));
+    }
+
+    #[test]
+    fn stock_factor_degenerate_rows_are_zero() {
+        assert_eq!(stock_factor(2, -1.0), 0.0);
+        assert!((stock_factor(3, 0.5) - 1.5 / 2.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn error_bad_parameters() {
+        assert!(Method::TiesSum(Ties {
+            k: 0.0,
+            vote_mass: false
+        })
+        .check()
+        .is_err());
+        assert!(Method::GeometricMedian(Median { eps: 0.0, ..med() }).check().is_err());
+        assert!(Method::ModelStock {
+            cos_eps: -1.0,
+            whole: false
+        }
+        .check()
+        .is_err());
+        let e = Expr {
+            linear: vec![(3, 1.0)],
+            robust: vec![],
+        };
+        assert!(e.check(2).is_err());
+    }
+}
