@@ -126,6 +126,9 @@ fn is_bytes(t: &Resolved) -> bool {
 fn work_items(layout: &Layout, chunk: usize) -> Vec<Item> {
     let mut items = Vec::new();
     for (i, t) in layout.tensors.iter().enumerate() {
+        if matches!(t.kind, Kind::Expr { .. }) {
+            continue; // multi-pass: run whole by `robust::run_expr`
+        }
         let (len, step) = if is_bytes(t) {
             (t.out_len, chunk * 4)
         } else {

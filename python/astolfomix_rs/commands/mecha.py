@@ -1,0 +1,449 @@
+"""Robust merge recipes: sd-mecha ``.mecha`` files as merge authors publish them, and a Python API
+that builds the same graphs. A graph is compiled per key into one plan output: linear nodes fold
+into one coefficient per input, each robust node (TIES, geometric median, model stock) becomes a
+term of an ``expr`` output that the engine runs as streaming passes (``rust/robust.rs``).
+
+Semantics follow sd-mecha 1.1 (see README "Robust merges"), with these choices made explicit:
+``vote_sgn=False`` elects by sign count and ``True`` by mass unless ``vote`` overrides it;
+``ties_sum_extended``'s ``apply_stock`` is read as sd-mecha reads it (``False`` applies model stock,
+``True`` does not); a model stock row whose factor divides by zero gets 0 instead of inf."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .._core import __version__
+from ..core.plan import Output, Plan, parse_dtype
+from ..core.reader import Checkpoint
+from ..errors import AstolfomixError, RecipeError
+from ..models.anatomy import detect
+from .recipe import safe_join
+
+# ---------------------------------------------------------------------------------------------
+# The graph
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """A recipe node: a model file or a merge of other nodes."""
+
+    line: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class ModelNode(Node):
+    path: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class MergeNode(Node):
+    method: str = ""
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def model(path: str | os.PathLike[str]) -> ModelNode:
+    """A model file (inside the models folder, for recipes run by the CLI)."""
+    return ModelNode(path=os.fspath(path))
+
+
+def merge(method: str, *args: Any, **kwargs: Any) -> MergeNode:
+    """A merge node, checked now: ``merge("ties_sum", d1, d2, k=0.5)``."""
+    node = MergeNode(method=method, args=tuple(args), kwargs=dict(kwargs))
+    problems = _check_node(node)
+    if problems:
+        raise RecipeError("; ".join(problems))
+    return node
+
+
+# name -> (number of node arguments or None for any, {parameter: default})
+METHODS: dict[str, tuple[int | None, dict[str, Any]]] = {
+    "subtract": (2, {}),
+    "add_difference": (2, {"alpha": 1.0}),
+    "weighted_sum": (2, {"alpha": 0.5}),
+    "n_average": (None, {}),
+    "ties_sum": (None, {"k": 1.0, "vote_sgn": False}),
+    "ties_sum_extended": (None, {"k": 0.2, "vote_sgn": False, "apply_stock": False, "apply_median": False,
+                                 "cos_eps": 1e-6, "eps": 1e-6, "maxiter": 100, "ftol": 1e-20}),
+    "geometric_median": (None, {"eps": 1e-6, "maxiter": 100, "ftol": 1e-20}),
+    "model_stock": (None, {"cos_eps": 1e-6, "whole": False}),
+    "fallback": (2, {}),
+    "pick_component": (1, {"component": None}),
+}
+ROBUST = {"ties_sum", "ties_sum_extended", "geometric_median", "model_stock"}
+
+
+def _check_node(node: MergeNode) -> list[str]:
+    where = f"line {node.line}: " if node.line else ""
+    if node.method not in METHODS:
+        known = ", ".join(sorted(METHODS))
+        return [f"{where}unknown method '{node.method}' (this tool runs: {known})"]
+    arity, params = METHODS[node.method]
+    out = []
+    if arity is not None and len(node.args) != arity:
+        out.append(f"{where}{node.method} takes {arity} models, not {len(node.args)}")
+    if arity is None and not node.args:
+        out.append(f"{where}{node.method} needs at least one model")
+    for a in node.args:
+        if not isinstance(a, Node):
+            out.append(f"{where}{node.method}: argument {a!r} is not a model or merge")
+    for k, v in node.kwargs.items():
+        if k not in params:
+            out.append(f"{where}{node.method} has no parameter '{k}' (it takes {', '.join(params) or 'none'})")
+        elif k == "component":
+            if not isinstance(v, str):
+                out.append(f"{where}pick_component: component must be a string")
+        elif isinstance(v, bool) or isinstance(params[k], bool):
+            if not isinstance(v, (bool, int)) or (isinstance(v, int) and v not in (0, 1)):
+                out.append(f"{where}{node.method}: {k} must be true or false, not {v!r}")
+        elif not isinstance(v, (int, float)) or not math.isfinite(v):
+            out.append(f"{where}{node.method}: {k} must be a finite number, not {v!r}")
+    if node.method == "pick_component" and "component" not in node.kwargs:
+        out.append(f"{where}pick_component needs component=\"...\"")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The .mecha text
+
+
+@dataclass
+class MechaRecipe:
+    root: Node
+    text: str
+    models: list[ModelNode]
+
+
+def _tokenize(line: str, n: int) -> list[str]:
+    """sd-mecha's tokenizer: spaces split, double quotes group (kept), backslash escapes."""
+    tokens: list[str] = []
+    cur: list[str] = []
+    inside = escape = False
+    for ch in line:
+        if escape:
+            cur.append(ch)
+            escape = False
+        elif ch == "\\":
+            escape = True
+        elif ch == '"':
+            cur.append(ch)
+            inside = not inside
+        elif ch == " " and not inside:
+            if cur:
+                tokens.append("".join(cur))
+                cur = []
+        else:
+            cur.append(ch)
+    if inside:
+        raise RecipeError(f"line {n}: unmatched quote\n    {line}")
+    if cur:
+        tokens.append("".join(cur))
+    return tokens
+
+
+def _value(tok: str, results: list[Any], n: int) -> Any:
+    if tok in ("true", "false", "null"):
+        return {"true": True, "false": False, "null": None}[tok]
+    if tok.startswith("&"):
+        try:
+            i = int(tok[1:])
+        except ValueError:
+            raise RecipeError(f"line {n}: bad reference {tok}") from None
+        if not 0 <= i < len(results):
+            raise RecipeError(f"line {n}: reference {tok} points to no earlier line (there are {len(results)})")
+        return results[i]
+    if len(tok) >= 2 and tok[0] == '"' and tok[-1] == '"':
+        return tok[1:-1]
+    try:
+        v = float(tok) if ("." in tok or "e" in tok.lower() or "inf" in tok.lower() or "nan" in tok.lower()) else int(tok)
+    except ValueError:
+        raise RecipeError(f"line {n}: cannot read '{tok[:40]}' (a number, \"text\", &N, true, false or null)") from None
+    if len(tok) > 40 or (isinstance(v, float) and not math.isfinite(v)):
+        raise RecipeError(f"line {n}: number '{tok[:40]}' is out of range")
+    return v
+
+
+def parse_mecha(text: str) -> MechaRecipe:
+    """Parses a ``.mecha`` recipe: the versioned form (``version 0.1.0``, ``model "path"
+    model_config=... merge_space=...``, ``merge "method" &i ... key=value``, ``literal``) or the
+    earlier unversioned one (``model "path" "sdxl" "base"``). Every problem is listed, with its
+    line, before anything runs."""
+    lines = text.split("\n")
+    results: list[Any] = []
+    problems: list[str] = []
+    models: list[ModelNode] = []
+    start = 1 if lines and lines[0].strip().startswith("version") else 0
+    if start and lines[0].strip() != "version 0.1.0":
+        problems.append(f"line 1: this tool reads .mecha version 0.1.0, not '{lines[0].strip()[:40]}'")
+    for n, raw in enumerate(lines[start:], start + 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            toks = _tokenize(line, n)
+            cmd, rest = toks[0], toks[1:]
+            pos, kw = [], {}
+            for t in rest:
+                if "=" in t and not t.startswith('"'):
+                    k, v = t.split("=", 1)
+                    kw[k] = _value(v, results, n)
+                else:
+                    pos.append(_value(t, results, n))
+        except RecipeError as e:
+            problems.append(str(e).split("\n")[0])
+            results.append(None)
+            continue
+        if cmd == "model":
+            if not pos or not isinstance(pos[0], str):
+                problems.append(f"line {n}: model needs a \"path\"")
+                results.append(None)
+                continue
+            node = ModelNode(line=n, path=pos[0])
+            models.append(node)
+            results.append(node)
+        elif cmd == "merge":
+            if not pos or not isinstance(pos[0], str):
+                problems.append(f"line {n}: merge needs a \"method\" name")
+                results.append(None)
+                continue
+            if any(a is None for a in pos[1:]):
+                problems.append(f"line {n}: uses a line that could not be read")
+            mnode = MergeNode(line=n, method=pos[0], args=tuple(pos[1:]), kwargs=kw)
+            problems.extend(_check_node(mnode))
+            results.append(mnode)
+        elif cmd == "literal":
+            results.append(pos[0] if pos else None)
+        elif cmd in ("call", "dict"):
+            problems.append(f"line {n}: '{cmd}' is the legacy block-weight form; this tool does not run block "
+                            "weights: rewrite the recipe with per-model merges (or export it from sd-mecha 1.x)")
+            results.append(None)
+        else:
+            problems.append(f"line {n}: unknown command '{cmd[:40]}' (model, merge, literal)")
+            results.append(None)
+    if not results and not problems:
+        problems.append("the recipe is empty")
+    if problems:
+        raise RecipeError(f"cannot run the recipe ({len(problems)} problems, nothing written):\n  " + "\n  ".join(problems[:40]))
+    root = results[-1]
+    if not isinstance(root, Node):
+        raise RecipeError("the last line of the recipe must be a model or a merge")
+    return MechaRecipe(root=root, text=text, models=models)
+
+
+def load_mecha(path: str | os.PathLike[str]) -> MechaRecipe:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: no such recipe file")
+    return parse_mecha(p.read_text(encoding="utf-8", errors="replace"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling: per key, a linear part plus robust terms
+
+
+@dataclass
+class Value:
+    """A node's value at one key: ``sum coef * input`` plus ``sum a * robust node``."""
+
+    linear: dict[int, float] = field(default_factory=dict)
+    robust: list[tuple[float, tuple]] = field(default_factory=list)
+
+    def scaled(self, c: float) -> Value:
+        return Value({i: c * v for i, v in self.linear.items()}, [(c * a, r) for a, r in self.robust])
+
+    def plus(self, other: Value) -> Value:
+        lin = dict(self.linear)
+        for i, v in other.linear.items():
+            lin[i] = lin.get(i, 0.0) + v
+        return Value(lin, self.robust + other.robust)
+
+
+def _robust_term(node: MergeNode, points: list[Value], vote: str | None) -> tuple:
+    kw = {**METHODS[node.method][1], **node.kwargs}
+    for p in points:
+        if p.robust:
+            raise RecipeError(f"line {node.line}: {node.method} of a robust merge's result is not supported yet "
+                              "(nest linear steps only)")
+    pts = [sorted(p.linear.items()) for p in points]
+    mass = bool(kw.get("vote_sgn")) if vote is None else vote == "mass"
+    if node.method == "ties_sum":
+        return ("ties_sum", {"k": float(kw["k"]), "vote_mass": float(mass)}, pts)
+    if node.method == "ties_sum_extended":
+        ties = {"k": float(kw["k"]), "vote_mass": float(mass)}
+        if kw["apply_median"]:
+            return ("ties_median", {**ties, "eps": float(kw["eps"]), "maxiter": float(kw["maxiter"]),
+                                    "ftol": float(kw["ftol"])}, pts)
+        if kw["apply_stock"]:  # sd-mecha: True means t = 1
+            return ("ties_sum", ties, pts)
+        return ("ties_stock", {**ties, "cos_eps": float(kw["cos_eps"])}, pts)
+    if node.method == "geometric_median":
+        return ("geometric_median", {"eps": float(kw["eps"]), "maxiter": float(kw["maxiter"]),
+                                     "ftol": float(kw["ftol"])}, pts)
+    return ("model_stock", {"cos_eps": float(kw["cos_eps"]), "whole": float(bool(kw["whole"]))}, pts)
+
+
+class Compiler:
+    """Evaluates the graph per key. ``has(i, key)`` says whether input ``i`` has the key;
+    ``component_of(key)`` names its component (for pick_component)."""
+
+    def __init__(self, index: dict[int, int], has, component_of, vote: str | None):
+        self.index, self.has, self.component_of, self.vote = index, has, component_of, vote
+
+    def value(self, node: Node, key: str) -> Value | None:
+        if isinstance(node, ModelNode):
+            i = self.index[id(node)]
+            return Value({i: 1.0}) if self.has(i, key) else None
+        assert isinstance(node, MergeNode)
+        m, kw = node.method, {**METHODS[node.method][1], **node.kwargs}
+        if m == "fallback":
+            first = self.value(node.args[0], key)
+            return first if first is not None else self.value(node.args[1], key)
+        if m == "pick_component":
+            return self.value(node.args[0], key) if self.component_of(key) == kw["component"] else None
+        vals = [self.value(a, key) for a in node.args]
+        if any(v is None for v in vals):
+            return None
+        vs: list[Value] = [v for v in vals if v is not None]
+        if m == "subtract":
+            return vs[0].plus(vs[1].scaled(-1.0))
+        if m == "add_difference":
+            return vs[0] if math.isclose(kw["alpha"], 0.0) else vs[0].plus(vs[1].scaled(float(kw["alpha"])))
+        if m == "weighted_sum":
+            a = float(kw["alpha"])
+            if math.isclose(a, 0.0):
+                return vs[0]
+            if math.isclose(a, 1.0):
+                return vs[1]
+            return vs[0].scaled(1.0 - a).plus(vs[1].scaled(a))
+        if m == "n_average":
+            out = Value()
+            for v in vs:
+                out = out.plus(v.scaled(1.0 / len(vs)))
+            return out
+        return Value({}, [(1.0, _robust_term(node, vs, self.vote))])
+
+
+def _uniform(lin: dict[int, float]) -> bool:
+    n = len(lin)
+    return n > 0 and all(abs(c - 1.0 / n) <= 1e-12 for c in lin.values())
+
+
+def compile_output(key: str, v: Value, dtype: str | None) -> Output:
+    """One plan output for a key's value: a copy, a uniform mean (the same bytes as ``mean``), or
+    an f64 expression."""
+    lin = {i: c for i, c in v.linear.items() if c != 0.0}
+    if not v.robust and len(lin) == 1 and next(iter(lin.values())) == 1.0:
+        return Output(key, "copy", [(next(iter(lin)), key)], dtype)
+    if not v.robust and _uniform(lin):
+        return Output(key, "mean", [(i, key) for i in sorted(lin)], dtype)
+    inputs = sorted({i for i in lin} | {i for _, r in v.robust for p in r[2] for i, _ in p})
+    pos = {i: j for j, i in enumerate(inputs)}
+    linear = [(pos[i], c) for i, c in sorted(lin.items())]
+    robust = [(a, name, params, [[(pos[i], c) for i, c in p] for p in pts]) for a, (name, params, pts) in v.robust]
+    return Output(key, "expr", [(i, key) for i in inputs], dtype, expr=(linear, robust))
+
+
+# ---------------------------------------------------------------------------------------------
+# From a recipe to a resolved plan
+
+
+def _model_nodes(root: Node) -> list[ModelNode]:
+    seen: dict[int, ModelNode] = {}
+
+    def walk(n: Any) -> None:
+        if isinstance(n, ModelNode):
+            seen.setdefault(id(n), n)
+        elif isinstance(n, MergeNode):
+            for a in n.args:
+                walk(a)
+
+    walk(root)
+    return list(seen.values())
+
+
+def mecha_plan(
+    recipe: MechaRecipe | Node,
+    models: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str | None = "f16",
+    vote: str | None = None,
+) -> tuple[Plan, dict[str, Any]]:
+    """The resolved plan of a recipe (a parsed ``.mecha`` or a graph from :func:`merge`). Model
+    paths are resolved inside ``models`` (escapes refused) when given. ``vote`` ("count" or
+    "mass") overrides every ``vote_sgn``. Returns (plan, summary)."""
+    if vote not in (None, "count", "mass"):
+        raise RecipeError(f"vote must be 'count' or 'mass', not '{vote}'")
+    rec = recipe if isinstance(recipe, MechaRecipe) else MechaRecipe(recipe, "", [])
+    nodes = _model_nodes(rec.root)
+    if not nodes:
+        raise RecipeError("the recipe names no model")
+    out_dtype = parse_dtype(dtype)
+    paths: list[Path] = []
+    index: dict[int, int] = {}
+    problems: list[str] = []
+    for node in nodes:
+        try:
+            p = safe_join(Path(models), node.path, "model") if models is not None else Path(node.path)
+        except RecipeError as e:
+            problems.append((f"line {node.line}: " if node.line else "") + str(e))
+            continue
+        if p not in paths:
+            paths.append(p)
+        index[id(node)] = paths.index(p)
+    cks: list[Checkpoint] = []
+    for p in paths:
+        try:
+            cks.append(Checkpoint(p))
+        except AstolfomixError as e:
+            problems.append(str(e))
+    if problems:
+        raise RecipeError(f"cannot run the recipe ({len(problems)} problems, nothing written):\n  " + "\n  ".join(problems[:40]))
+    infos = [ck.info for ck in cks]
+    anatomy = detect(cks[0])
+    comp = anatomy.component_of
+    compiler = Compiler(index, lambda i, k: k in infos[i] and infos[i][k].is_float, comp, vote)
+    outputs: list[Output] = []
+    keys = list(dict.fromkeys(k for info in infos for k in info))
+    for key in keys:
+        owner = next(i for i, info in enumerate(infos) if key in info)
+        if not infos[owner][key].is_float:
+            outputs.append(Output(key, "copy", [(owner, key)], None))
+            continue
+        v = compiler.value(rec.root, key)
+        if v is not None:
+            outputs.append(compile_output(key, v, out_dtype))
+    methods = sorted({r[1] for o in outputs if o.expr for r in o.expr[1]})
+    rule = vote or "vote_sgn per node (false: count, true: mass)"
+    meta = {
+        "astolfomix.mecha": rec.text or "(built with the Python API)",
+        "astolfomix.robust": json.dumps({"methods": methods, "sign_rule": rule, "precision": "f64",
+                                         "apply_stock": "read as sd-mecha 1.1 (false applies model stock)",
+                                         "tool": f"astolfomix_rs {__version__}"}),
+        "astolfomix.files": json.dumps([{"name": p.name, "size": ck.file_len} for p, ck in zip(paths, cks)]),
+    }
+    plan = Plan(list(cks), outputs, metadata=meta)
+    plan.resolve()
+    summary = {"inputs": [str(p) for p in paths], "outputs": len(outputs), "methods": methods, "sign_rule": rule,
+               "passes": _passes(outputs), "bytes_to_read": plan.resolved.bytes_read if plan.resolved else 0}
+    return plan, summary
+
+
+def _passes(outputs: Sequence[Output]) -> dict[str, int]:
+    """How many tensors need each kind of pass."""
+    out = {"copy/cast/mean": 0, "expr": 0, "threshold pass": 0, "gram pass": 0}
+    for o in outputs:
+        if o.op != "expr" or o.expr is None:
+            out["copy/cast/mean"] += 1
+            continue
+        out["expr"] += 1
+        for _, name, params, _ in o.expr[1]:
+            if params.get("k", 1.0) < 1.0:
+                out["threshold pass"] += 1
+            if name in ("ties_median", "geometric_median") or params.get("whole"):
+                out["gram pass"] += 1
+    return out
