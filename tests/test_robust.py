@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import math
 
+import astolfomix_rs as am
 import numpy as np
 import pytest
 import reference_robust as ref
-
-import astolfomix_rs as am
 from astolfomix_rs.commands import mecha as mc
 from astolfomix_rs.core.save import save
 from astolfomix_rs.errors import RecipeError
@@ -262,3 +261,31 @@ def test_python_api_builds_the_same_graph(tmp_path):
     with pytest.raises(RecipeError, match="unknown method"):
         mc.merge("ties_summ", *deltas)
     assert math.isfinite(float(a.tensor("mat").sum()))
+
+
+def test_cli_runs_a_mecha_recipe_and_its_dry_run(tmp_path, capsys):
+    import json
+
+    from astolfomix_rs.cli import main
+
+    files = make_pool(tmp_path, 4)
+    (tmp_path / "dgm.mecha").write_text(recipe(files, "ties_sum_extended", k=0.5, apply_median=True))
+    assert main(["merge", str(tmp_path / "dgm.mecha"), "--models", str(tmp_path), "--dry-run", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["passes"]["gram pass"] == 9 and d["passes"]["threshold pass"] == 9 and d["estimated_peak_bytes"] > 0
+    assert not (tmp_path / "dgm.safetensors").exists()
+    assert main(["merge", str(tmp_path / "dgm.mecha"), "--models", str(tmp_path), "--vote", "mass", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sign_rule"] == "mass" and (tmp_path / "dgm.safetensors").exists()
+    (tmp_path / "bad.mecha").write_text('version 0.1.0\nmodel "../x.safetensors"\n')
+    assert main(["merge", str(tmp_path / "bad.mecha"), "--models", str(tmp_path)]) == 2
+    assert "outside" in capsys.readouterr().err
+
+
+def test_torch_path_refuses_robust_merges_clearly(tmp_path):
+    pytest.importorskip("torch")
+    files = make_pool(tmp_path, 2)
+    plan, _ = mc.mecha_plan(mc.parse_mecha(recipe(files, "ties_sum")), tmp_path)
+    with pytest.raises(am.errors.DeviceError, match="CPU engine only"):
+        am.execute(plan, tmp_path / "o.safetensors", device="torch-cpu", progress=False)
+    assert not (tmp_path / "o.safetensors").exists()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from ..commands import mecha as mc
 from ..commands import recipe as rc
 from ..commands.inspect import inspect_file
 from ..core.engine import execute
@@ -42,9 +44,34 @@ def _estimate(bytes_to_read: int) -> float:
     return bytes_to_read / 2e9
 
 
+def _merge_mecha(args: argparse.Namespace) -> int:
+    """``merge RECIPE.mecha``: a robust-merge recipe in sd-mecha's format."""
+    recipe = mc.load_mecha(args.recipe)
+    plan, summary = mc.mecha_plan(recipe, Path(args.models), dtype=args.dtype or "f16", vote=args.vote)
+    out_dir = Path(args.out_dir or args.models)
+    target = Path(args.o) if args.o else rc.safe_join(out_dir, Path(args.recipe).stem + ".safetensors", "output")
+    threads = args.threads or os.cpu_count() or 1
+    summary.update(output=str(target), estimated_seconds=round(_estimate(summary["bytes_to_read"]), 1),
+                   estimated_peak_bytes=mc.peak_bytes(plan, threads))
+    if args.dry_run:
+        passes = ", ".join(f"{k} x{v}" for k, v in summary["passes"].items() if v)
+        text = (f"robust merge of {len(summary['inputs'])} models -> {target}\n"
+                f"methods: {', '.join(summary['methods']) or 'linear only'}; sign rule: {summary['sign_rule']}\n"
+                f"tensors: {passes}\n"
+                f"reads {human_bytes(summary['bytes_to_read'])} over all passes, about {summary['estimated_seconds']} s; "
+                f"peak memory about {human_bytes(summary['estimated_peak_bytes'])} ({threads} threads)")
+        emit(args, summary, text)
+        return 0
+    rep = execute(plan, target, device=args.device, threads=args.threads, progress=not args.json,
+                  overwrite=args.overwrite, durable=not args.no_fsync)
+    emit(args, {**summary, "report": rep.as_dict()}, report_text(rep))
+    return 0
+
+
 @command("merge")
 def cmd_merge(args: argparse.Namespace) -> int:
-
+    if str(args.recipe).endswith(".mecha"):
+        return _merge_mecha(args)
     r = rc.load(args.recipe)
     for note in r.notes:
         if not args.json:
@@ -114,8 +141,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    m = sub.add_parser("merge", help="per-component N-way merge from a grid or TOML recipe")
-    m.add_argument("recipe", help="recipe file (grid notation, or .toml)")
+    m = sub.add_parser("merge", help="per-component N-way merge from a grid or TOML recipe, or a robust merge (.mecha)")
+    m.add_argument("recipe", help="recipe file (grid notation, .toml, or an sd-mecha .mecha recipe)")
     m.add_argument("--models", required=True, help="folder with the _xNN-*.safetensors models")
     m.add_argument("--output", help="which output line of the recipe to build (default: the first)")
     m.add_argument("--base", help="model id (or file) for components no line selects, ints and other keys")
@@ -126,6 +153,8 @@ def add_parsers(sub) -> None:
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     m.add_argument("--threads", type=int)
     m.add_argument("--hash-inputs", action="store_true", help="record each input's sha256 (webui sd_merge_models)")
+    m.add_argument("--vote", choices=["count", "mass"],
+                   help=".mecha recipes: TIES sign rule for every node (default: each node's vote_sgn, as sd-mecha 1.1)")
     m.add_argument("--dry-run", action="store_true", help="print the resolved plan, write nothing")
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--no-fsync", action="store_true")

@@ -447,3 +447,21 @@ def _passes(outputs: Sequence[Output]) -> dict[str, int]:
             if name in ("ties_median", "geometric_median") or params.get("whole"):
                 out["gram pass"] += 1
     return out
+
+
+def peak_bytes(plan: Plan, threads: int) -> int:
+    """Estimated peak memory of running ``plan``: per thread one block of every source of the
+    widest expression (f64) and its points, plus one whole tensor of one point for a trim
+    threshold pass, plus the plan."""
+    widest = trim = 0
+    numel = {t[0]: int(t[3]) for t in plan.resolved.tensors()} if plan.resolved is not None else {}
+    for o in plan.outputs:
+        if o.op == "expr" and o.expr is not None:
+            n_points = sum(len(r[3]) for r in o.expr[1])
+            widest = max(widest, len(o.sources) + 2 * n_points)
+            if any(r[2].get("k", 1.0) < 1.0 for r in o.expr[1]):
+                trim = max(trim, 8 * numel.get(o.name, 0))
+    return threads * widest * BLOCK * 8 + trim + 64 * len(plan.outputs) * max(1, len(plan.inputs))
+
+
+BLOCK = 1 << 16  # rust/robust.rs BLOCK

@@ -214,6 +214,9 @@ def execute(
     dev = resolve_device(device)
     t0 = time.perf_counter()
     layout = plan.resolve()
+    if any(t[6] == "expr" for t in layout.tensors()):
+        raise DeviceError("robust merges (TIES, geometric median, model stock) run on the CPU engine only for now; "
+                          "use device='cpu'")
     hosts = _host_views(layout)
     writer = _core.Writer(layout, os.fspath(output), overwrite=overwrite, in_place=in_place)
     try:
