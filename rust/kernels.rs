@@ -420,9 +420,37 @@ pub fn accumulate_f64(acc: &mut [f64], src: &[u8], dtype: Dtype, weight: Option<
     }
 }
 
-/// Sets `acc[i] = f64(src[i])` exactly.
+/// Sets `acc[i] = f64(src[i])` exactly. F16 goes through `half`'s slice conversion (F16C when
+/// the CPU has it): the robust merges convert every input element to f64 in each pass.
 pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
-    acc.iter_mut().enumerate().for_each(|(i, a)| *a = load_f64(src, dtype, i));
+    assert_eq!(
+        src.len(),
+        acc.len() * dtype.size(),
+        "load_f64_slice: source length does not match"
+    );
+    match dtype {
+        Dtype::F16 => {
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            // Inputs may start at any byte: copy the bits into an aligned buffer, in pieces.
+            let mut bits = [0u16; 4096];
+            for (a, c) in acc.chunks_mut(4096).zip(src.chunks(8192)) {
+                let b = &mut bits[..a.len()];
+                b.iter_mut()
+                    .zip(c.chunks_exact(2))
+                    .for_each(|(x, y)| *x = u16::from_le_bytes([y[0], y[1]]));
+                b.reinterpret_cast::<half::f16>().convert_to_f64_slice(a);
+            }
+        }
+        Dtype::F32 => acc
+            .iter_mut()
+            .zip(src.chunks_exact(4))
+            .for_each(|(a, c)| *a = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64),
+        Dtype::F64 => acc
+            .iter_mut()
+            .zip(src.chunks_exact(8))
+            .for_each(|(a, c)| *a = f64::from_le_bytes(c.try_into().expect("8 bytes"))),
+        _ => acc.iter_mut().enumerate().for_each(|(i, a)| *a = load_f64(src, dtype, i)),
+    }
 }
 
 /// `out[i] = round(acc[i] / divisor)`, rounded once from f64 straight into `out_dtype`.

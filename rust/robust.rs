@@ -228,26 +228,60 @@ pub(crate) fn run_expr(
     let out_read: Vec<u64> = blocks
         .par_iter()
         .map(|&(s, e)| -> Result<u64> {
-            if progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let (x, n) = ctx.load(s, e)?;
-            let len = e - s;
-            let mut acc = vec![0f64; len];
-            for &(j, c) in &expr.linear {
-                acc.iter_mut().zip(&x[j]).for_each(|(a, v)| *a += c * v);
-            }
-            for ((a, r), p) in expr.robust.iter().zip(&prepared) {
-                let vals = evaluate(r, p, &x, len, row);
-                acc.iter_mut().zip(vals).for_each(|(o, v)| *o += a * v);
-            }
-            let mut out = vec![0u8; len * osz];
-            kernels::finish_f64(&acc, None, &mut out, t.dtype);
-            writer.write_at((t.out_offset + s * osz) as u64, &out)?;
-            Ok(n)
+            with_scratch(|sc| {
+                if progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                let n = ctx.load(s, e, sc)?;
+                let len = e - s;
+                let Scratch {
+                    x,
+                    pts,
+                    count,
+                    vals,
+                    acc,
+                    out,
+                    ..
+                } = sc;
+                acc.clear();
+                acc.resize(len, 0.0);
+                for &(j, c) in &expr.linear {
+                    acc.iter_mut().zip(&x[j]).for_each(|(a, v)| *a += c * v);
+                }
+                for ((a, r), p) in expr.robust.iter().zip(&prepared) {
+                    evaluate(r, p, x, len, row, pts, count, vals);
+                    acc.iter_mut().zip(vals.iter()).for_each(|(o, v)| *o += a * v);
+                }
+                out.resize(len * osz, 0);
+                kernels::finish_f64(acc, None, out, t.dtype);
+                writer.write_at((t.out_offset + s * osz) as u64, out)?;
+                Ok(n)
+            })
         })
         .collect::<Result<_>>()?;
     Ok(read + out_read.iter().sum::<u64>())
+}
+
+/// Per-thread buffers, reused across blocks (fresh 512 KB vectors per block cost page faults).
+#[derive(Default)]
+struct Scratch {
+    x: Vec<Vec<f64>>,
+    buf: Vec<u8>,
+    pts: Vec<f64>,
+    count: Vec<f64>,
+    vals: Vec<f64>,
+    acc: Vec<f64>,
+    out: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch buffers: kept for the thread's life, because freeing and
+/// re-allocating them per block made glibc return and re-fault the pages (a third of the time).
+fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
+    SCRATCH.with(|sc| f(&mut sc.borrow_mut()))
 }
 
 struct Ctx<'a> {
@@ -258,20 +292,18 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Elements `[s, e)` of every source, as f64; and the bytes read.
-    fn load(&self, s: usize, e: usize) -> Result<(Vec<Vec<f64>>, u64)> {
-        let mut buf = Vec::new();
+    /// Elements `[s, e)` of every source, as f64, into `sc.x`; returns the bytes read.
+    fn load(&self, s: usize, e: usize, sc: &mut Scratch) -> Result<u64> {
         let mut n = 0u64;
-        let mut out = Vec::with_capacity(self.sources.len());
-        for r in self.sources {
-            let mut v = vec![0f64; e - s];
-            n += read_source(self.layout, r, s, e, self.io, &mut buf, |bytes| {
-                kernels::load_f64_slice(&mut v, bytes, r.dtype)
+        sc.x.resize_with(self.sources.len(), Vec::new);
+        for (r, v) in self.sources.iter().zip(sc.x.iter_mut()) {
+            v.resize(e - s, 0.0);
+            n += read_source(self.layout, r, s, e, self.io, &mut sc.buf, |bytes| {
+                kernels::load_f64_slice(v, bytes, r.dtype)
             })?;
-            out.push(v);
         }
         self.progress.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        Ok((out, n))
+        Ok(n)
     }
 }
 
@@ -284,48 +316,80 @@ fn point(terms: &[(usize, f64)], x: &[Vec<f64>], len: usize) -> Vec<f64> {
     p
 }
 
-fn sign(x: f64) -> f64 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else if x == 0.0 {
-        0.0
-    } else {
-        f64::NAN
+/// All points of a block, element-major (`pts[e * n + i]`): the element-wise steps read one
+/// element's N values from one cache line run. The sum per point is in term order.
+fn points(r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>) {
+    let n = r.points.len();
+    // Every value is written below (the general loop zeroes first): no memset for the common shape.
+    pts.resize(len * n, 0.0);
+    pts.truncate(len * n);
+    // The common shape, every point a delta `m - b`: element by element, writing each element's
+    // N values in one run (the same bits as the general loop below: 0 + ca*xa + cb*xb).
+    let pairs: Option<Vec<(&[f64], f64, &[f64], f64)>> = r
+        .points
+        .iter()
+        .map(|t| match t.as_slice() {
+            [(a, ca), (b, cb)] => Some((x[*a].as_slice(), *ca, x[*b].as_slice(), *cb)),
+            _ => None,
+        })
+        .collect();
+    if let Some(pairs) = pairs {
+        for (e, out) in pts.chunks_exact_mut(n).enumerate() {
+            for (o, &(xa, ca, xb, cb)) in out.iter_mut().zip(&pairs) {
+                *o = 0.0 + ca * xa[e] + cb * xb[e];
+            }
+        }
+        return;
+    }
+    pts.iter_mut().for_each(|v| *v = 0.0);
+    for (i, terms) in r.points.iter().enumerate() {
+        for &(j, c) in terms {
+            let xj = &x[j];
+            for e in 0..len {
+                pts[e * n + i] += c * xj[e];
+            }
+        }
     }
 }
 
-/// The agreeing, trimmed points of a block (`y_i = a_i d_i`, point-major) and their count per element.
-fn ties_filter(r: &Robust, ties: Ties, thr: Option<&[f64]>, x: &[Vec<f64>], len: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
-    let mut d: Vec<Vec<f64>> = r.points.iter().map(|p| point(p, x, len)).collect();
-    if let Some(thr) = thr {
-        for (di, &t) in d.iter_mut().zip(thr) {
+/// TIES on element-major points, in place: trim (|d| below the point's threshold becomes 0),
+/// elect the sign, zero the points that disagree. Returns the count of agreeing points per element.
+fn ties_filter(pts: &mut [f64], n: usize, ties: Ties, thr: Option<&[f64]>, count: &mut Vec<f64>) {
+    let len = pts.len() / n;
+    count.clear();
+    count.resize(len, 0.0);
+    for (e, d) in pts.chunks_exact_mut(n).enumerate() {
+        if let Some(thr) = thr {
             // Keep |d| >= t; NaN is not kept.
-            di.iter_mut().for_each(|v| {
+            d.iter_mut().zip(thr).for_each(|(v, &t)| {
                 if v.abs().partial_cmp(&t).is_none_or(|o| o.is_lt()) {
                     *v = 0.0;
                 }
             });
         }
-    }
-    let mut count = vec![0f64; len];
-    for e in 0..len {
-        let vote: f64 = if ties.vote_mass {
-            d.iter().map(|di| di[e]).sum()
-        } else {
-            d.iter().map(|di| sign(di[e])).sum()
-        };
-        let s = sign(vote);
-        for di in d.iter_mut() {
-            if sign(di[e]) == s {
-                count[e] += 1.0;
-            } else {
-                di[e] = 0.0;
-            }
+        // sign(NaN) is NaN: a NaN point (or a NaN mass vote) agrees with nothing.
+        let mass: f64 = if ties.vote_mass { d.iter().sum() } else { 0.0 };
+        if mass.is_nan() || d.iter().any(|v| v.is_nan()) {
+            d.iter_mut().for_each(|v| *v = 0.0);
+            count[e] = 0.0;
+            continue;
         }
+        let isign = |x: f64| (x > 0.0) as i32 - (x < 0.0) as i32;
+        let vote = if ties.vote_mass {
+            isign(mass)
+        } else {
+            isign(d.iter().map(|&v| isign(v)).sum::<i32>() as f64)
+        };
+        // Branch-free: the signs are random, and mispredicted branches dominated this loop.
+        let mut c = 0u32;
+        for v in d.iter_mut() {
+            let keep = (isign(*v) == vote) as u64;
+            c += keep as u32;
+            *v = f64::from_bits(v.to_bits() & keep.wrapping_neg());
+        }
+        let c = c as f64;
+        count[e] = c;
     }
-    (d, count)
 }
 
 fn finite_or_zero(v: f64) -> f64 {
@@ -336,22 +400,24 @@ fn finite_or_zero(v: f64) -> f64 {
     }
 }
 
-/// Model stock factor per row of `pts` (adjacent pairs, cosines along the row).
-fn stock_rows(pts: &[Vec<f64>], len: usize, row: usize, cos_eps: f64) -> Vec<f64> {
-    let n = pts.len();
+/// Model stock factor per row of element-major points (adjacent pairs, cosines along the row).
+fn stock_rows(pts: &[f64], n: usize, row: usize, cos_eps: f64) -> Vec<f64> {
+    let len = pts.len() / n;
     (0..len / row)
         .map(|k| {
             if n == 1 {
                 return 1.0;
             }
-            let rng = k * row..(k + 1) * row;
+            let rows = &pts[k * row * n..(k + 1) * row * n];
             let mut c = 0.0;
             for i in 0..n - 1 {
-                let (a, b) = (&pts[i][rng.clone()], &pts[i + 1][rng.clone()]);
-                let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-                let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-                let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
-                c += dot / (na.max(cos_eps) * nb.max(cos_eps));
+                let (mut dot, mut na, mut nb) = (0.0, 0.0, 0.0);
+                for e in rows.chunks_exact(n) {
+                    dot += e[i] * e[i + 1];
+                    na += e[i] * e[i];
+                    nb += e[i + 1] * e[i + 1];
+                }
+                c += dot / (na.sqrt().max(cos_eps) * nb.sqrt().max(cos_eps));
             }
             stock_factor(n, c / (n - 1) as f64)
         })
@@ -367,52 +433,59 @@ fn stock_factor(n: usize, c: f64) -> f64 {
     }
 }
 
-/// The robust term's value at each element of a block.
-fn evaluate(r: &Robust, p: &Prepared, x: &[Vec<f64>], len: usize, row: usize) -> Vec<f64> {
+/// The robust term's value at each element of a block, into `vals`.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    r: &Robust,
+    p: &Prepared,
+    x: &[Vec<f64>],
+    len: usize,
+    row: usize,
+    pts: &mut Vec<f64>,
+    count: &mut Vec<f64>,
+    vals: &mut Vec<f64>,
+) {
     let n = r.points.len();
+    points(r, x, len, pts);
+    let sum = |d: &[f64]| d.iter().sum::<f64>();
+    vals.clear();
     match r.method {
         Method::TiesSum(ties) => {
-            let (y, count) = ties_filter(r, ties, p.thresholds.as_deref(), x, len);
-            (0..len)
-                .map(|e| finite_or_zero(y.iter().map(|yi| yi[e]).sum::<f64>() / count[e]))
-                .collect()
+            ties_filter(pts, n, ties, p.thresholds.as_deref(), count);
+            vals.extend(pts.chunks_exact(n).zip(count.iter()).map(|(d, c)| finite_or_zero(sum(d) / c)));
         }
         Method::TiesStock { ties, cos_eps } => {
-            let (y, count) = ties_filter(r, ties, p.thresholds.as_deref(), x, len);
-            let t = stock_rows(&y, len, row, cos_eps);
-            (0..len)
-                .map(|e| finite_or_zero(y.iter().map(|yi| yi[e]).sum::<f64>() * t[e / row] / count[e]))
-                .collect()
+            ties_filter(pts, n, ties, p.thresholds.as_deref(), count);
+            let t = stock_rows(pts, n, row, cos_eps);
+            vals.extend(
+                pts.chunks_exact(n)
+                    .zip(count.iter())
+                    .enumerate()
+                    .map(|(e, (d, c))| finite_or_zero(sum(d) * t[e / row] / c)),
+            );
         }
-        Method::TiesMedian { ties, .. } => {
-            let (y, _) = ties_filter(r, ties, p.thresholds.as_deref(), x, len);
+        Method::TiesMedian { .. } | Method::GeometricMedian(_) => {
+            if let Some(ties) = r.method.ties() {
+                ties_filter(pts, n, ties, p.thresholds.as_deref(), count);
+            }
             let w = p.weights.as_deref().expect("prepared");
             let wsum: f64 = w.iter().sum();
-            (0..len)
-                .map(|e| finite_or_zero(y.iter().zip(w).map(|(yi, wi)| yi[e] * wi).sum::<f64>() / wsum))
-                .collect()
-        }
-        Method::GeometricMedian(_) => {
-            let pts: Vec<Vec<f64>> = r.points.iter().map(|q| point(q, x, len)).collect();
-            let w = p.weights.as_deref().expect("prepared");
-            let wsum: f64 = w.iter().sum();
-            (0..len)
-                .map(|e| pts.iter().zip(w).map(|(pi, wi)| pi[e] * wi).sum::<f64>() / wsum)
-                .collect()
+            let clean = matches!(r.method, Method::TiesMedian { .. });
+            vals.extend(pts.chunks_exact(n).map(|d| {
+                let v = d.iter().zip(w).map(|(y, wi)| y * wi).sum::<f64>() / wsum;
+                if clean {
+                    finite_or_zero(v)
+                } else {
+                    v
+                }
+            }));
         }
         Method::ModelStock { cos_eps, whole } => {
-            let pts: Vec<Vec<f64>> = r.points.iter().map(|q| point(q, x, len)).collect();
-            let t_rows = if whole {
-                Vec::new()
-            } else {
-                stock_rows(&pts, len, row, cos_eps)
-            };
-            (0..len)
-                .map(|e| {
-                    let t = if whole { p.stock.expect("prepared") } else { t_rows[e / row] };
-                    finite_or_zero(t * (pts.iter().map(|pi| pi[e]).sum::<f64>() / n as f64))
-                })
-                .collect()
+            let t_rows = if whole { Vec::new() } else { stock_rows(pts, n, row, cos_eps) };
+            vals.extend(pts.chunks_exact(n).enumerate().map(|(e, d)| {
+                let t = if whole { p.stock.expect("prepared") } else { t_rows[e / row] };
+                finite_or_zero(t * (sum(d) / n as f64))
+            }));
         }
     }
 }
@@ -511,39 +584,41 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, thr: Option<&[f64]>, blocks: &[(usize, usize)
     let partials: Vec<(Vec<f64>, u64)> = blocks
         .par_iter()
         .map(|&(s, e)| -> Result<(Vec<f64>, u64)> {
-            if ctx.progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let (x, n) = ctx.load(s, e)?;
-            let len = e - s;
-            let pts = match r.method.ties() {
-                Some(t) => ties_filter(r, t, thr, &x, len).0,
-                None => r.points.iter().map(|q| point(q, &x, len)).collect(),
-            };
-            let flat: Vec<f64> = pts.concat();
-            let mut g = vec![0f64; np * np];
-            // SAFETY: `flat` is np x len, row-major (row stride len, column stride 1); read as
-            // its transpose (len x np) for the right operand; `g` is np x np, row-major. All
-            // pointers are valid for those extents and `g` does not alias `flat`.
-            unsafe {
-                matrixmultiply::dgemm(
-                    np,
-                    len,
-                    np,
-                    1.0,
-                    flat.as_ptr(),
-                    len as isize,
-                    1,
-                    flat.as_ptr(),
-                    1,
-                    len as isize,
-                    0.0,
-                    g.as_mut_ptr(),
-                    np as isize,
-                    1,
-                );
-            }
-            Ok((g, n))
+            with_scratch(|sc| {
+                if ctx.progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                let n = ctx.load(s, e, sc)?;
+                let len = e - s;
+                let Scratch { x, pts, count, .. } = sc;
+                points(r, x, len, pts);
+                if let Some(t) = r.method.ties() {
+                    ties_filter(pts, np, t, thr, count);
+                }
+                let mut g = vec![0f64; np * np];
+                // SAFETY: `pts` is element-major: as an np x len matrix its row stride is 1 and its
+                // column stride np; read as its transpose (len x np) for the right operand. `g` is
+                // np x np, row-major. All pointers are valid for those extents; `g` does not alias.
+                unsafe {
+                    matrixmultiply::dgemm(
+                        np,
+                        len,
+                        np,
+                        1.0,
+                        pts.as_ptr(),
+                        1,
+                        np as isize,
+                        pts.as_ptr(),
+                        np as isize,
+                        1,
+                        0.0,
+                        g.as_mut_ptr(),
+                        np as isize,
+                        1,
+                    );
+                }
+                Ok((g, n))
+            })
         })
         .collect::<Result<_>>()?;
     let mut g = vec![0f64; np * np];
@@ -617,29 +692,25 @@ mod tests {
 
     #[test]
     fn ties_filter_elects_by_count_or_mass() {
-        let r = Robust {
-            points: vec![vec![(0, 1.0)], vec![(1, 1.0)], vec![(2, 1.0)]],
-            method: Method::TiesSum(Ties {
-                k: 1.0,
-                vote_mass: false,
-            }),
+        // Two elements of three points, element-major.
+        let x = [1.0, 2.0, -5.0, 0.0, 0.0, 3.0];
+        let count_rule = Ties {
+            k: 1.0,
+            vote_mass: false,
         };
-        let x = vec![vec![1.0, 0.0], vec![2.0, 0.0], vec![-5.0, 3.0]];
-        let (y, c) = ties_filter(
-            &r,
-            Ties {
-                k: 1.0,
-                vote_mass: false,
-            },
-            None,
-            &x,
-            2,
-        );
-        assert_eq!((y[0][0], y[1][0], y[2][0], c[0]), (1.0, 2.0, 0.0, 2.0));
+        let mut c = Vec::new();
+        let mut y = x;
+        ties_filter(&mut y, 3, count_rule, None, &mut c);
+        assert_eq!((y[0], y[1], y[2], c[0]), (1.0, 2.0, 0.0, 2.0));
         // element 1: signs 0, 0, + -> elected +, only the third agrees
-        assert_eq!((y[2][1], c[1]), (3.0, 1.0));
-        let (y, c) = ties_filter(&r, Ties { k: 1.0, vote_mass: true }, None, &x, 2);
-        assert_eq!((y[0][0], y[2][0], c[0]), (0.0, -5.0, 1.0));
+        assert_eq!((y[5], c[1]), (3.0, 1.0));
+        let mut y = x;
+        ties_filter(&mut y, 3, Ties { k: 1.0, vote_mass: true }, None, &mut c);
+        assert_eq!((y[0], y[2], c[0]), (0.0, -5.0, 1.0));
+        // Trimmed below 1.5 first: [0, 2, -5] ties the vote (sign 0): only the trimmed zero agrees.
+        let mut y = x;
+        ties_filter(&mut y, 3, count_rule, Some(&[1.5, 1.5, 1.5]), &mut c);
+        assert_eq!((y[0], y[1], y[2], c[0]), (0.0, 0.0, 0.0, 1.0));
     }
 
     #[test]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .._core import __version__
 from ..api import mean
 from ..errors import AstolfomixError
-from ..tools import bench
+from ..tools import bench, bench_robust
 from . import merge as recipe_cli
 from . import models as anatomy_cli
 from .common import COMMANDS, command, emit, human_bytes, report_text  # noqa: F401
@@ -35,15 +36,28 @@ def cmd_mean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_method(args: argparse.Namespace, ns: list[int], log) -> int:
+    folder = Path(args.folder or "bench-out")
+    rows = bench_robust.bench_method(
+        args.method, ns, folder=folder, arch=args.arch or "sdxl",
+        factor=args.factor, threads=int(args.threads) if args.threads else None,
+        sd_mecha_ns=tuple(int(n) for n in args.sd_mecha_n.split(",")) if args.sd_mecha_n else (), log=log,
+    )
+    emit(args, bench_robust.rows_json(rows), bench_robust.table(rows, args.method))
+    log(f"inputs and recipes left in {folder} (remove it to free the space)")
+    return 0
+
+
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
-
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else None
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     ns = [int(n) for n in str(args.n).split(",")]
+    if args.method:
+        return _bench_method(args, ns, log)
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else None
     reps = [
         bench.run(
-            n=n, arch=args.arch, factor=args.factor, folder=args.folder, files=args.files or None,
+            n=n, arch=args.arch or "sd1", factor=args.factor, folder=args.folder, files=args.files or None,
             threads=threads, repeat=args.repeat, naive_torch=not args.no_naive, cuda=args.cuda, log=log,
         )
         for n in ns
@@ -79,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time the engine against the read/write floor and other tools")
     b.add_argument("-n", default="4", help="number of synthetic inputs, or a list like 2,4,6 (default 4)")
-    b.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"])
+    b.add_argument("--arch", choices=["sd1", "sdxl"], help="layout of the synthetic inputs (default sd1; sdxl with --method)")
     b.add_argument("--factor", type=int, default=1, help="shrink large dimensions by this (1 = full size)")
     b.add_argument("--folder", help="where inputs and outputs go (default ./bench-out)")
     b.add_argument("--files", nargs="*", help="your own checkpoints instead of synthetic ones")
@@ -88,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-naive", action="store_true", help="skip naive torch")
     b.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None)
     b.add_argument("--plot", help="write a PNG of input GB/s against N per contender (needs matplotlib)")
+    b.add_argument("--method", help="a robust merge instead of the mean: " + ", ".join(bench_robust.METHODS)
+                   + " (SDXL-layout fine-tunes; use --factor 4 for 0.45 GB files)")
+    b.add_argument("--sd-mecha-n", default="8", help="with --method: the N values sd-mecha also runs (default 8)")
     b.add_argument("--json", action="store_true")
 
     for name, fn in _extra_parsers():
