@@ -316,6 +316,9 @@ fn point(terms: &[(usize, f64)], x: &[Vec<f64>], len: usize) -> Vec<f64> {
     p
 }
 
+/// A point `ca * xa + cb * xb` (a delta): its two sources' block values and coefficients.
+type Pair<'a> = (&'a [f64], f64, &'a [f64], f64);
+
 /// All points of a block, element-major (`pts[e * n + i]`): the element-wise steps read one
 /// element's N values from one cache line run. The sum per point is in term order.
 fn points(r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>) {
@@ -325,7 +328,7 @@ fn points(r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>) {
     pts.truncate(len * n);
     // The common shape, every point a delta `m - b`: element by element, writing each element's
     // N values in one run (the same bits as the general loop below: 0 + ca*xa + cb*xb).
-    let pairs: Option<Vec<(&[f64], f64, &[f64], f64)>> = r
+    let pairs: Option<Vec<Pair<'_>>> = r
         .points
         .iter()
         .map(|t| match t.as_slice() {
