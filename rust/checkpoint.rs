@@ -41,6 +41,16 @@ impl InputFile {
         &self.mmap
     }
 
+    /// Tells the kernel this file will be read from start to end (larger read-ahead), so a pass
+    /// over many inputs streams from disk rather than seeks. Advice only: errors are ignored.
+    pub fn advise_sequential(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a file descriptor this value owns; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset` with `pread` (a copy into `buf` instead of page faults
     /// on the map).
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {

@@ -331,6 +331,10 @@ pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Pro
             .try_reduce(|| 0, |a, b| Ok(a + b))
     })?;
     let mut bytes_read = bytes_read;
+    if layout.tensors.iter().any(|t| matches!(t.kind, Kind::Expr { .. })) {
+        // Robust passes read every input block by block: ask for sequential read-ahead.
+        layout.inputs.iter().for_each(|f| f.advise_sequential());
+    }
     for t in &layout.tensors {
         if let Kind::Expr { sources, expr } = &t.kind {
             bytes_read += pool.install(|| crate::robust::run_expr(layout, t, sources, expr, opts.io, &writer, progress))?;
