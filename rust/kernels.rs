@@ -453,6 +453,40 @@ pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
     }
 }
 
+/// `x` rounded to f32 with round-to-odd: exact values stay, inexact ones become the truncation
+/// toward zero with its lowest bit set. Rounding that to a format at least two bits narrower
+/// (f16) with round-to-nearest-even gives the correctly rounded result of `x` (no double rounding).
+#[inline]
+fn f32_round_to_odd(x: f64) -> f32 {
+    let r = x as f32;
+    if !r.is_finite() || r as f64 == x || x.is_nan() {
+        return r;
+    }
+    let mut b = r.to_bits();
+    if (r as f64).abs() > x.abs() {
+        b -= 1; // rounded away from zero: step back toward zero (same sign)
+    }
+    f32::from_bits(b | 1)
+}
+
+/// `out = f16(acc)` correctly rounded, as [`finish_f64`] writes it, but through F16C where the
+/// CPU has it (round-to-odd into f32, then one hardware rounding): the robust merges write every
+/// output element from f64. NaN payloads may differ; NaN stays NaN.
+pub fn finish_f64_to_f16(acc: &[f64], out: &mut [u8]) {
+    use half::slice::HalfFloatSliceExt;
+    assert_eq!(out.len(), acc.len() * 2, "finish_f64_to_f16: output length does not match");
+    let mut f = [0f32; 2048];
+    let mut h = [half::f16::ZERO; 2048];
+    for (a, o) in acc.chunks(2048).zip(out.chunks_mut(4096)) {
+        let (f, h) = (&mut f[..a.len()], &mut h[..a.len()]);
+        f.iter_mut().zip(a).for_each(|(y, &x)| *y = f32_round_to_odd(x));
+        h.convert_from_f32_slice(f);
+        o.chunks_exact_mut(2)
+            .zip(h.iter())
+            .for_each(|(b, v)| b.copy_from_slice(&v.to_bits().to_le_bytes()));
+    }
+}
+
 /// `out[i] = round(acc[i] / divisor)`, rounded once from f64 straight into `out_dtype`.
 pub fn finish_f64(acc: &[f64], divisor: Option<f64>, out: &mut [u8], out_dtype: Dtype) {
     for (i, &a) in acc.iter().enumerate() {
@@ -625,6 +659,50 @@ mod tests {
                 let (x, y) = (load_f64(a, dtype, i), load_f64(b, dtype, i));
                 x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
             })
+        }
+    }
+
+    #[test]
+    fn f64_to_f16_through_round_to_odd_is_correctly_rounded() {
+        let mut xs: Vec<f64> = Vec::new();
+        // Every f16 value, its neighbours' midpoints and points just beside them, in f64.
+        for b in 0u16..=0xFFFF {
+            let v = half::f16::from_bits(b);
+            if !v.is_finite() {
+                continue;
+            }
+            let x = v.to_f64();
+            let next = half::f16::from_bits(b.wrapping_add(1)).to_f64();
+            if next.is_finite() && b & 0x7FFF != 0x7BFF {
+                let mid = (x + next) / 2.0;
+                xs.extend([x, mid, f64::from_bits(mid.to_bits() + 1), f64::from_bits(mid.to_bits() - 1)]);
+            }
+        }
+        let mut seed = 7u64;
+        for _ in 0..200_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            xs.push(f64::from_bits(seed) % 70000.0);
+        }
+        xs.extend([
+            0.0,
+            -0.0,
+            1e-300,
+            -1e-300,
+            65520.0,
+            65519.999,
+            1e300,
+            f64::INFINITY,
+            -f64::INFINITY,
+        ]);
+        let xs: Vec<f64> = xs.into_iter().filter(|x| !x.is_nan()).collect();
+        let mut fast = vec![0u8; xs.len() * 2];
+        let mut slow = vec![0u8; xs.len() * 2];
+        finish_f64_to_f16(&xs, &mut fast);
+        finish_f64(&xs, None, &mut slow, Dtype::F16);
+        for (i, x) in xs.iter().enumerate() {
+            assert_eq!(fast[2 * i..2 * i + 2], slow[2 * i..2 * i + 2], "{x:e}");
         }
     }
 

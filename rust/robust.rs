@@ -24,8 +24,16 @@ use crate::kernels;
 use crate::plan::{Layout, Resolved, SrcRef};
 use crate::writer::Writer;
 
-/// Elements per block (rounded to whole rows where a method needs rows).
-pub const BLOCK: usize = 1 << 16;
+/// Values per block, all points together: a block's points then stay in the L2 cache across the
+/// element-wise steps (512 KB of f64). Elements per block = this / points, at least 1024, rounded
+/// to whole rows where a method needs rows. It depends on the recipe only, never on threads or
+/// the chunk option, so the Gram sums (and the bits) do not either.
+pub const BLOCK_VALUES: usize = 1 << 16;
+
+/// Elements per block for a term of `points` points.
+pub fn block_elements(points: usize) -> usize {
+    (BLOCK_VALUES / points.max(1)).max(1024)
+}
 
 /// TIES trimming and sign election.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -206,7 +214,9 @@ pub(crate) fn run_expr(
 ) -> Result<u64> {
     let row = t.shape.last().copied().unwrap_or(1).max(1);
     let rows = expr.robust.iter().any(|(_, r)| r.method.needs_rows());
-    let block = if rows { (BLOCK / row).max(1) * row } else { BLOCK };
+    let widest = expr.robust.iter().map(|(_, r)| r.points.len()).max().unwrap_or(1);
+    let base = block_elements(widest);
+    let block = if rows { (base / row).max(1) * row } else { base };
     let blocks: Vec<(usize, usize)> = (0..t.numel)
         .step_by(block.max(1))
         .map(|s| (s, (s + block).min(t.numel)))
@@ -234,27 +244,24 @@ pub(crate) fn run_expr(
                 }
                 let n = ctx.load(s, e, sc)?;
                 let len = e - s;
-                let Scratch {
-                    x,
-                    pts,
-                    count,
-                    vals,
-                    acc,
-                    out,
-                    ..
-                } = sc;
+                let mut acc = std::mem::take(&mut sc.acc);
                 acc.clear();
                 acc.resize(len, 0.0);
                 for &(j, c) in &expr.linear {
-                    acc.iter_mut().zip(&x[j]).for_each(|(a, v)| *a += c * v);
+                    acc.iter_mut().zip(&sc.x[j]).for_each(|(a, v)| *a += c * v);
                 }
                 for ((a, r), p) in expr.robust.iter().zip(&prepared) {
-                    evaluate(r, p, x, len, row, pts, count, vals);
-                    acc.iter_mut().zip(vals.iter()).for_each(|(o, v)| *o += a * v);
+                    evaluate(r, p, len, row, sc);
+                    acc.iter_mut().zip(sc.vals.iter()).for_each(|(o, v)| *o += a * v);
                 }
-                out.resize(len * osz, 0);
-                kernels::finish_f64(acc, None, out, t.dtype);
-                writer.write_at((t.out_offset + s * osz) as u64, out)?;
+                sc.out.resize(len * osz, 0);
+                if t.dtype == crate::dtype::Dtype::F16 {
+                    kernels::finish_f64_to_f16(&acc, &mut sc.out);
+                } else {
+                    kernels::finish_f64(&acc, None, &mut sc.out, t.dtype);
+                }
+                sc.acc = acc;
+                writer.write_at((t.out_offset + s * osz) as u64, &sc.out)?;
                 Ok(n)
             })
         })
@@ -272,6 +279,7 @@ struct Scratch {
     vals: Vec<f64>,
     acc: Vec<f64>,
     out: Vec<u8>,
+    votes: Votes,
 }
 
 thread_local! {
@@ -316,82 +324,117 @@ fn point(terms: &[(usize, f64)], x: &[Vec<f64>], len: usize) -> Vec<f64> {
     p
 }
 
-/// A point `ca * xa + cb * xb` (a delta): its two sources' block values and coefficients.
-type Pair<'a> = (&'a [f64], f64, &'a [f64], f64);
-
-/// All points of a block, element-major (`pts[e * n + i]`): the element-wise steps read one
-/// element's N values from one cache line run. The sum per point is in term order.
-fn points(r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>) {
+/// All points of a block, point-major (`pts[i * len + e]`): every element-wise step below is a
+/// loop over contiguous elements that the compiler vectorizes. The sum per point is in term order.
+#[inline(always)]
+fn points_impl(r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>) {
     let n = r.points.len();
-    // Every value is written below (the general loop zeroes first): no memset for the common shape.
     pts.resize(len * n, 0.0);
     pts.truncate(len * n);
-    // The common shape, every point a delta `m - b`: element by element, writing each element's
-    // N values in one run (the same bits as the general loop below: 0 + ca*xa + cb*xb).
-    let pairs: Option<Vec<Pair<'_>>> = r
-        .points
-        .iter()
-        .map(|t| match t.as_slice() {
-            [(a, ca), (b, cb)] => Some((x[*a].as_slice(), *ca, x[*b].as_slice(), *cb)),
-            _ => None,
-        })
-        .collect();
-    if let Some(pairs) = pairs {
-        for (e, out) in pts.chunks_exact_mut(n).enumerate() {
-            for (o, &(xa, ca, xb, cb)) in out.iter_mut().zip(&pairs) {
-                *o = 0.0 + ca * xa[e] + cb * xb[e];
+    for (terms, p) in r.points.iter().zip(pts.chunks_exact_mut(len.max(1))) {
+        match terms.as_slice() {
+            // The common shape, a delta `m - b`: one pass, the same bits as the general loop.
+            [(a, ca), (b, cb)] => {
+                let (xa, xb) = (&x[*a][..len], &x[*b][..len]);
+                for ((o, va), vb) in p.iter_mut().zip(xa).zip(xb) {
+                    *o = 0.0 + ca * va + cb * vb;
+                }
             }
-        }
-        return;
-    }
-    pts.iter_mut().for_each(|v| *v = 0.0);
-    for (i, terms) in r.points.iter().enumerate() {
-        for &(j, c) in terms {
-            let xj = &x[j];
-            for e in 0..len {
-                pts[e * n + i] += c * xj[e];
+            _ => {
+                p.iter_mut().for_each(|v| *v = 0.0);
+                for &(j, c) in terms {
+                    p.iter_mut().zip(&x[j][..len]).for_each(|(o, v)| *o += c * v);
+                }
             }
         }
     }
 }
 
-/// TIES on element-major points, in place: trim (|d| below the point's threshold becomes 0),
-/// elect the sign, zero the points that disagree. Returns the count of agreeing points per element.
-fn ties_filter(pts: &mut [f64], n: usize, ties: Ties, thr: Option<&[f64]>, count: &mut Vec<f64>) {
-    let len = pts.len() / n;
+/// Whether the element-wise loops may use AVX2 (detected once). The loops are the same code,
+/// compiled twice: with 4-wide vectors where the CPU has them (the bits are the same: IEEE
+/// operations in the same order, and Rust never fuses a multiply-add).
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static A: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *A.get_or_init(|| is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+macro_rules! dispatch {
+    ($name:ident, $avx:ident, $imp:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx($($arg: $ty),*) {
+            $imp($($arg),*)
+        }
+
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: AVX2 was detected on this CPU.
+                return unsafe { $avx($($arg),*) };
+            }
+            $imp($($arg),*)
+        }
+    };
+}
+
+dispatch!(points, points_avx2, points_impl, (r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>));
+dispatch!(ties_filter, ties_filter_avx2, ties_filter_impl, (pts: &mut [f64], len: usize, ties: Ties, thr: Option<&[f64]>, count: &mut Vec<f64>, v: &mut Votes));
+dispatch!(weighted_sum, weighted_sum_avx2, weighted_sum_impl, (pts: &[f64], len: usize, w: Option<&[f64]>, vals: &mut Vec<f64>));
+
+/// Per-element vote buffers for [`ties_filter`].
+#[derive(Default)]
+struct Votes {
+    vote: Vec<f64>,
+    bad: Vec<f64>,
+}
+
+#[inline(always)]
+fn isign(x: f64) -> f64 {
+    ((x > 0.0) as i32 - (x < 0.0) as i32) as f64
+}
+
+/// TIES on point-major points, in place: trim (|d| below the point's threshold becomes 0, NaN
+/// too), elect the sign (count or mass; sign(0) = 0), zero the points that disagree. A NaN point or
+/// a NaN mass vote makes the whole element disagree. Fills the count of agreeing points per element.
+/// Branch-free: signs are random, and mispredicted branches dominated this step.
+#[inline(always)]
+fn ties_filter_impl(pts: &mut [f64], len: usize, ties: Ties, thr: Option<&[f64]>, count: &mut Vec<f64>, v: &mut Votes) {
+    if let Some(thr) = thr {
+        for (p, &t) in pts.chunks_exact_mut(len.max(1)).zip(thr) {
+            p.iter_mut().for_each(|d| *d = if d.abs() >= t { *d } else { 0.0 });
+        }
+    }
+    v.vote.clear();
+    v.vote.resize(len, 0.0);
+    v.bad.clear();
+    v.bad.resize(len, 0.0);
+    // Loops over contiguous elements with no branches, so they vectorize (`&` not `&&`, masks
+    // instead of selects).
+    for p in pts.chunks_exact(len.max(1)) {
+        if ties.vote_mass {
+            v.vote.iter_mut().zip(p).for_each(|(vote, &d)| *vote += d);
+        } else {
+            v.vote.iter_mut().zip(p).for_each(|(vote, &d)| *vote += isign(d));
+        }
+        v.bad.iter_mut().zip(p).for_each(|(bad, &d)| *bad += d.is_nan() as u8 as f64);
+    }
+    for (vote, bad) in v.vote.iter_mut().zip(v.bad.iter_mut()) {
+        *bad += vote.is_nan() as u8 as f64;
+        *vote = isign(*vote);
+    }
     count.clear();
     count.resize(len, 0.0);
-    for (e, d) in pts.chunks_exact_mut(n).enumerate() {
-        if let Some(thr) = thr {
-            // Keep |d| >= t; NaN is not kept.
-            d.iter_mut().zip(thr).for_each(|(v, &t)| {
-                if v.abs().partial_cmp(&t).is_none_or(|o| o.is_lt()) {
-                    *v = 0.0;
-                }
-            });
+    for p in pts.chunks_exact_mut(len.max(1)) {
+        for (((d, c), &s), &bad) in p.iter_mut().zip(count.iter_mut()).zip(&v.vote).zip(&v.bad) {
+            let keep = ((isign(*d) == s) & (bad == 0.0)) as u64;
+            *c += keep as f64;
+            *d = f64::from_bits(d.to_bits() & keep.wrapping_neg());
         }
-        // sign(NaN) is NaN: a NaN point (or a NaN mass vote) agrees with nothing.
-        let mass: f64 = if ties.vote_mass { d.iter().sum() } else { 0.0 };
-        if mass.is_nan() || d.iter().any(|v| v.is_nan()) {
-            d.iter_mut().for_each(|v| *v = 0.0);
-            count[e] = 0.0;
-            continue;
-        }
-        let isign = |x: f64| (x > 0.0) as i32 - (x < 0.0) as i32;
-        let vote = if ties.vote_mass {
-            isign(mass)
-        } else {
-            isign(d.iter().map(|&v| isign(v)).sum::<i32>() as f64)
-        };
-        // Branch-free: the signs are random, and mispredicted branches dominated this loop.
-        let mut c = 0u32;
-        for v in d.iter_mut() {
-            let keep = (isign(*v) == vote) as u64;
-            c += keep as u32;
-            *v = f64::from_bits(v.to_bits() & keep.wrapping_neg());
-        }
-        let c = c as f64;
-        count[e] = c;
     }
 }
 
@@ -403,22 +446,22 @@ fn finite_or_zero(v: f64) -> f64 {
     }
 }
 
-/// Model stock factor per row of element-major points (adjacent pairs, cosines along the row).
-fn stock_rows(pts: &[f64], n: usize, row: usize, cos_eps: f64) -> Vec<f64> {
-    let len = pts.len() / n;
+/// Model stock factor per row of point-major points (adjacent pairs, cosines along the row).
+fn stock_rows(pts: &[f64], n: usize, len: usize, row: usize, cos_eps: f64) -> Vec<f64> {
     (0..len / row)
         .map(|k| {
             if n == 1 {
                 return 1.0;
             }
-            let rows = &pts[k * row * n..(k + 1) * row * n];
+            let rng = k * row..(k + 1) * row;
             let mut c = 0.0;
             for i in 0..n - 1 {
+                let (a, b) = (&pts[i * len..][rng.clone()], &pts[(i + 1) * len..][rng.clone()]);
                 let (mut dot, mut na, mut nb) = (0.0, 0.0, 0.0);
-                for e in rows.chunks_exact(n) {
-                    dot += e[i] * e[i + 1];
-                    na += e[i] * e[i];
-                    nb += e[i + 1] * e[i + 1];
+                for (x, y) in a.iter().zip(b) {
+                    dot += x * y;
+                    na += x * x;
+                    nb += y * y;
                 }
                 c += dot / (na.sqrt().max(cos_eps) * nb.sqrt().max(cos_eps));
             }
@@ -436,59 +479,72 @@ fn stock_factor(n: usize, c: f64) -> f64 {
     }
 }
 
-/// The robust term's value at each element of a block, into `vals`.
-#[allow(clippy::too_many_arguments)]
-fn evaluate(
-    r: &Robust,
-    p: &Prepared,
-    x: &[Vec<f64>],
-    len: usize,
-    row: usize,
-    pts: &mut Vec<f64>,
-    count: &mut Vec<f64>,
-    vals: &mut Vec<f64>,
-) {
-    let n = r.points.len();
-    points(r, x, len, pts);
-    let sum = |d: &[f64]| d.iter().sum::<f64>();
+/// `vals[e] = sum_i w_i * pts[i][e]` (w = 1 when None), summed in point order.
+#[inline(always)]
+fn weighted_sum_impl(pts: &[f64], len: usize, w: Option<&[f64]>, vals: &mut Vec<f64>) {
     vals.clear();
-    match r.method {
-        Method::TiesSum(ties) => {
-            ties_filter(pts, n, ties, p.thresholds.as_deref(), count);
-            vals.extend(pts.chunks_exact(n).zip(count.iter()).map(|(d, c)| finite_or_zero(sum(d) / c)));
+    vals.resize(len, 0.0);
+    for (i, p) in pts.chunks_exact(len.max(1)).enumerate() {
+        match w {
+            Some(w) => vals.iter_mut().zip(p).for_each(|(o, y)| *o += y * w[i]),
+            None => vals.iter_mut().zip(p).for_each(|(o, y)| *o += y),
         }
-        Method::TiesStock { ties, cos_eps } => {
-            ties_filter(pts, n, ties, p.thresholds.as_deref(), count);
-            let t = stock_rows(pts, n, row, cos_eps);
-            vals.extend(
-                pts.chunks_exact(n)
-                    .zip(count.iter())
-                    .enumerate()
-                    .map(|(e, (d, c))| finite_or_zero(sum(d) * t[e / row] / c)),
-            );
+    }
+}
+
+/// The robust term's value at each element of a block, into `sc.vals`.
+fn evaluate(r: &Robust, p: &Prepared, len: usize, row: usize, sc: &mut Scratch) {
+    let n = r.points.len();
+    let Scratch {
+        x,
+        pts,
+        count,
+        vals,
+        votes,
+        ..
+    } = sc;
+    points(r, x, len, pts);
+    if let Some(ties) = r.method.ties() {
+        ties_filter(pts, len, ties, p.thresholds.as_deref(), count, votes);
+    }
+    match r.method {
+        Method::TiesSum(_) => {
+            weighted_sum(pts, len, None, vals);
+            vals.iter_mut()
+                .zip(count.iter())
+                .for_each(|(v, c)| *v = finite_or_zero(*v / c));
+        }
+        Method::TiesStock { cos_eps, .. } => {
+            let t = stock_rows(pts, n, len, row, cos_eps);
+            weighted_sum(pts, len, None, vals);
+            vals.iter_mut()
+                .zip(count.iter())
+                .enumerate()
+                .for_each(|(e, (v, c))| *v = finite_or_zero(*v * t[e / row] / c));
         }
         Method::TiesMedian { .. } | Method::GeometricMedian(_) => {
-            if let Some(ties) = r.method.ties() {
-                ties_filter(pts, n, ties, p.thresholds.as_deref(), count);
-            }
             let w = p.weights.as_deref().expect("prepared");
             let wsum: f64 = w.iter().sum();
+            weighted_sum(pts, len, Some(w), vals);
             let clean = matches!(r.method, Method::TiesMedian { .. });
-            vals.extend(pts.chunks_exact(n).map(|d| {
-                let v = d.iter().zip(w).map(|(y, wi)| y * wi).sum::<f64>() / wsum;
+            vals.iter_mut().for_each(|v| {
+                *v /= wsum;
                 if clean {
-                    finite_or_zero(v)
-                } else {
-                    v
+                    *v = finite_or_zero(*v);
                 }
-            }));
+            });
         }
         Method::ModelStock { cos_eps, whole } => {
-            let t_rows = if whole { Vec::new() } else { stock_rows(pts, n, row, cos_eps) };
-            vals.extend(pts.chunks_exact(n).enumerate().map(|(e, d)| {
+            let t_rows = if whole {
+                Vec::new()
+            } else {
+                stock_rows(pts, n, len, row, cos_eps)
+            };
+            weighted_sum(pts, len, None, vals);
+            vals.iter_mut().enumerate().for_each(|(e, v)| {
                 let t = if whole { p.stock.expect("prepared") } else { t_rows[e / row] };
-                finite_or_zero(t * (sum(d) / n as f64))
-            }));
+                *v = finite_or_zero(t * (*v / n as f64));
+            });
         }
     }
 }
@@ -593,15 +649,17 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, thr: Option<&[f64]>, blocks: &[(usize, usize)
                 }
                 let n = ctx.load(s, e, sc)?;
                 let len = e - s;
-                let Scratch { x, pts, count, .. } = sc;
+                let Scratch {
+                    x, pts, count, votes, ..
+                } = sc;
                 points(r, x, len, pts);
                 if let Some(t) = r.method.ties() {
-                    ties_filter(pts, np, t, thr, count);
+                    ties_filter(pts, len, t, thr, count, votes);
                 }
                 let mut g = vec![0f64; np * np];
-                // SAFETY: `pts` is element-major: as an np x len matrix its row stride is 1 and its
-                // column stride np; read as its transpose (len x np) for the right operand. `g` is
-                // np x np, row-major. All pointers are valid for those extents; `g` does not alias.
+                // SAFETY: `pts` is point-major: an np x len matrix with row stride len and column
+                // stride 1, read as its transpose (len x np) for the right operand. `g` is np x np,
+                // row-major. All pointers are valid for those extents; `g` does not alias `pts`.
                 unsafe {
                     matrixmultiply::dgemm(
                         np,
@@ -609,11 +667,11 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, thr: Option<&[f64]>, blocks: &[(usize, usize)
                         np,
                         1.0,
                         pts.as_ptr(),
+                        len as isize,
                         1,
-                        np as isize,
                         pts.as_ptr(),
-                        np as isize,
                         1,
+                        len as isize,
                         0.0,
                         g.as_mut_ptr(),
                         np as isize,
@@ -695,25 +753,29 @@ mod tests {
 
     #[test]
     fn ties_filter_elects_by_count_or_mass() {
-        // Two elements of three points, element-major.
-        let x = [1.0, 2.0, -5.0, 0.0, 0.0, 3.0];
+        // Three points of two elements, point-major.
+        let x = [1.0, 0.0, 2.0, 0.0, -5.0, 3.0];
         let count_rule = Ties {
             k: 1.0,
             vote_mass: false,
         };
-        let mut c = Vec::new();
+        let (mut c, mut v) = (Vec::new(), Votes::default());
         let mut y = x;
-        ties_filter(&mut y, 3, count_rule, None, &mut c);
-        assert_eq!((y[0], y[1], y[2], c[0]), (1.0, 2.0, 0.0, 2.0));
+        ties_filter(&mut y, 2, count_rule, None, &mut c, &mut v);
+        assert_eq!((y[0], y[2], y[4], c[0]), (1.0, 2.0, 0.0, 2.0));
         // element 1: signs 0, 0, + -> elected +, only the third agrees
         assert_eq!((y[5], c[1]), (3.0, 1.0));
         let mut y = x;
-        ties_filter(&mut y, 3, Ties { k: 1.0, vote_mass: true }, None, &mut c);
-        assert_eq!((y[0], y[2], c[0]), (0.0, -5.0, 1.0));
+        ties_filter(&mut y, 2, Ties { k: 1.0, vote_mass: true }, None, &mut c, &mut v);
+        assert_eq!((y[0], y[4], c[0]), (0.0, -5.0, 1.0));
         // Trimmed below 1.5 first: [0, 2, -5] ties the vote (sign 0): only the trimmed zero agrees.
         let mut y = x;
-        ties_filter(&mut y, 3, count_rule, Some(&[1.5, 1.5, 1.5]), &mut c);
-        assert_eq!((y[0], y[1], y[2], c[0]), (0.0, 0.0, 0.0, 1.0));
+        ties_filter(&mut y, 2, count_rule, Some(&[1.5, 1.5, 1.5]), &mut c, &mut v);
+        assert_eq!((y[0], y[2], y[4], c[0]), (0.0, 0.0, 0.0, 1.0));
+        // A NaN point: the element agrees with nothing.
+        let mut y = [f64::NAN, 1.0, 2.0, 1.0, 3.0, 1.0];
+        ties_filter(&mut y, 2, count_rule, None, &mut c, &mut v);
+        assert_eq!((y[0], y[2], y[4], c[0], c[1]), (0.0, 0.0, 0.0, 0.0, 3.0));
     }
 
     #[test]

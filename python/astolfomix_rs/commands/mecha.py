@@ -461,7 +461,9 @@ def peak_bytes(plan: Plan, threads: int) -> int:
             widest = max(widest, len(o.sources) + 2 * n_points)
             if any(r[2].get("k", 1.0) < 1.0 for r in o.expr[1]):
                 trim = max(trim, 8 * numel.get(o.name, 0))
-    return threads * widest * BLOCK * 8 + trim + 64 * len(plan.outputs) * max(1, len(plan.inputs))
+    n_points = max(1, widest // 2)
+    block = max(BLOCK_VALUES // n_points, 1024)
+    return threads * widest * block * 8 + trim + 64 * len(plan.outputs) * max(1, len(plan.inputs))
 
 
-BLOCK = 1 << 16  # rust/robust.rs BLOCK
+BLOCK_VALUES = 1 << 16  # rust/robust.rs BLOCK_VALUES
