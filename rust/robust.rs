@@ -416,12 +416,18 @@ fn ties_filter_impl(pts: &mut [f64], len: usize, ties: Ties, thr: Option<&[f64]>
     // Loops over contiguous elements with no branches, so they vectorize (`&` not `&&`, masks
     // instead of selects).
     for p in pts.chunks_exact(len.max(1)) {
+        let it = v.vote.iter_mut().zip(v.bad.iter_mut()).zip(p);
         if ties.vote_mass {
-            v.vote.iter_mut().zip(p).for_each(|(vote, &d)| *vote += d);
+            it.for_each(|((vote, bad), &d)| {
+                *vote += d;
+                *bad += d.is_nan() as u8 as f64;
+            });
         } else {
-            v.vote.iter_mut().zip(p).for_each(|(vote, &d)| *vote += isign(d));
+            it.for_each(|((vote, bad), &d)| {
+                *vote += isign(d);
+                *bad += d.is_nan() as u8 as f64;
+            });
         }
-        v.bad.iter_mut().zip(p).for_each(|(bad, &d)| *bad += d.is_nan() as u8 as f64);
     }
     for (vote, bad) in v.vote.iter_mut().zip(v.bad.iter_mut()) {
         *bad += vote.is_nan() as u8 as f64;
@@ -494,7 +500,6 @@ fn weighted_sum_impl(pts: &[f64], len: usize, w: Option<&[f64]>, vals: &mut Vec<
 
 /// The robust term's value at each element of a block, into `sc.vals`.
 fn evaluate(r: &Robust, p: &Prepared, len: usize, row: usize, sc: &mut Scratch) {
-    let n = r.points.len();
     let Scratch {
         x,
         pts,
@@ -507,6 +512,13 @@ fn evaluate(r: &Robust, p: &Prepared, len: usize, row: usize, sc: &mut Scratch) 
     if let Some(ties) = r.method.ties() {
         ties_filter(pts, len, ties, p.thresholds.as_deref(), count, votes);
     }
+    evaluate_from(r, p, len, row, pts, count, vals);
+}
+
+/// The robust term's value from a block's points (TIES-filtered, with their counts, where the
+/// method is a TIES one), into `vals`.
+fn evaluate_from(r: &Robust, p: &Prepared, len: usize, row: usize, pts: &[f64], count: &[f64], vals: &mut Vec<f64>) {
+    let n = r.points.len();
     match r.method {
         Method::TiesSum(_) => {
             weighted_sum(pts, len, None, vals);
@@ -571,22 +583,7 @@ fn prepare(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize) -
     }
     let (g, n) = gram(ctx, r, prepared.thresholds.as_deref(), blocks)?;
     read += n;
-    let np = r.points.len();
-    match r.method {
-        Method::ModelStock { cos_eps, .. } => {
-            let norm = |i: usize| g[i * np + i].max(0.0).sqrt().max(cos_eps);
-            let mut c = 0.0;
-            let mut pairs = 0usize;
-            for i in 0..np {
-                for j in i + 1..np {
-                    c += g[i * np + j] / (norm(i) * norm(j));
-                    pairs += 1;
-                }
-            }
-            prepared.stock = Some(if pairs == 0 { 1.0 } else { stock_factor(np, c / pairs as f64) });
-        }
-        _ => prepared.weights = Some(weiszfeld(&g, np, r.method.median().expect("median"))),
-    }
+    finish_prepared(&mut prepared, r, &g);
     Ok((prepared, read))
 }
 
@@ -656,28 +653,7 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, thr: Option<&[f64]>, blocks: &[(usize, usize)
                 if let Some(t) = r.method.ties() {
                     ties_filter(pts, len, t, thr, count, votes);
                 }
-                let mut g = vec![0f64; np * np];
-                // SAFETY: `pts` is point-major: an np x len matrix with row stride len and column
-                // stride 1, read as its transpose (len x np) for the right operand. `g` is np x np,
-                // row-major. All pointers are valid for those extents; `g` does not alias `pts`.
-                unsafe {
-                    matrixmultiply::dgemm(
-                        np,
-                        len,
-                        np,
-                        1.0,
-                        pts.as_ptr(),
-                        len as isize,
-                        1,
-                        pts.as_ptr(),
-                        1,
-                        len as isize,
-                        0.0,
-                        g.as_mut_ptr(),
-                        np as isize,
-                        1,
-                    );
-                }
+                let g = gram_block(pts, np, len);
                 Ok((g, n))
             })
         })
@@ -689,6 +665,56 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, thr: Option<&[f64]>, blocks: &[(usize, usize)
         read += n;
     }
     Ok((g, read))
+}
+
+/// The Gram matrix of one block's points (point-major, np x len): one matrix product.
+fn gram_block(pts: &[f64], np: usize, len: usize) -> Vec<f64> {
+    let mut g = vec![0f64; np * np];
+    if len == 0 {
+        return g;
+    }
+    // SAFETY: `pts` is point-major: an np x len matrix with row stride len and column stride 1,
+    // read as its transpose (len x np) for the right operand. `g` is np x np, row-major. All
+    // pointers are valid for those extents; `g` does not alias `pts`.
+    unsafe {
+        matrixmultiply::dgemm(
+            np,
+            len,
+            np,
+            1.0,
+            pts.as_ptr(),
+            len as isize,
+            1,
+            pts.as_ptr(),
+            1,
+            len as isize,
+            0.0,
+            g.as_mut_ptr(),
+            np as isize,
+            1,
+        );
+    }
+    g
+}
+
+/// Median weights, or the whole-tensor model stock factor, from the Gram matrix.
+fn finish_prepared(prepared: &mut Prepared, r: &Robust, g: &[f64]) {
+    let np = r.points.len();
+    match r.method {
+        Method::ModelStock { cos_eps, .. } => {
+            let norm = |i: usize| g[i * np + i].max(0.0).sqrt().max(cos_eps);
+            let mut c = 0.0;
+            let mut pairs = 0usize;
+            for i in 0..np {
+                for j in i + 1..np {
+                    c += g[i * np + j] / (norm(i) * norm(j));
+                    pairs += 1;
+                }
+            }
+            prepared.stock = Some(if pairs == 0 { 1.0 } else { stock_factor(np, c / pairs as f64) });
+        }
+        _ => prepared.weights = Some(weiszfeld(g, np, r.method.median().expect("median"))),
+    }
 }
 
 /// Weiszfeld on the Gram matrix: the median is `m = sum c_i x_i`, so
