@@ -234,7 +234,7 @@ def test_layers_import_only_downwards():
             if top in rank and dtop in rank:
                 assert rank[dtop] <= rank[top], f"{m} imports {d}"
     users = {m for m, deps in graph.items() if "tools.synth" in deps}
-    assert users <= {"tools", "tools.bench", "cli.merge"}, users
+    assert all(u.startswith("tools") or u == "cli.merge" for u in users), users
 
 
 def test_importing_the_package_and_cli_does_not_import_torch():
