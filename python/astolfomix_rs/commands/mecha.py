@@ -430,7 +430,6 @@ def mecha_plan(
     plan.resolve()
     # The resolved plan keeps the open files; the parsed headers (a few MB per SDXL input) go.
     plan.inputs = list(paths)
-    del cks, infos, compiler
     summary = {"inputs": [str(p) for p in paths], "outputs": len(outputs), "methods": methods, "sign_rule": rule,
                "passes": _passes(outputs), "bytes_to_read": plan.resolved.bytes_read if plan.resolved else 0}
     return plan, summary
