@@ -282,10 +282,23 @@ def test_cli_runs_a_mecha_recipe_and_its_dry_run(tmp_path, capsys):
     assert "outside" in capsys.readouterr().err
 
 
-def test_torch_path_refuses_robust_merges_clearly(tmp_path):
+@pytest.mark.parametrize("method,params", list(REFS), ids=[f"{m}-{dict(p)}" for m, p in REFS])
+def test_torch_path_runs_the_same_plans(tmp_path, method, params):
+    """The torch executor (torch-cpu here, CUDA where present) against the CPU engine: f64 outputs
+    within f64 rounding (its sums run in torch's order), identical shapes and non-finite positions."""
     pytest.importorskip("torch")
-    files = make_pool(tmp_path, 2)
-    plan, _ = mc.mecha_plan(mc.parse_mecha(recipe(files, "ties_sum")), tmp_path)
-    with pytest.raises(am.errors.DeviceError, match="CPU engine only"):
-        am.execute(plan, tmp_path / "o.safetensors", device="torch-cpu", progress=False)
-    assert not (tmp_path / "o.safetensors").exists()
+    files = make_pool(tmp_path, 5, seed=4)
+    plan, _ = mc.mecha_plan(mc.parse_mecha(recipe(files, method, **dict(params))), tmp_path, dtype="f64")
+    am.execute(plan, tmp_path / "cpu.safetensors", progress=False)
+    plan, _ = mc.mecha_plan(mc.parse_mecha(recipe(files, method, **dict(params))), tmp_path, dtype="f64")
+    am.execute(plan, tmp_path / "torch.safetensors", device="torch-cpu", progress=False)
+    a, b = am.Checkpoint(tmp_path / "cpu.safetensors"), am.Checkpoint(tmp_path / "torch.safetensors")
+    assert a.keys() == b.keys()
+    for k in a.keys():
+        x, y = a.tensor(k), b.tensor(k)
+        assert x.shape == y.shape and x.dtype == y.dtype, k
+        if k == "ids":
+            assert np.array_equal(x, y)
+            continue
+        assert np.array_equal(np.isfinite(x), np.isfinite(y)), k
+        assert rel_l2(x[np.isfinite(x)], y[np.isfinite(y)]) <= 1e-12, (k, rel_l2(x[np.isfinite(x)], y[np.isfinite(y)]))
