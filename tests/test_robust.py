@@ -302,3 +302,23 @@ def test_torch_path_runs_the_same_plans(tmp_path, method, params):
             continue
         assert np.array_equal(np.isfinite(x), np.isfinite(y)), k
         assert rel_l2(x[np.isfinite(x)], y[np.isfinite(y)]) <= 1e-12, (k, rel_l2(x[np.isfinite(x)], y[np.isfinite(y)]))
+
+
+def test_toml_form_is_the_same_graph(tmp_path):
+    files = make_pool(tmp_path, 4, seed=9)
+    (tmp_path / "r.toml").write_text(
+        '[robust]\nbase = "base.safetensors"\nmodels = [' + ", ".join(f'"{f}"' for f in files) + "]\n"
+        'method = "ties_sum_extended"\nparams = { k = 0.5, vote_sgn = true, apply_median = true, maxiter = 3 }\n'
+        "alpha = 1.0\n")
+    plan, _ = mc.mecha_plan(mc.load_mecha(tmp_path / "r.toml"), tmp_path, dtype="f64")
+    am.execute(plan, tmp_path / "toml.safetensors", progress=False)
+    text = recipe(files, "ties_sum_extended", k=0.5, vote_sgn=True, apply_median=True, maxiter=3)
+    plan, _ = mc.mecha_plan(mc.parse_mecha(text), tmp_path, dtype="f64")
+    am.execute(plan, tmp_path / "mecha.safetensors", progress=False)
+    a, b = am.Checkpoint(tmp_path / "toml.safetensors"), am.Checkpoint(tmp_path / "mecha.safetensors")
+    assert all(a.raw(k).tobytes() == b.raw(k).tobytes() for k in a.keys())
+    (tmp_path / "bad.toml").write_text('[robust]\nbase = 3\nmodels = []\nmethod = "nope"\n')
+    with pytest.raises(RecipeError) as ei:
+        mc.load_mecha(tmp_path / "bad.toml")
+    assert "robust.base" in str(ei.value) and "robust.models" in str(ei.value) and "robust.method" in str(ei.value)
+    assert mc.is_robust_recipe(tmp_path / "r.toml") and not mc.is_robust_recipe(tmp_path / "missing.toml")

@@ -45,7 +45,7 @@ def _estimate(bytes_to_read: int) -> float:
 
 
 def _merge_mecha(args: argparse.Namespace) -> int:
-    """``merge RECIPE.mecha``: a robust-merge recipe in sd-mecha's format."""
+    """``merge RECIPE.mecha`` (sd-mecha's format) or a TOML recipe with a ``[robust]`` table."""
     recipe = mc.load_mecha(args.recipe)
     plan, summary = mc.mecha_plan(recipe, Path(args.models), dtype=args.dtype or "f16", vote=args.vote)
     out_dir = Path(args.out_dir or args.models)
@@ -70,7 +70,7 @@ def _merge_mecha(args: argparse.Namespace) -> int:
 
 @command("merge")
 def cmd_merge(args: argparse.Namespace) -> int:
-    if str(args.recipe).endswith(".mecha"):
+    if mc.is_robust_recipe(args.recipe):
         return _merge_mecha(args)
     r = rc.load(args.recipe)
     for note in r.notes:

@@ -235,11 +235,73 @@ def parse_mecha(text: str) -> MechaRecipe:
     return MechaRecipe(root=root, text=text, models=models)
 
 
+def parse_robust_toml(text: str) -> MechaRecipe:
+    """The TOML form of a robust merge, the published recipes' shape in a few lines::
+
+        [robust]
+        base = "base.safetensors"          # file in the models folder
+        models = ["a.safetensors", "b.safetensors"]
+        method = "ties_sum_extended"       # any robust method above
+        params = { k = 1.0, vote_sgn = true, apply_median = true }
+        alpha = 1.0                        # add_difference(base, merged delta, alpha)
+
+    compiles to: base, one ``subtract`` delta per model, the method, ``add_difference``."""
+    import tomllib
+
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"TOML recipe: {e}") from None
+    spec = d.get("robust")
+    if not isinstance(spec, dict):
+        raise RecipeError("TOML recipe: no [robust] table (the grid-recipe TOML form is read by the grid recipes)")
+    problems = []
+    base, models, method = spec.get("base"), spec.get("models"), spec.get("method")
+    params, alpha = spec.get("params", {}), spec.get("alpha", 1.0)
+    if not isinstance(base, str):
+        problems.append("robust.base must be a file name")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        problems.append("robust.models must be a non-empty list of file names")
+    if method not in ROBUST:
+        problems.append(f"robust.method must be one of {', '.join(sorted(ROBUST))}, not {method!r}")
+    if not isinstance(params, dict):
+        problems.append("robust.params must be a table")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        problems.append(f"robust.alpha must be a finite number, not {alpha!r}")
+    if problems:
+        raise RecipeError("cannot run the recipe:\n  " + "\n  ".join(problems))
+    b = ModelNode(path=str(base))
+    deltas = [MergeNode(method="subtract", args=(ModelNode(path=m), b)) for m in models]
+    node = MergeNode(method=str(method), args=tuple(deltas), kwargs=dict(params))
+    bad = _check_node(node)
+    if bad:
+        raise RecipeError("cannot run the recipe:\n  " + "\n  ".join(bad))
+    root = MergeNode(method="add_difference", args=(b, node), kwargs={"alpha": float(alpha)})
+    return MechaRecipe(root=root, text=text, models=[b])
+
+
 def load_mecha(path: str | os.PathLike[str]) -> MechaRecipe:
+    """A ``.mecha`` recipe, or a ``.toml`` one with a ``[robust]`` table."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"{p}: no such recipe file")
-    return parse_mecha(p.read_text(encoding="utf-8", errors="replace"))
+    text = p.read_text(encoding="utf-8", errors="replace")
+    return parse_robust_toml(text) if p.suffix == ".toml" else parse_mecha(text)
+
+
+def is_robust_recipe(path: str | os.PathLike[str]) -> bool:
+    """A ``.mecha`` file, or a ``.toml`` one with a ``[robust]`` table."""
+    p = Path(path)
+    if p.suffix == ".mecha":
+        return True
+    if p.suffix == ".toml" and p.is_file():
+        import tomllib
+
+        try:
+            return isinstance(tomllib.loads(p.read_text(encoding="utf-8", errors="replace")).get("robust"), dict)
+        except tomllib.TOMLDecodeError:
+            return False
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
