@@ -350,14 +350,15 @@ fn points_impl(r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>) {
     }
 }
 
-/// Whether the element-wise loops may use AVX2 (detected once). The loops are the same code,
-/// compiled twice: with 4-wide vectors where the CPU has them (the bits are the same: IEEE
-/// operations in the same order, and Rust never fuses a multiply-add).
+/// Whether the element-wise loops may use AVX2 (detected once; `ASTOLFOMIX_KERNEL=scalar` turns
+/// it off as for the kernels). The loops are the same code compiled twice; the bits are the same
+/// (IEEE operations in the same order, and Rust never fuses a multiply-add). AVX-512 builds of
+/// these loops measured slower here (7.1-7.8 s vs 6.4-6.6 s for N=8 SDXL/4), so they stay at AVX2.
 fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static A: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *A.get_or_init(|| is_x86_feature_detected!("avx2"))
+        *A.get_or_init(|| is_x86_feature_detected!("avx2") && std::env::var("ASTOLFOMIX_KERNEL").as_deref() != Ok("scalar"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

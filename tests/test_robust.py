@@ -322,3 +322,25 @@ def test_toml_form_is_the_same_graph(tmp_path):
         mc.load_mecha(tmp_path / "bad.toml")
     assert "robust.base" in str(ei.value) and "robust.models" in str(ei.value) and "robust.method" in str(ei.value)
     assert mc.is_robust_recipe(tmp_path / "r.toml") and not mc.is_robust_recipe(tmp_path / "missing.toml")
+
+
+def test_portable_loops_give_the_same_bits_as_the_vector_ones(tmp_path):
+    """ASTOLFOMIX_KERNEL=scalar turns off the AVX2 builds of the element-wise loops (a process-wide
+    choice, hence the child process): the output must not change."""
+    import os
+    import subprocess
+    import sys
+
+    files = make_pool(tmp_path, 5, seed=12)
+    (tmp_path / "r.mecha").write_text(recipe(files, "ties_sum_extended", k=0.5, apply_median=True, maxiter=5))
+    code = ("import sys, astolfomix_rs as am\nfrom astolfomix_rs.commands import mecha as mc\n"
+            "plan, _ = mc.mecha_plan(mc.load_mecha(sys.argv[1]), sys.argv[2], dtype='f32')\n"
+            "am.execute(plan, sys.argv[3], progress=False)\n")
+    outs = []
+    for kernel in ("scalar", ""):
+        env = {**os.environ, "ASTOLFOMIX_KERNEL": kernel}
+        out = tmp_path / f"o-{kernel or 'best'}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.mecha"), str(tmp_path), str(out)],
+                       env=env, check=True, timeout=120)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
