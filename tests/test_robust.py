@@ -344,3 +344,12 @@ def test_portable_loops_give_the_same_bits_as_the_vector_ones(tmp_path):
                        env=env, check=True, timeout=120)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_recipe_text_reaches_the_terminal_escaped(tmp_path, capsys):
+    from astolfomix_rs.cli import main
+
+    (tmp_path / "evil.mecha").write_text('version 0.1.0\nmodel "a.safetensors"\nmerge "\x1b]0;owned\x07" &0\n')
+    assert main(["merge", str(tmp_path / "evil.mecha"), "--models", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err and "line 3" in err

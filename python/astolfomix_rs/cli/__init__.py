@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .._core import __version__
 from ..api import mean
+from ..commands.inspect import escape
 from ..errors import AstolfomixError
 from ..tools import bench, bench_robust
 from . import merge as recipe_cli
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except AstolfomixError as e:
-        print(f"astolfomix {args.command}: error: {e}", file=sys.stderr)
+        # Messages quote files, tensor names and recipe text: escape what a terminal would obey.
+        text = "\n".join(escape(line, 4000) for line in str(e).split("\n"))
+        print(f"astolfomix {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"astolfomix {args.command}: interrupted; no output was written", file=sys.stderr)
