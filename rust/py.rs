@@ -708,6 +708,33 @@ fn l2_distances(
     py.detach(|| hashing::l2_distances(&cks, &keys, reference)).map_err(to_py)
 }
 
+/// The robust executors' shared steps, so the torch path cuts the same blocks and takes the same
+/// Weiszfeld steps as the engine: elements per block (`rust/robust.rs` `block_len`).
+#[pyfunction]
+fn robust_block_len(points: usize, row: usize, rows: bool) -> usize {
+    crate::robust::block_len(points, row, rows)
+}
+
+/// Geometric-median weights from an n x n Gram matrix (row-major), Weiszfeld as the engine runs it.
+#[pyfunction]
+fn robust_weiszfeld(gram: Vec<f64>, eps: f64, maxiter: usize, ftol: f64) -> PyResult<Vec<f64>> {
+    let n = (gram.len() as f64).sqrt() as usize;
+    if n * n != gram.len() {
+        return Err(plan_err(format!("a Gram matrix needs n*n values, not {}", gram.len())));
+    }
+    Ok(crate::robust::weiszfeld(&gram, n, Median { eps, maxiter, ftol }))
+}
+
+/// The whole-tensor model stock factor from an n x n Gram matrix (row-major).
+#[pyfunction]
+fn robust_whole_stock(gram: Vec<f64>, cos_eps: f64) -> PyResult<f64> {
+    let n = (gram.len() as f64).sqrt() as usize;
+    if n * n != gram.len() {
+        return Err(plan_err(format!("a Gram matrix needs n*n values, not {}", gram.len())));
+    }
+    Ok(crate::robust::whole_stock(&gram, n, cos_eps))
+}
+
 /// The dtype table both languages use: `[(name, bits, averageable)]`.
 #[pyfunction]
 fn dtypes() -> Vec<(&'static str, usize, bool)> {
@@ -746,6 +773,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(execute, m)?)?;
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
+    m.add_function(wrap_pyfunction!(robust_block_len, m)?)?;
+    m.add_function(wrap_pyfunction!(robust_weiszfeld, m)?)?;
+    m.add_function(wrap_pyfunction!(robust_whole_stock, m)?)?;
     m.add_function(wrap_pyfunction!(error_kinds, m)?)?;
     m.add_function(wrap_pyfunction!(open_count, m)?)?;
     m.add_function(wrap_pyfunction!(file_hashes, m)?)?;

@@ -30,9 +30,16 @@ use crate::writer::Writer;
 /// the chunk option, so the Gram sums (and the bits) do not either.
 pub const BLOCK_VALUES: usize = 1 << 16;
 
-/// Elements per block for a term of `points` points.
-pub fn block_elements(points: usize) -> usize {
-    (BLOCK_VALUES / points.max(1)).max(1024)
+/// Elements per block for an expression whose widest robust term has `points` points, over a
+/// tensor whose rows are `row` long (`rows`: a method needs whole rows). Both executors cut
+/// blocks with this, so their Gram sums run over the same blocks.
+pub fn block_len(points: usize, row: usize, rows: bool) -> usize {
+    let base = (BLOCK_VALUES / points.max(1)).max(1024);
+    if rows {
+        (base / row.max(1)).max(1) * row.max(1)
+    } else {
+        base
+    }
 }
 
 /// TIES trimming and sign election.
@@ -215,8 +222,7 @@ pub(crate) fn run_expr(
     let row = t.shape.last().copied().unwrap_or(1).max(1);
     let rows = expr.robust.iter().any(|(_, r)| r.method.needs_rows());
     let widest = expr.robust.iter().map(|(_, r)| r.points.len()).max().unwrap_or(1);
-    let base = block_elements(widest);
-    let block = if rows { (base / row).max(1) * row } else { base };
+    let block = block_len(widest, row, rows);
     let blocks: Vec<(usize, usize)> = (0..t.numel)
         .step_by(block.max(1))
         .map(|s| (s, (s + block).min(t.numel)))
@@ -302,9 +308,14 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// Elements `[s, e)` of every source, as f64, into `sc.x`; returns the bytes read.
     fn load(&self, s: usize, e: usize, sc: &mut Scratch) -> Result<u64> {
+        self.load_some(0..self.sources.len(), s, e, sc)
+    }
+
+    /// Elements `[s, e)` of the sources `which` names, in that order, into `sc.x`.
+    fn load_some(&self, which: impl ExactSizeIterator<Item = usize>, s: usize, e: usize, sc: &mut Scratch) -> Result<u64> {
         let mut n = 0u64;
-        sc.x.resize_with(self.sources.len(), Vec::new);
-        for (r, v) in self.sources.iter().zip(sc.x.iter_mut()) {
+        sc.x.resize_with(which.len(), Vec::new);
+        for (r, v) in which.map(|j| &self.sources[j]).zip(sc.x.iter_mut()) {
             v.resize(e - s, 0.0);
             n += read_source(self.layout, r, s, e, self.io, &mut sc.buf, |bytes| {
                 kernels::load_f64_slice(v, bytes, r.dtype)
@@ -313,15 +324,6 @@ impl Ctx<'_> {
         self.progress.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         Ok(n)
     }
-}
-
-/// Point i of a block: `sum coef * x_source`, in term order.
-fn point(terms: &[(usize, f64)], x: &[Vec<f64>], len: usize) -> Vec<f64> {
-    let mut p = vec![0f64; len];
-    for &(j, c) in terms {
-        p.iter_mut().zip(&x[j]).for_each(|(a, v)| *a += c * v);
-    }
-    p
 }
 
 /// All points of a block, point-major (`pts[i * len + e]`): every element-wise step below is a
@@ -595,11 +597,20 @@ fn thresholds(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize
     let mut read = 0u64;
     let mut out = Vec::with_capacity(r.points.len());
     for terms in &r.points {
+        // The point alone, its terms renumbered over the sources loaded for it: the same
+        // arithmetic as `points` in the other passes, so the threshold is of the same values.
+        let one = Robust {
+            points: vec![terms.iter().enumerate().map(|(i, &(_, c))| (i, c)).collect()],
+            method: r.method,
+        };
         let mut all = Vec::with_capacity(numel);
         for &(s, e) in blocks {
-            let (x, n) = ctx.load_terms(terms, s, e)?;
-            read += n;
-            all.extend(point(&remap(terms), &x, e - s).into_iter().map(f64::abs));
+            read += with_scratch(|sc| -> Result<u64> {
+                let n = ctx.load_some(terms.iter().map(|&(j, _)| j), s, e, sc)?;
+                points(&one, &sc.x, e - s, &mut sc.pts);
+                all.extend(sc.pts.iter().map(|v| v.abs()));
+                Ok(n)
+            })?;
         }
         if all.is_empty() {
             out.push(0.0);
@@ -609,29 +620,6 @@ fn thresholds(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize
         out.push(*kth);
     }
     Ok((out, read))
-}
-
-/// Terms renumbered 0..len, for a block loaded with only the sources those terms name.
-fn remap(terms: &[(usize, f64)]) -> Vec<(usize, f64)> {
-    terms.iter().enumerate().map(|(i, &(_, c))| (i, c)).collect()
-}
-
-impl Ctx<'_> {
-    /// Elements `[s, e)` of the sources `terms` name, in term order.
-    fn load_terms(&self, terms: &[(usize, f64)], s: usize, e: usize) -> Result<(Vec<Vec<f64>>, u64)> {
-        let mut buf = Vec::new();
-        let mut n = 0u64;
-        let mut out = Vec::with_capacity(terms.len());
-        for &(j, _) in terms {
-            let r = &self.sources[j];
-            let mut v = vec![0f64; e - s];
-            n += read_source(self.layout, r, s, e, self.io, &mut buf, |bytes| {
-                kernels::load_f64_slice(&mut v, bytes, r.dtype)
-            })?;
-            out.push(v);
-        }
-        Ok((out, n))
-    }
 }
 
 /// The Gram matrix of the points (TIES-filtered when the method says so), summed over blocks in
@@ -702,19 +690,27 @@ fn gram_block(pts: &[f64], np: usize, len: usize) -> Vec<f64> {
 fn finish_prepared(prepared: &mut Prepared, r: &Robust, g: &[f64]) {
     let np = r.points.len();
     match r.method {
-        Method::ModelStock { cos_eps, .. } => {
-            let norm = |i: usize| g[i * np + i].max(0.0).sqrt().max(cos_eps);
-            let mut c = 0.0;
-            let mut pairs = 0usize;
-            for i in 0..np {
-                for j in i + 1..np {
-                    c += g[i * np + j] / (norm(i) * norm(j));
-                    pairs += 1;
-                }
-            }
-            prepared.stock = Some(if pairs == 0 { 1.0 } else { stock_factor(np, c / pairs as f64) });
-        }
+        Method::ModelStock { cos_eps, .. } => prepared.stock = Some(whole_stock(g, np, cos_eps)),
         _ => prepared.weights = Some(weiszfeld(g, np, r.method.median().expect("median"))),
+    }
+}
+
+/// The whole-tensor model stock factor (mergekit: the mean cosine over all pairs) from the Gram
+/// matrix of the `np` points.
+pub fn whole_stock(g: &[f64], np: usize, cos_eps: f64) -> f64 {
+    let norm = |i: usize| g[i * np + i].max(0.0).sqrt().max(cos_eps);
+    let mut c = 0.0;
+    let mut pairs = 0usize;
+    for i in 0..np {
+        for j in i + 1..np {
+            c += g[i * np + j] / (norm(i) * norm(j));
+            pairs += 1;
+        }
+    }
+    if pairs == 0 {
+        1.0
+    } else {
+        stock_factor(np, c / pairs as f64)
     }
 }
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import _core
 from .._core import __version__
 from ..core.plan import Output, Plan, parse_dtype
 from ..core.reader import Checkpoint
@@ -525,9 +526,6 @@ def peak_bytes(plan: Plan, threads: int) -> int:
             widest = max(widest, len(o.sources) + 2 * n_points)
             if any(r[2].get("k", 1.0) < 1.0 for r in o.expr[1]):
                 trim = max(trim, 8 * numel.get(o.name, 0))
-    n_points = max(1, widest // 2)
-    block = max(BLOCK_VALUES // n_points, 1024)
+    block = _core.robust_block_len(max(1, widest // 2), 1, False)
     return threads * widest * block * 8 + trim + 64 * len(plan.outputs) * max(1, len(plan.inputs))
 
-
-BLOCK_VALUES = 1 << 16  # rust/robust.rs BLOCK_VALUES

@@ -248,8 +248,7 @@ def execute(
 # Robust merges: the same passes as rust/robust.rs (blocks, thresholds, Gram, Weiszfeld), in
 # torch on the device. Sums run in torch's order, so results agree with the CPU engine to f64
 # rounding (tested at 1e-12) rather than bit for bit; f64 -> f16 goes through f32 in torch.
-
-BLOCK_VALUES = 1 << 16  # rust/robust.rs BLOCK_VALUES
+# Block sizes, Weiszfeld and the whole-tensor stock factor are the engine's own (`_core.robust_*`).
 
 
 class _Robust:
@@ -258,9 +257,8 @@ class _Robust:
         self.linear, self.terms = expr
         self.row = max(shape[-1], 1) if shape else 1
         widest = max((len(pts) for _, _, _, pts in self.terms), default=1)
-        base = max(BLOCK_VALUES // max(widest, 1), 1024)
         rows = any(m == "ties_stock" or (m == "model_stock" and not p.get("whole")) for _, m, p, _ in self.terms)
-        block = max(base // self.row, 1) * self.row if rows else base
+        block = _core.robust_block_len(widest, self.row, rows)
         self.blocks = [(s, min(s + block, numel)) for s in range(0, numel, block)]
         self.read = 0
 
@@ -306,7 +304,7 @@ class _Robust:
         thr = None
         if method.startswith("ties") and params.get("k", 1.0) < 1.0:
             thr = self.thresholds(pts_terms, params["k"])
-        extra = None
+        extra: float | list[float] | None = None  # the stock factor, or the median weights
         if method in ("ties_median", "geometric_median") or (method == "model_stock" and params.get("whole")):
             n = len(pts_terms)
             G = torch.zeros((n, n), dtype=torch.float64, device=self.ex.dev)
@@ -316,8 +314,12 @@ class _Robust:
                 if method == "ties_median":
                     P, _ = self.ties(P, params, thr)
                 G += P @ P.T
-            g = G.cpu().numpy()
-            extra = _stock_whole(g, params.get("cos_eps", 1e-6)) if method == "model_stock" else _weiszfeld(g, params)
+            g = G.cpu().numpy().ravel().tolist()
+            if method == "model_stock":
+                extra = _core.robust_whole_stock(g, params.get("cos_eps", 1e-6))
+            else:
+                extra = _core.robust_weiszfeld(g, params.get("eps", 1e-6), int(params.get("maxiter", 100)),
+                                               params.get("ftol", 1e-20))
         return thr, extra
 
     def value(self, method: str, params: dict, pts_terms: list, thr, extra, x: dict, s: int, e: int):
@@ -365,38 +367,3 @@ def _stock_rows(P, row: int, cos_eps: float):
     den = 1 + (n - 1) * c
     t = torch.where(den.abs() < 1e-9, torch.zeros_like(c), n * c / torch.where(den == 0, torch.ones_like(den), den))
     return t[:, None]
-
-
-def _stock_whole(g: np.ndarray, cos_eps: float) -> float:
-    n = g.shape[0]
-    if n < 2:
-        return 1.0
-    norms = np.maximum(np.sqrt(np.maximum(np.diag(g), 0)), cos_eps)
-    c = float(np.mean([g[i, j] / (norms[i] * norms[j]) for i in range(n) for j in range(i + 1, n)]))
-    den = 1 + (n - 1) * c
-    return 0.0 if abs(den) < 1e-9 else n * c / den
-
-
-def _weiszfeld(g: np.ndarray, params: dict) -> list[float]:
-    """rust/robust.rs `weiszfeld`, step for step."""
-    n = g.shape[0]
-    if not np.isfinite(g).all():
-        return [1.0] * n
-    eps, maxiter, ftol = params.get("eps", 1e-6), int(params.get("maxiter", 100)), params.get("ftol", 1e-20)
-
-    def dists(w: np.ndarray) -> np.ndarray:
-        c = w / w.sum()
-        gc = g @ c
-        return np.sqrt(np.maximum(np.diag(g) - 2 * gc + c @ gc, 0))
-
-    w = np.ones(n)
-    d = dists(w)
-    f = d.mean()
-    for _ in range(maxiter):
-        prev = f
-        w = 1.0 / np.maximum(d, eps)
-        d = dists(w)
-        f = d.mean()
-        if abs(prev - f) <= ftol * f:
-            break
-    return [float(v) for v in w]
