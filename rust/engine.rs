@@ -189,9 +189,27 @@ fn run_item(layout: &Layout, item: &Item, level: Level, io: Io, scratch: &mut Sc
             writer.write_at((t.out_offset + s) as u64, &(**data).as_ref()[s..e])?;
             return Ok(0);
         }
-        Kind::Cast { src, via } => cast_chunk(layout, t, src, *via, s, e, level, io, scratch)?,
+        Kind::Cast { src, via } => {
+            let c = Chunk {
+                layout,
+                t,
+                s,
+                e,
+                level,
+                io,
+            };
+            cast_chunk(&c, src, *via, scratch)?
+        }
         Kind::Mean { sources, weights, via } => {
-            mean_chunk(layout, t, sources, weights.as_deref(), *via, s, e, level, io, scratch)?
+            let c = Chunk {
+                layout,
+                t,
+                s,
+                e,
+                level,
+                io,
+            };
+            mean_chunk(&c, sources, weights.as_deref(), *via, scratch)?
         }
         Kind::Expr { .. } => unreachable!("expressions are not split into items"),
     };
@@ -204,19 +222,26 @@ fn range(r: &SrcRef, s: usize, e: usize) -> (usize, usize) {
     (r.offset + s * r.dtype.size(), r.offset + e * r.dtype.size())
 }
 
-/// Converts elements `[s, e)` of one source into `scratch.out`; returns the bytes read.
-#[allow(clippy::too_many_arguments)]
-fn cast_chunk(
-    layout: &Layout,
-    t: &Resolved,
-    r: &SrcRef,
-    via: Accumulate,
+/// Elements `[s, e)` of output tensor `t`, and how to compute them.
+struct Chunk<'a> {
+    layout: &'a Layout,
+    t: &'a Resolved,
     s: usize,
     e: usize,
     level: Level,
     io: Io,
-    scratch: &mut Scratch,
-) -> Result<u64> {
+}
+
+/// Converts the chunk's elements of one source into `scratch.out`; returns the bytes read.
+fn cast_chunk(c: &Chunk<'_>, r: &SrcRef, via: Accumulate, scratch: &mut Scratch) -> Result<u64> {
+    let Chunk {
+        layout,
+        t,
+        s,
+        e,
+        level,
+        io,
+    } = *c;
     let Scratch {
         acc,
         acc64,
@@ -239,21 +264,17 @@ fn cast_chunk(
     Ok(src.len() as u64)
 }
 
-/// Averages elements `[s, e)` of every source, in plan order, into `scratch.out`; returns the
+/// Averages the chunk's elements of every source, in plan order, into `scratch.out`; returns the
 /// bytes read.
-#[allow(clippy::too_many_arguments)]
-fn mean_chunk(
-    layout: &Layout,
-    t: &Resolved,
-    sources: &[SrcRef],
-    weights: Option<&[f64]>,
-    via: Accumulate,
-    s: usize,
-    e: usize,
-    level: Level,
-    io: Io,
-    scratch: &mut Scratch,
-) -> Result<u64> {
+fn mean_chunk(c: &Chunk<'_>, sources: &[SrcRef], weights: Option<&[f64]>, via: Accumulate, scratch: &mut Scratch) -> Result<u64> {
+    let Chunk {
+        layout,
+        t,
+        s,
+        e,
+        level,
+        io,
+    } = *c;
     let Scratch {
         acc,
         acc64,
