@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod dropout;
 pub mod dtype;
 pub mod engine;
 pub mod error;

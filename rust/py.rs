@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::hashing;
 use crate::kernels::Level;
 use crate::plan::{Accumulate, Kind, Layout, Op, OutputTensor, Plan, Resolver, Source};
+use crate::dropout::Dropout;
 use crate::robust::{Expr, Median, Method, Robust, Ties};
 use crate::writer::{Mode, Writer};
 
@@ -281,9 +282,42 @@ fn expr_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Expr> {
     let (linear, robust): (PyTerms, Vec<PyRobust>) = obj.extract()?;
     let robust = robust
         .into_iter()
-        .map(|(a, method, params, points)| method_from_py(&method, &params).map(|method| (a, Robust { points, method })))
+        .map(|(a, method, params, points)| robust_from_py(&method, &params, points).map(|r| (a, r)))
         .collect::<PyResult<_>>()?;
     Ok(Expr { linear, robust })
+}
+
+/// A robust node from its method name and parameters; `p` (drop probability), `della_eps`,
+/// `rank_rows` and `seed` add DARE / DELLA masks before any method.
+fn robust_from_py(name: &str, params: &HashMap<String, f64>, points: Vec<PyTerms>) -> PyResult<Robust> {
+    const DROP: [&str; 4] = ["p", "della_eps", "rank_rows", "seed"];
+    let mut p = params.clone();
+    let drop: HashMap<String, f64> = DROP.iter().filter_map(|k| p.remove(*k).map(|v| (k.to_string(), v))).collect();
+    let dropout = if drop.contains_key("p") || name == "masked_mean" {
+        let seed = drop.get("seed").copied().unwrap_or(0.0);
+        if !(0.0..=9_007_199_254_740_992.0).contains(&seed) || seed.fract() != 0.0 {
+            return Err(plan_err(format!("seed must be a whole number from 0 to 2^53, not {seed}")));
+        }
+        Some(Dropout {
+            p: drop.get("p").copied().unwrap_or(0.0),
+            della_eps: drop.get("della_eps").copied().unwrap_or(0.0),
+            rows: drop.get("rank_rows").copied().unwrap_or(0.0) != 0.0,
+            seed: seed as u64,
+        })
+    } else if let Some(k) = drop.keys().next() {
+        return Err(plan_err(format!("{name}: '{k}' needs a drop probability 'p'")));
+    } else {
+        None
+    };
+    let method = if name == "masked_mean" {
+        if let Some(bad) = p.keys().next() {
+            return Err(plan_err(format!("masked_mean has no parameter '{bad}'")));
+        }
+        Method::MaskedMean
+    } else {
+        method_from_py(name, &p)?
+    };
+    Ok(Robust { points, method, dropout })
 }
 
 fn method_from_py(name: &str, p: &HashMap<String, f64>) -> PyResult<Method> {
@@ -735,6 +769,80 @@ fn robust_whole_stock(gram: Vec<f64>, cos_eps: f64) -> PyResult<f64> {
     Ok(crate::robust::whole_stock(&gram, n, cos_eps))
 }
 
+/// A DELLA rank table of one tensor of one point (`rust/dropout.rs`), for the torch path.
+#[pyclass(name = "RankTable", module = "astolfomix_rs._core", frozen)]
+struct PyRankTable(crate::dropout::RankTable);
+
+#[pymethods]
+impl PyRankTable {
+    /// The estimated ordinal ranks (1..n, float64 bytes) of `values`, elements `start..` of the
+    /// tensor the table was built from.
+    fn ranks<'py>(&self, py: Python<'py>, values: &Bound<'py, PyAny>, start: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let v = f64_values(py, values)?;
+        let bytes: Vec<u8> = v
+            .iter()
+            .enumerate()
+            .flat_map(|(j, &x)| self.0.rank(x, (start + j) as u64).to_le_bytes())
+            .collect();
+        Ok(PyBytes::new(py, &bytes))
+    }
+}
+
+fn f64_values(py: Python<'_>, values: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
+    let buf = PyBuffer::<f64>::get(values)?;
+    buf.to_vec(py)
+}
+
+/// The rank table of one point's whole tensor (float64 values), for a DELLA weight.
+#[pyfunction]
+fn robust_rank_table(py: Python<'_>, values: &Bound<'_, PyAny>, della_eps: f64) -> PyResult<PyRankTable> {
+    let v = f64_values(py, values)?;
+    Ok(PyRankTable(py.detach(|| crate::dropout::RankTable::build(&v, della_eps))))
+}
+
+/// The keep mask (float64 0/1, as bytes) of one point's elements `start..start + len(values)` at
+/// `key`, drawn as the engine draws it: model `model` of a node with drop probability `p`.
+#[pyfunction]
+#[pyo3(signature = (values, start, seed, key, model, p, della_eps=0.0, rank_rows=false, row=1, table=None))]
+#[allow(clippy::too_many_arguments)]
+fn robust_mask<'py>(
+    py: Python<'py>,
+    values: &Bound<'py, PyAny>,
+    start: usize,
+    seed: u64,
+    key: &str,
+    model: usize,
+    p: f64,
+    della_eps: f64,
+    rank_rows: bool,
+    row: usize,
+    table: Option<PyRef<'py, PyRankTable>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let d = Dropout {
+        p,
+        della_eps,
+        rows: rank_rows,
+        seed,
+    };
+    d.check().map_err(plan_err)?;
+    let v = f64_values(py, values)?;
+    let ranks = match (&table, rank_rows) {
+        (Some(t), _) => crate::dropout::Ranks::Table(&t.0),
+        (None, true) => crate::dropout::Ranks::Rows(row.max(1)),
+        (None, false) => crate::dropout::Ranks::None,
+    };
+    let mut m = Vec::new();
+    crate::dropout::mask(&mut m, &v, start, crate::dropout::stream(seed, key, model), &d, ranks);
+    let bytes: Vec<u8> = m.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Ok(PyBytes::new(py, &bytes))
+}
+
+/// The mask generator's name and version (recorded in outputs).
+#[pyfunction]
+fn mask_generator() -> &'static str {
+    crate::dropout::GENERATOR
+}
+
 /// The dtype table both languages use: `[(name, bits, averageable)]`.
 #[pyfunction]
 fn dtypes() -> Vec<(&'static str, usize, bool)> {
@@ -776,6 +884,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(robust_block_len, m)?)?;
     m.add_function(wrap_pyfunction!(robust_weiszfeld, m)?)?;
     m.add_function(wrap_pyfunction!(robust_whole_stock, m)?)?;
+    m.add_function(wrap_pyfunction!(robust_rank_table, m)?)?;
+    m.add_function(wrap_pyfunction!(robust_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(mask_generator, m)?)?;
+    m.add_class::<PyRankTable>()?;
     m.add_function(wrap_pyfunction!(error_kinds, m)?)?;
     m.add_function(wrap_pyfunction!(open_count, m)?)?;
     m.add_function(wrap_pyfunction!(file_hashes, m)?)?;

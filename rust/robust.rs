@@ -18,6 +18,7 @@
 
 use rayon::prelude::*;
 
+use crate::dropout::{self, Dropout, RankTable, Ranks};
 use crate::engine::{read_source, Io, Progress};
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -84,6 +85,9 @@ pub enum Method {
     },
     /// `geometric_median` of the points.
     GeometricMedian(Median),
+    /// sd-mecha's `dropout` (DARE without TIES): the sum of the kept points over how many were
+    /// kept (at least 1). Needs the node's dropout.
+    MaskedMean,
     /// `model_stock`: the mean times the model stock factor, row-wise over adjacent pairs
     /// (sd-mecha) or over the whole tensor and all pairs (`whole`, mergekit).
     ModelStock {
@@ -144,6 +148,19 @@ pub struct Robust {
     pub points: Vec<Vec<(usize, f64)>>,
     /// The method.
     pub method: Method,
+    /// DARE / DELLA masks applied to every point first (point i is model i of the streams).
+    pub dropout: Option<Dropout>,
+}
+
+impl Robust {
+    fn needs_rows(&self) -> bool {
+        self.method.needs_rows() || self.dropout.is_some_and(|d| d.rows && d.della_eps != 0.0)
+    }
+
+    /// Whether a statistics pass (one tensor of one point at a time) must run first.
+    fn needs_stats(&self) -> bool {
+        self.method.ties().is_some_and(|t| t.k < 1.0) || self.dropout.is_some_and(|d| d.needs_table())
+    }
 }
 
 /// An output tensor made of a linear part and robust terms: `sum lin_j x_j + sum a_r R_r`.
@@ -165,7 +182,7 @@ impl Expr {
             if r.method.median().is_some() || matches!(r.method, Method::ModelStock { whole: true, .. }) {
                 total += all;
             }
-            if r.method.ties().is_some_and(|t| t.k < 1.0) {
+            if r.needs_stats() {
                 total += r
                     .points
                     .iter()
@@ -194,6 +211,12 @@ impl Expr {
                 return Err("a robust point names a missing source or has a non-finite coefficient".into());
             }
             r.method.check()?;
+            if let Some(d) = &r.dropout {
+                d.check()?;
+            }
+            if r.method == Method::MaskedMean && r.dropout.is_none() {
+                return Err("the dropout method needs its masks".into());
+            }
         }
         Ok(())
     }
@@ -201,6 +224,9 @@ impl Expr {
 
 /// What a robust term needs before the output pass.
 struct Prepared {
+    /// Per point: its mask stream and (DELLA, tensor-wide) its rank table.
+    streams: Vec<[u32; 3]>,
+    tables: Vec<Option<RankTable>>,
     /// Per point: keep |p| >= thr (TIES with k < 1).
     thresholds: Option<Vec<f64>>,
     /// Median weights (unnormalised), or the whole-tensor model stock factor in `stock`.
@@ -220,7 +246,7 @@ pub(crate) fn run_expr(
     progress: &Progress,
 ) -> Result<u64> {
     let row = t.shape.last().copied().unwrap_or(1).max(1);
-    let rows = expr.robust.iter().any(|(_, r)| r.method.needs_rows());
+    let rows = expr.robust.iter().any(|(_, r)| r.needs_rows());
     let widest = expr.robust.iter().map(|(_, r)| r.points.len()).max().unwrap_or(1);
     let block = block_len(widest, row, rows);
     let blocks: Vec<(usize, usize)> = (0..t.numel)
@@ -232,6 +258,8 @@ pub(crate) fn run_expr(
         sources,
         io,
         progress,
+        key: &t.name,
+        row,
     };
     let mut read = 0u64;
     let mut prepared = Vec::with_capacity(expr.robust.len());
@@ -257,7 +285,7 @@ pub(crate) fn run_expr(
                     acc.iter_mut().zip(&sc.x[j]).for_each(|(a, v)| *a += c * v);
                 }
                 for ((a, r), p) in expr.robust.iter().zip(&prepared) {
-                    evaluate(r, p, len, row, sc);
+                    evaluate(r, p, s, len, row, sc);
                     acc.iter_mut().zip(sc.vals.iter()).for_each(|(o, v)| *o += a * v);
                 }
                 sc.out.resize(len * osz, 0);
@@ -283,6 +311,7 @@ struct Scratch {
     pts: Vec<f64>,
     count: Vec<f64>,
     vals: Vec<f64>,
+    mask: Vec<f64>,
     acc: Vec<f64>,
     out: Vec<u8>,
     votes: Votes,
@@ -303,6 +332,9 @@ struct Ctx<'a> {
     sources: &'a [SrcRef],
     io: Io,
     progress: &'a Progress,
+    /// The output tensor's name (mask streams are keyed by it) and row length.
+    key: &'a str,
+    row: usize,
 }
 
 impl Ctx<'_> {
@@ -591,17 +623,54 @@ fn weighted_sum_impl(pts: &[f64], len: usize, w: Option<&[f64]>, vals: &mut Vec<
     }
 }
 
+/// Multiplies each point's block (elements `s..s + len`) by its dropout mask, as sd-mecha
+/// multiplies (a dropped NaN stays NaN).
+fn drop_points(r: &Robust, p: &Prepared, pts: &mut [f64], s: usize, len: usize, row: usize, mask: &mut Vec<f64>) {
+    let Some(d) = &r.dropout else { return };
+    for (i, pt) in pts.chunks_exact_mut(len.max(1)).enumerate() {
+        dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, p, i, row));
+        pt.iter_mut().zip(mask.iter()).for_each(|(v, m)| *v *= m);
+    }
+}
+
+fn ranks<'a>(d: &Dropout, p: &'a Prepared, i: usize, row: usize) -> Ranks<'a> {
+    match p.tables.get(i).and_then(|t| t.as_ref()) {
+        Some(t) => Ranks::Table(t),
+        None if d.rows => Ranks::Rows(row),
+        None => Ranks::None,
+    }
+}
+
 /// The robust term's value at each element of a block, into `sc.vals`.
-fn evaluate(r: &Robust, p: &Prepared, len: usize, row: usize, sc: &mut Scratch) {
+fn evaluate(r: &Robust, p: &Prepared, s: usize, len: usize, row: usize, sc: &mut Scratch) {
     let Scratch {
         x,
         pts,
         count,
         vals,
         votes,
+        mask,
         ..
     } = sc;
     points(r, x, len, pts);
+    if r.method == Method::MaskedMean {
+        // sd-mecha's `dropout`: kept values summed (a dropped NaN does not count), over the kept count.
+        let d = r.dropout.as_ref().expect("checked");
+        vals.clear();
+        vals.resize(len, 0.0);
+        count.clear();
+        count.resize(len, 0.0);
+        for (i, pt) in pts.chunks_exact(len.max(1)).enumerate() {
+            dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, p, i, row));
+            for (((v, c), &y), &m) in vals.iter_mut().zip(count.iter_mut()).zip(pt).zip(mask.iter()) {
+                *v += if m != 0.0 { y } else { 0.0 };
+                *c += m;
+            }
+        }
+        vals.iter_mut().zip(count.iter()).for_each(|(v, c)| *v /= c.max(1.0));
+        return;
+    }
+    drop_points(r, p, pts, s, len, row, mask);
     match r.method {
         // The agreeing points go straight into the (weighted) sum: no filtered copy.
         Method::TiesSum(ties) | Method::TiesMedian { ties, .. } => {
@@ -670,6 +739,7 @@ fn evaluate_from(r: &Robust, p: &Prepared, len: usize, row: usize, pts: &[f64], 
             weighted_sum(pts, len, p.weights.as_deref(), vals);
             finish_sum(r, p, count, vals);
         }
+        Method::MaskedMean => unreachable!("evaluated above"),
         Method::ModelStock { cos_eps, whole } => {
             let t_rows = if whole {
                 Vec::new()
@@ -688,64 +758,113 @@ fn evaluate_from(r: &Robust, p: &Prepared, len: usize, row: usize, pts: &[f64], 
 /// The statistics passes of one robust term. Returns what it prepared and the bytes read.
 fn prepare(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize) -> Result<(Prepared, u64)> {
     let mut read = 0u64;
-    let thresholds = match r.method.ties() {
-        Some(t) if t.k < 1.0 => {
-            let (thr, n) = thresholds(ctx, r, blocks, numel, t.k)?;
-            read += n;
-            Some(thr)
-        }
-        _ => None,
+    let streams = match &r.dropout {
+        Some(d) => (0..r.points.len()).map(|i| dropout::stream(d.seed, ctx.key, i)).collect(),
+        None => Vec::new(),
     };
-    let gram_needed = r.method.median().is_some() || matches!(r.method, Method::ModelStock { whole: true, .. });
     let mut prepared = Prepared {
-        thresholds,
+        streams,
+        tables: Vec::new(),
+        thresholds: None,
         weights: None,
         stock: None,
     };
+    if r.needs_stats() {
+        read += point_stats(ctx, r, blocks, numel, &mut prepared)?;
+    }
+    let gram_needed = r.method.median().is_some() || matches!(r.method, Method::ModelStock { whole: true, .. });
     if !gram_needed {
         return Ok((prepared, read));
     }
-    let (g, n) = gram(ctx, r, prepared.thresholds.as_deref(), blocks)?;
+    let (g, n) = gram(ctx, r, &prepared, blocks)?;
     read += n;
     finish_prepared(&mut prepared, r, &g);
     Ok((prepared, read))
 }
 
-/// Per point: the m-th smallest |p| over the whole tensor, m = max(floor((1-k) numel), 1).
-/// One point's tensor at a time.
-fn thresholds(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize, k: f64) -> Result<(Vec<f64>, u64)> {
-    let m = (((1.0 - k) * numel as f64).floor() as usize).max(1);
-    let mut read = 0u64;
-    let mut out = Vec::with_capacity(r.points.len());
-    for terms in &r.points {
+/// The statistics pass: per point, one whole tensor at a time, its DELLA rank table (from the
+/// unmasked values) and its TIES trim threshold (the m-th smallest |p| of the masked values,
+/// m = max(floor((1-k) numel), 1)). Points run in parallel while their tensors fit in 1 GB.
+/// Returns the bytes read.
+fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize, prep: &mut Prepared) -> Result<u64> {
+    let k = r.method.ties().map(|t| t.k).filter(|&k| k < 1.0);
+    let table = r.dropout.filter(|d| d.needs_table());
+    let one_point = |i: usize| -> Result<(Option<RankTable>, f64, u64)> {
+        let terms = &r.points[i];
         // The point alone, its terms renumbered over the sources loaded for it: the same
-        // arithmetic as `points` in the other passes, so the threshold is of the same values.
+        // arithmetic as `points` in the other passes, so the statistics are of the same values.
         let one = Robust {
             points: vec![terms.iter().enumerate().map(|(i, &(_, c))| (i, c)).collect()],
             method: r.method,
+            dropout: None,
         };
         let mut all = Vec::with_capacity(numel);
+        let mut read = 0u64;
         for &(s, e) in blocks {
             read += with_scratch(|sc| -> Result<u64> {
+                if ctx.progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
                 let n = ctx.load_some(terms.iter().map(|&(j, _)| j), s, e, sc)?;
                 points(&one, &sc.x, e - s, &mut sc.pts);
-                all.extend(sc.pts.iter().map(|v| v.abs()));
+                all.extend_from_slice(&sc.pts);
                 Ok(n)
             })?;
         }
-        if all.is_empty() {
-            out.push(0.0);
-            continue;
+        let tab = table.map(|d| RankTable::build(&all, d.della_eps));
+        let mut thr = 0.0;
+        if let Some(k) = k {
+            if let Some(d) = &r.dropout {
+                let ranks = match &tab {
+                    Some(t) => Ranks::Table(t),
+                    None if d.rows => Ranks::Rows(ctx.row),
+                    None => Ranks::None,
+                };
+                apply_mask_whole(&mut all, blocks, dropout::stream(d.seed, ctx.key, i), d, ranks);
+            }
+            all.iter_mut().for_each(|v| *v = v.abs());
+            if !all.is_empty() {
+                let m = (((1.0 - k) * numel as f64).floor() as usize).max(1);
+                let (_, kth, _) = all.select_nth_unstable_by(m - 1, |a, b| a.total_cmp(b));
+                thr = *kth;
+            }
         }
-        let (_, kth, _) = all.select_nth_unstable_by(m - 1, |a, b| a.total_cmp(b));
-        out.push(*kth);
+        Ok((tab, thr, read))
+    };
+    let group = ((1usize << 30) / (numel.max(1) * 8)).clamp(1, rayon::current_num_threads().max(1));
+    let idx: Vec<usize> = (0..r.points.len()).collect();
+    let mut read = 0u64;
+    let (mut tables, mut thr) = (Vec::new(), Vec::new());
+    for g in idx.chunks(group) {
+        let done: Vec<_> = g.par_iter().with_max_len(1).map(|&i| one_point(i)).collect::<Result<_>>()?;
+        for (t, h, n) in done {
+            tables.push(t);
+            thr.push(h);
+            read += n;
+        }
     }
-    Ok((out, read))
+    if table.is_some() {
+        prep.tables = tables;
+    }
+    if k.is_some() {
+        prep.thresholds = Some(thr);
+    }
+    Ok(read)
+}
+
+/// Masks a whole point tensor block by block (rows-mode ranks need the block's whole rows).
+fn apply_mask_whole(all: &mut [f64], blocks: &[(usize, usize)], key: [u32; 3], d: &Dropout, ranks: Ranks<'_>) {
+    let mut m = Vec::new();
+    for &(s, e) in blocks {
+        let v = &mut all[s..e];
+        dropout::mask(&mut m, v, s, key, d, ranks);
+        v.iter_mut().zip(&m).for_each(|(x, k)| *x *= k);
+    }
 }
 
 /// The Gram matrix of the points (TIES-filtered when the method says so), summed over blocks in
 /// block order; each block's partial is one matrix product.
-fn gram(ctx: &Ctx<'_>, r: &Robust, thr: Option<&[f64]>, blocks: &[(usize, usize)]) -> Result<(Vec<f64>, u64)> {
+fn gram(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared, blocks: &[(usize, usize)]) -> Result<(Vec<f64>, u64)> {
     let np = r.points.len();
     let partials: Vec<(Vec<f64>, u64)> = blocks
         .par_iter()
@@ -757,11 +876,17 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, thr: Option<&[f64]>, blocks: &[(usize, usize)
                 let n = ctx.load(s, e, sc)?;
                 let len = e - s;
                 let Scratch {
-                    x, pts, count, votes, ..
+                    x,
+                    pts,
+                    count,
+                    votes,
+                    mask,
+                    ..
                 } = sc;
                 points(r, x, len, pts);
+                drop_points(r, prep, pts, s, len, ctx.row, mask);
                 if let Some(t) = r.method.ties() {
-                    ties_filter(pts, len, t, thr, false, count, votes);
+                    ties_filter(pts, len, t, prep.thresholds.as_deref(), false, count, votes);
                 }
                 let g = gram_block(pts, np, len);
                 Ok((g, n))

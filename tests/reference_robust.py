@@ -111,3 +111,87 @@ def model_stock(ds, cos_eps=1e-6, whole=False):
     den = 1 + (n - 1) * c
     t = 0.0 if abs(den) < 1e-9 else n * c / den
     return _clean(t * mean)
+
+
+# --- Dropout masks (DARE / DELLA), written from README "Robust merges" independently of the engine:
+# stream = sha256(b"astolfomix-mask-v1\0" + seed u64 + len(key) u64 + key + model u64)[:12] as 3 u32;
+# u = lowbias32(lowbias32(lowbias32(j ^ k0) ^ (j >> 32) ^ k1) ^ k2) / 2^32; keep when u < q.
+
+def _lowbias32(x):
+    x = x.astype(np.uint64) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x
+
+
+def stream(seed: int, key: str, model: int) -> tuple[int, int, int]:
+    import hashlib
+    import struct
+
+    kb = key.encode()
+    d = hashlib.sha256(b"astolfomix-mask-v1\0" + struct.pack("<QQ", seed, len(kb)) + kb + struct.pack("<Q", model)).digest()
+    return struct.unpack("<III", d[:12])
+
+
+def draws(seed: int, key: str, model: int, n: int) -> np.ndarray:
+    k0, k1, k2 = stream(seed, key, model)
+    j = np.arange(n, dtype=np.uint64)
+    x = _lowbias32((j & 0xFFFFFFFF) ^ np.uint64(k0))
+    x = _lowbias32(x ^ (j >> np.uint64(32)) ^ np.uint64(k1))
+    return _lowbias32(x ^ np.uint64(k2)).astype(np.float64) / 2.0**32
+
+
+def ordinal_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of |a| (ties by position), as scipy's rankdata(method="ordinal")."""
+    order = np.lexsort((np.arange(a.size), np.abs(a)))
+    r = np.empty(a.size)
+    r[order] = np.arange(1, a.size + 1)
+    return r
+
+
+def keep_prob(d: np.ndarray, p: float, della_eps: float = 0.0, rows: bool = False) -> np.ndarray:
+    """The exact keep probability of every element of one model's delta tensor."""
+    flat = np.asarray(d, np.float64).ravel()
+    if della_eps == 0.0:
+        return np.full(flat.size, np.clip(1 - p, 0, 1))
+    row = (d.shape[-1] if np.ndim(d) else 1) if rows else flat.size
+    e = np.zeros(flat.size)
+    for s in range(0, flat.size, max(row, 1)):
+        seg = flat[s:s + row]
+        if np.isnan(seg).any():
+            continue
+        n = seg.size
+        e[s:s + n] = (ordinal_ranks(seg) / n - (n + 1) / (2 * n)) * della_eps
+    return np.clip(1 - p + e, 0, 1)
+
+
+def masks(ds, key: str, seed: int, p: float, della_eps: float = 0.0, rows: bool = False):
+    return [(draws(seed, key, i, np.size(d)) < keep_prob(d, p, della_eps, rows)).astype(np.float64).reshape(np.shape(d))
+            for i, d in enumerate(ds)]
+
+
+def ties_dropout(ds, key, seed, p=0.9, della_eps=0.0, rescale=True, k=0.2, vote_mass=False, mode="stock",
+                 rows=False, cos_eps=1e-6, maxiter=100):
+    """sd-mecha's ties_sum_with_dropout with these masks: masked deltas (multiplied), then
+    ties_sum_extended (mode "stock", "sum" or "median"), then / (1 - p) with rescale."""
+    ms = masks(ds, key, seed, p, della_eps, rows)
+    dd = [np.asarray(d, np.float64) * m for d, m in zip(ds, ms)]
+    if mode == "median":
+        r = ties_median(dd, k, vote_mass, maxiter=maxiter)
+    elif mode == "sum":
+        r = ties_sum(dd, k, vote_mass)
+    else:
+        r = ties_stock(dd, k, vote_mass, cos_eps)
+    return r / (1 - p) if rescale and p != 0 else r
+
+
+def dropout_mean(ds, key, seed, p=0.9, rescale=1.0):
+    """sd-mecha's dropout (overlap 1): kept deltas summed, over the kept count (at least 1)."""
+    ms = masks(ds, key, seed, p)
+    D = np.stack([np.asarray(d, np.float64) for d in ds])
+    M = np.stack(ms)
+    tot = np.where(M != 0, D, 0.0).sum(0) / np.maximum(M.sum(0), 1)
+    return tot / ((1 - p) ** rescale if p != 0 else 1.0)

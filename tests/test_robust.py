@@ -272,7 +272,7 @@ def test_cli_runs_a_mecha_recipe_and_its_dry_run(tmp_path, capsys):
     (tmp_path / "dgm.mecha").write_text(recipe(files, "ties_sum_extended", k=0.5, apply_median=True))
     assert main(["merge", str(tmp_path / "dgm.mecha"), "--models", str(tmp_path), "--dry-run", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["passes"]["gram pass"] == 9 and d["passes"]["threshold pass"] == 9 and d["estimated_peak_bytes"] > 0
+    assert d["passes"]["gram pass"] == 9 and d["passes"]["statistics pass"] == 9 and d["estimated_peak_bytes"] > 0
     assert not (tmp_path / "dgm.safetensors").exists()
     assert main(["merge", str(tmp_path / "dgm.mecha"), "--models", str(tmp_path), "--vote", "mass", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

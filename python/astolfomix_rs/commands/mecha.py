@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,10 +74,17 @@ METHODS: dict[str, tuple[int | None, dict[str, Any]]] = {
                                  "cos_eps": 1e-6, "eps": 1e-6, "maxiter": 100, "ftol": 1e-20}),
     "geometric_median": (None, {"eps": 1e-6, "maxiter": 100, "ftol": 1e-20}),
     "model_stock": (None, {"cos_eps": 1e-6, "whole": False}),
+    "ties_sum_with_dropout": (None, {"probability": 0.9, "della_eps": 0.0, "rescale": True, "k": 0.2,
+                                     "vote_sgn": False, "apply_stock": False, "cos_eps": 1e-6,
+                                     "apply_median": False, "eps": 1e-6, "maxiter": 100, "ftol": 1e-20,
+                                     "seed": None, "rank": "tensor"}),
+    "dropout": (None, {"probability": 0.9, "rescale": 1.0, "overlap": 1.0, "overlap_emphasis": 0.0, "seed": None}),
     "fallback": (2, {}),
     "pick_component": (1, {"component": None}),
 }
-ROBUST = {"ties_sum", "ties_sum_extended", "geometric_median", "model_stock"}
+ROBUST = {"ties_sum", "ties_sum_extended", "geometric_median", "model_stock", "ties_sum_with_dropout", "dropout"}
+# Parameters that are not numbers: name -> allowed values (None: any string) or "seed".
+_SPECIAL = {"component": None, "rank": ("tensor", "row"), "seed": "seed"}
 
 
 def _check_node(node: MergeNode) -> list[str]:
@@ -96,9 +104,14 @@ def _check_node(node: MergeNode) -> list[str]:
     for k, v in node.kwargs.items():
         if k not in params:
             out.append(f"{where}{node.method} has no parameter '{k}' (it takes {', '.join(params) or 'none'})")
-        elif k == "component":
-            if not isinstance(v, str):
-                out.append(f"{where}pick_component: component must be a string")
+        elif k in _SPECIAL:
+            allowed = _SPECIAL[k]
+            if allowed == "seed":
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or abs(v) >= 2**53):
+                    out.append(f"{where}{node.method}: seed must be a whole number below 2^53 or null, not {v!r}")
+            elif not isinstance(v, str) or (allowed is not None and v not in allowed):
+                want = "a string" if allowed is None else " or ".join(f'"{a}"' for a in allowed)
+                out.append(f"{where}{node.method}: {k} must be {want}, not {v!r}")
         elif isinstance(v, bool) or isinstance(params[k], bool):
             if not isinstance(v, (bool, int)) or (isinstance(v, int) and v not in (0, 1)):
                 out.append(f"{where}{node.method}: {k} must be true or false, not {v!r}")
@@ -106,6 +119,13 @@ def _check_node(node: MergeNode) -> list[str]:
             out.append(f"{where}{node.method}: {k} must be a finite number, not {v!r}")
     if node.method == "pick_component" and "component" not in node.kwargs:
         out.append(f"{where}pick_component needs component=\"...\"")
+    prob = node.kwargs.get("probability", 0.0)
+    if node.method in ("dropout", "ties_sum_with_dropout") and isinstance(prob, (int, float)) and not 0.0 <= prob <= 1.0:
+        out.append(f"{where}{node.method}: probability must be in [0, 1], not {prob!r}")
+    overlap = node.kwargs.get("overlap", 1.0)
+    if node.method == "dropout" and isinstance(overlap, (int, float)) and not (
+            float(overlap).is_integer() and int(overlap) % 2 == 1):
+        out.append(f"{where}dropout: only odd whole overlap values (independent masks) are supported, not {overlap!r}")
     return out
 
 
@@ -326,17 +346,33 @@ class Value:
         return Value(lin, self.robust + other.robust)
 
 
-def _robust_term(node: MergeNode, points: list[Value], vote: str | None) -> tuple:
+def _robust_term(node: MergeNode, points: list[Value], vote: str | None, seed: int | None) -> tuple[float, tuple] | None:
+    """(coefficient, (engine method, params, points)) of a robust node, or None where it is 0."""
     kw = {**METHODS[node.method][1], **node.kwargs}
     for p in points:
         if p.robust:
             raise RecipeError(f"line {node.line}: {node.method} of a robust merge's result is not supported yet "
                               "(nest linear steps only)")
     pts = [sorted(p.linear.items()) for p in points]
+    if node.method in ("dropout", "ties_sum_with_dropout"):
+        p = float(kw["probability"])
+        if math.isclose(p, 1.0):
+            return None  # sd-mecha returns 0: every element dropped
+        drop = {"p": p, "seed": float(seed or 0)}
+        if node.method == "dropout":
+            r = (1.0 - p) ** float(kw["rescale"]) if p != 0.0 else 1.0
+            return (1.0 / r if math.isfinite(r) and r != 0.0 else 1.0), ("masked_mean", drop, pts)
+        drop |= {"della_eps": float(kw["della_eps"]), "rank_rows": float(kw["rank"] == "row")}
+        name, params, pts = _ties_term("ties_sum_extended", kw, pts, vote)
+        return (1.0 / (1.0 - p) if kw["rescale"] and p != 0.0 else 1.0), (name, {**params, **drop}, pts)
+    return 1.0, _ties_term(node.method, kw, pts, vote)
+
+
+def _ties_term(method: str, kw: dict[str, Any], pts: list, vote: str | None) -> tuple:
     mass = bool(kw.get("vote_sgn")) if vote is None else vote == "mass"
-    if node.method == "ties_sum":
+    if method == "ties_sum":
         return ("ties_sum", {"k": float(kw["k"]), "vote_mass": float(mass)}, pts)
-    if node.method == "ties_sum_extended":
+    if method == "ties_sum_extended":
         ties = {"k": float(kw["k"]), "vote_mass": float(mass)}
         if kw["apply_median"]:
             return ("ties_median", {**ties, "eps": float(kw["eps"]), "maxiter": float(kw["maxiter"]),
@@ -344,7 +380,7 @@ def _robust_term(node: MergeNode, points: list[Value], vote: str | None) -> tupl
         if kw["apply_stock"]:  # sd-mecha: True means t = 1
             return ("ties_sum", ties, pts)
         return ("ties_stock", {**ties, "cos_eps": float(kw["cos_eps"])}, pts)
-    if node.method == "geometric_median":
+    if method == "geometric_median":
         return ("geometric_median", {"eps": float(kw["eps"]), "maxiter": float(kw["maxiter"]),
                                      "ftol": float(kw["ftol"])}, pts)
     return ("model_stock", {"cos_eps": float(kw["cos_eps"]), "whole": float(bool(kw["whole"]))}, pts)
@@ -356,6 +392,23 @@ class Compiler:
 
     def __init__(self, index: dict[int, int], has, component_of, vote: str | None):
         self.index, self.has, self.component_of, self.vote = index, has, component_of, vote
+        self.seeds: dict[int, int] = {}  # per random node: its seed, the same for every key
+        self.seeded: list[MergeNode] = []
+
+    def seed(self, node: MergeNode) -> int | None:
+        if node.method not in ("dropout", "ties_sum_with_dropout"):
+            return None
+        if id(node) not in self.seeds:
+            given = node.kwargs.get("seed")
+            # sd-mecha draws a fresh seed for null or negative ones; the one drawn is recorded.
+            self.seeds[id(node)] = given if isinstance(given, int) and given >= 0 else secrets.randbits(53)
+            self.seeded.append(node)
+        return self.seeds[id(node)]
+
+    def seed_report(self) -> list[dict[str, Any]]:
+        """Every random node's seed (drawn ones included), for the output's metadata."""
+        return [{"line": n.line, "method": n.method, "seed": self.seeds[id(n)],
+                 "drawn": not (isinstance(n.kwargs.get("seed"), int) and n.kwargs["seed"] >= 0)} for n in self.seeded]
 
     def value(self, node: Node, key: str) -> Value | None:
         if isinstance(node, ModelNode):
@@ -388,7 +441,8 @@ class Compiler:
             for v in vs:
                 out = out.plus(v.scaled(1.0 / len(vs)))
             return out
-        return Value({}, [(1.0, _robust_term(node, vs, self.vote))])
+        term = _robust_term(node, vs, self.vote, self.seed(node))
+        return Value({}, [term] if term is not None else [])
 
 
 def _uniform(lin: dict[int, float]) -> bool:
@@ -482,11 +536,17 @@ def mecha_plan(
             outputs.append(compile_output(key, v, out_dtype))
     methods = sorted({r[1] for o in outputs if o.expr for r in o.expr[1]})
     rule = vote or "vote_sgn per node (false: count, true: mass)"
+    robust_meta: dict[str, Any] = {"methods": methods, "sign_rule": rule, "precision": "f64",
+                                   "apply_stock": "read as sd-mecha 1.1 (false applies model stock)",
+                                   "tool": f"astolfomix_rs {__version__}"}
+    seeds = compiler.seed_report()
+    if seeds:
+        robust_meta |= {"seeds": seeds, "mask_generator": _core.mask_generator(),
+                        "della_rank": "ordinal rank of |delta| (ties by position) within the tensor, or the row "
+                                      "with rank=\"row\"; keep probability within 1e-4 of the exact formula"}
     meta = {
         "astolfomix.mecha": rec.text or "(built with the Python API)",
-        "astolfomix.robust": json.dumps({"methods": methods, "sign_rule": rule, "precision": "f64",
-                                         "apply_stock": "read as sd-mecha 1.1 (false applies model stock)",
-                                         "tool": f"astolfomix_rs {__version__}"}),
+        "astolfomix.robust": json.dumps(robust_meta),
         "astolfomix.files": json.dumps([{"name": p.name, "size": ck.file_len} for p, ck in zip(paths, cks)]),
     }
     plan = Plan(list(cks), outputs, metadata=meta)
@@ -494,21 +554,22 @@ def mecha_plan(
     # The resolved plan keeps the open files; the parsed headers (a few MB per SDXL input) go.
     plan.inputs = list(paths)
     summary = {"inputs": [str(p) for p in paths], "outputs": len(outputs), "methods": methods, "sign_rule": rule,
+               "seeds": seeds,
                "passes": _passes(outputs), "bytes_to_read": plan.resolved.bytes_read if plan.resolved else 0}
     return plan, summary
 
 
 def _passes(outputs: Sequence[Output]) -> dict[str, int]:
     """How many tensors need each kind of pass."""
-    out = {"copy/cast/mean": 0, "expr": 0, "threshold pass": 0, "gram pass": 0}
+    out = {"copy/cast/mean": 0, "expr": 0, "statistics pass": 0, "gram pass": 0}
     for o in outputs:
         if o.op != "expr" or o.expr is None:
             out["copy/cast/mean"] += 1
             continue
         out["expr"] += 1
         for _, name, params, _ in o.expr[1]:
-            if params.get("k", 1.0) < 1.0:
-                out["threshold pass"] += 1
+            if params.get("k", 1.0) < 1.0 or (params.get("della_eps", 0.0) and not params.get("rank_rows")):
+                out["statistics pass"] += 1
             if name in ("ties_median", "geometric_median") or params.get("whole"):
                 out["gram pass"] += 1
     return out
@@ -524,8 +585,10 @@ def peak_bytes(plan: Plan, threads: int) -> int:
         if o.op == "expr" and o.expr is not None:
             n_points = sum(len(r[3]) for r in o.expr[1])
             widest = max(widest, len(o.sources) + 2 * n_points)
-            if any(r[2].get("k", 1.0) < 1.0 for r in o.expr[1]):
-                trim = max(trim, 8 * numel.get(o.name, 0))
+            if any(r[2].get("k", 1.0) < 1.0 or r[2].get("della_eps", 0.0) for r in o.expr[1]):
+                # one whole tensor per point in flight (points run in parallel within 1 GB)
+                n = numel.get(o.name, 0)
+                trim = max(trim, 8 * n * max(1, min(threads, (1 << 30) // max(8 * n, 1))))
     block = _core.robust_block_len(max(1, widest // 2), 1, False)
     return threads * widest * block * 8 + trim + 64 * len(plan.outputs) * max(1, len(plan.inputs))
 

@@ -156,7 +156,7 @@ class _Executor:
         with ThreadPoolExecutor(1) as self.pool:
             for idx, (name, out_dt, shape, numel, out_offset, out_len, op, srcs, weights, via) in enumerate(layout.tensors()):
                 if op == "expr":
-                    done += _Robust(self, hosts, srcs, exprs[name], shape, numel).run(writer, out_offset, out_dt)
+                    done += _Robust(self, hosts, srcs, exprs[name], shape, numel, name).run(writer, out_offset, out_dt)
                     if progress is not None:
                         progress(done, total)
                     continue
@@ -252,12 +252,14 @@ def execute(
 
 
 class _Robust:
-    def __init__(self, ex: _Executor, hosts: list[Any], srcs: list, expr: tuple, shape: list[int], numel: int):
-        self.ex, self.hosts, self.srcs, self.numel = ex, hosts, srcs, numel
+    def __init__(self, ex: _Executor, hosts: list[Any], srcs: list, expr: tuple, shape: list[int], numel: int,
+                 key: str):
+        self.ex, self.hosts, self.srcs, self.numel, self.key = ex, hosts, srcs, numel, key
         self.linear, self.terms = expr
         self.row = max(shape[-1], 1) if shape else 1
         widest = max((len(pts) for _, _, _, pts in self.terms), default=1)
-        rows = any(m == "ties_stock" or (m == "model_stock" and not p.get("whole")) for _, m, p, _ in self.terms)
+        rows = any(m == "ties_stock" or (m == "model_stock" and not p.get("whole"))
+                   or (p.get("rank_rows") and p.get("della_eps")) for _, m, p, _ in self.terms)
         block = _core.robust_block_len(widest, self.row, rows)
         self.blocks = [(s, min(s + block, numel)) for s in range(0, numel, block)]
         self.read = 0
@@ -289,28 +291,55 @@ class _Robust:
         keep = (S == torch.sign(vote)) & ~bad
         return torch.where(keep, P, torch.zeros_like(P)), keep.sum(0).to(torch.float64)
 
-    def thresholds(self, pts_terms: list, k: float):
+    def mask(self, params: dict, table, i: int, values, s: int):
+        """Point ``i``'s keep mask for elements ``s..``, drawn by the engine's generator (the same
+        bits on every executor; the values go through the host for their ranks)."""
+        v = values.detach().to("cpu", torch.float64).contiguous().numpy()
+        b = _core.robust_mask(v, s, int(params.get("seed", 0)), self.key, i, params["p"], params.get("della_eps", 0.0),
+                              bool(params.get("rank_rows")), self.row, table)
+        return torch.frombuffer(bytearray(b), dtype=torch.float64).to(values.device)
+
+    def masked(self, params: dict, tables: list, P, s: int):
+        """The points of a block times their masks (sd-mecha multiplies: a dropped NaN stays NaN)."""
+        if "p" not in params:
+            return P
+        return torch.stack([P[i] * self.mask(params, tables[i] if tables else None, i, P[i], s)
+                            for i in range(P.shape[0])])
+
+    def stats(self, params: dict, pts_terms: list):
+        """Per point, one whole tensor at a time: the DELLA rank table (unmasked values), then the
+        TIES trim threshold of the masked values."""
+        k = params.get("k", 1.0)
+        want_table = bool("p" in params and params.get("della_eps") and not params.get("rank_rows"))
         m = max(int(math.floor((1 - k) * self.numel)), 1)
-        out = []
-        for terms in pts_terms:
+        thr, tables = [], []
+        for i, terms in enumerate(pts_terms):
             vals = []
             for s, e in self.blocks:
                 x = self.block_sources(s, e, {j for j, _ in terms})
-                vals.append(self.points([terms], x, s, e)[0].abs())
-            out.append(torch.kthvalue(torch.cat(vals).cpu(), m).values.item() if vals else 0.0)
-        return torch.tensor(out, dtype=torch.float64, device=self.ex.dev)
+                vals.append(self.points([terms], x, s, e)[0])
+            whole = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64, device=self.ex.dev)
+            table = _core.robust_rank_table(whole.cpu().numpy(), params["della_eps"]) if want_table else None
+            tables.append(table)
+            if k < 1.0:
+                if "p" in params:
+                    whole = torch.cat([whole[s:e] * self.mask(params, table, i, whole[s:e], s) for s, e in self.blocks])
+                thr.append(torch.kthvalue(whole.abs().cpu(), m).values.item() if whole.numel() else 0.0)
+        t = torch.tensor(thr, dtype=torch.float64, device=self.ex.dev) if k < 1.0 else None
+        return t, (tables if want_table else [])
 
     def prepare(self, method: str, params: dict, pts_terms: list):
-        thr = None
-        if method.startswith("ties") and params.get("k", 1.0) < 1.0:
-            thr = self.thresholds(pts_terms, params["k"])
+        thr, tables = None, []
+        if (method.startswith("ties") and params.get("k", 1.0) < 1.0) or (
+                "p" in params and params.get("della_eps") and not params.get("rank_rows")):
+            thr, tables = self.stats(params, pts_terms)
         extra: float | list[float] | None = None  # the stock factor, or the median weights
         if method in ("ties_median", "geometric_median") or (method == "model_stock" and params.get("whole")):
             n = len(pts_terms)
             G = torch.zeros((n, n), dtype=torch.float64, device=self.ex.dev)
             wanted = {j for terms in pts_terms for j, _ in terms}
             for s, e in self.blocks:
-                P = self.points(pts_terms, self.block_sources(s, e, wanted), s, e)
+                P = self.masked(params, tables, self.points(pts_terms, self.block_sources(s, e, wanted), s, e), s)
                 if method == "ties_median":
                     P, _ = self.ties(P, params, thr)
                 G += P @ P.T
@@ -320,11 +349,16 @@ class _Robust:
             else:
                 extra = _core.robust_weiszfeld(g, params.get("eps", 1e-6), int(params.get("maxiter", 100)),
                                                params.get("ftol", 1e-20))
-        return thr, extra
+        return thr, tables, extra
 
-    def value(self, method: str, params: dict, pts_terms: list, thr, extra, x: dict, s: int, e: int):
+    def value(self, method: str, params: dict, pts_terms: list, prep: tuple, x: dict, s: int, e: int):
+        thr, tables, extra = prep
         P = self.points(pts_terms, x, s, e)
         n = P.shape[0]
+        if method == "masked_mean":  # sd-mecha's dropout: kept values over the kept count
+            M = torch.stack([self.mask(params, None, i, P[i], s) for i in range(n)])
+            return torch.where(M != 0, P, torch.zeros_like(P)).sum(0) / M.sum(0).clamp(min=1)
+        P = self.masked(params, tables, P, s)
         if method.startswith("ties"):
             P, count = self.ties(P, params, thr)
         clean = lambda v: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731
@@ -349,8 +383,8 @@ class _Robust:
             acc = torch.zeros(e - s, dtype=torch.float64, device=self.ex.dev)
             for j, c in self.linear:
                 acc += c * x[j]
-            for (a, m, p, pts), (thr, extra) in zip(self.terms, prepared):
-                acc += a * self.value(m, p, pts, thr, extra, x, s, e)
+            for (a, m, p, pts), prep in zip(self.terms, prepared):
+                acc += a * self.value(m, p, pts, prep, x, s, e)
             self.ex._emit(writer, out_offset + s * osz, acc.to(self.ex.tdt[out_dt]))
         return self.read
 
