@@ -119,7 +119,11 @@ pub fn mask(out: &mut Vec<f64>, vals: &[f64], start: usize, key: [u32; 3], d: &D
     match ranks {
         Ranks::None => {
             for (e, m) in out.iter_mut().enumerate() {
-                *m = if (draw(key, (start + e) as u64) as f64) < q0 { 1.0 } else { 0.0 };
+                *m = if (draw(key, (start + e) as u64) as f64) < q0 {
+                    1.0
+                } else {
+                    0.0
+                };
             }
         }
         Ranks::Table(t) => {
@@ -209,7 +213,9 @@ impl RankTable {
             return t;
         }
         let key = |v: f64| v.abs().to_bits();
-        let (kmin, kmax) = vals.iter().fold((u64::MAX, 0u64), |(lo, hi), &v| (lo.min(key(v)), hi.max(key(v))));
+        let (kmin, kmax) = vals
+            .iter()
+            .fold((u64::MAX, 0u64), |(lo, hi), &v| (lo.min(key(v)), hi.max(key(v))));
         let cap = n.clamp(256, BUCKETS) as u64;
         while (kmax >> t.shift) - (kmin >> t.shift) >= cap {
             t.shift += 1;
@@ -261,7 +267,15 @@ impl RankTable {
             seen[w] += 1;
         }
         if multi.iter().any(|&m| m) {
-            let mut all: Vec<Vec<(u64, u64)>> = (0..h).map(|w| if multi[w] { Vec::with_capacity(seen[w] as usize) } else { Vec::new() }).collect();
+            let mut all: Vec<Vec<(u64, u64)>> = (0..h)
+                .map(|w| {
+                    if multi[w] {
+                        Vec::with_capacity(seen[w] as usize)
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect();
             for (j, &v) in vals.iter().enumerate() {
                 let k = key(v);
                 let w = t.which[((k >> t.shift) - t.base) as usize];
@@ -380,7 +394,14 @@ mod tests {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         let vals = [1.0, f64::NAN, 2.0];
         mask(&mut a, &vals, 0, stream(3, "k", 0), &d, Ranks::Table(&t));
-        mask(&mut b, &vals, 0, stream(3, "k", 0), &Dropout { della_eps: 0.0, ..d }, Ranks::None);
+        mask(
+            &mut b,
+            &vals,
+            0,
+            stream(3, "k", 0),
+            &Dropout { della_eps: 0.0, ..d },
+            Ranks::None,
+        );
         assert_eq!(a, b);
     }
 
@@ -427,6 +448,12 @@ mod tests {
             seed: 0,
         };
         assert!(d.check().is_err());
-        assert!(Dropout { p: 0.5, della_eps: f64::NAN, ..d }.check().is_err());
+        assert!(Dropout {
+            p: 0.5,
+            della_eps: f64::NAN,
+            ..d
+        }
+        .check()
+        .is_err());
     }
 }

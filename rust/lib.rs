@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod hashing;
 pub mod header;
+pub mod iso;
 pub mod kernels;
 pub mod plan;
 pub mod robust;

@@ -16,14 +16,15 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
 use crate::checkpoint::{Checkpoint, InputFile};
+use crate::dropout::Dropout;
 use crate::dtype::Dtype;
 use crate::engine::{self, Io, Options, Progress, Report};
 use crate::error::Error;
 use crate::hashing;
+use crate::iso::Iso;
 use crate::kernels::Level;
 use crate::plan::{Accumulate, Kind, Layout, Op, OutputTensor, Plan, Resolver, Source};
-use crate::dropout::Dropout;
-use crate::robust::{Expr, Median, Method, Robust, Ties};
+use crate::robust::{Expr, IsoTerm, Median, Method, Robust, Ties};
 use crate::writer::{Mode, Writer};
 
 /// Converts a crate error into the matching `astolfomix_rs.errors` exception.
@@ -276,15 +277,43 @@ fn output_from_py(item: &Bound<'_, PyAny>, names: &mut HashMap<String, Arc<str>>
 type PyTerms = Vec<(usize, f64)>;
 type PyRobust = (f64, String, HashMap<String, f64>, Vec<PyTerms>);
 
-/// An expression in its Python form: `(linear, [(coefficient, method, {param: value}, [points])])`,
-/// each point a list of `(source, coefficient)`; booleans as 0/1.
+/// An expression in its Python form: `(linear, [(coefficient, method, {param: value}, [points])],
+/// [(coefficient, {z_cof, apply_exp, apply_high_dim}, inner expression)])` (the last list may be
+/// left out), each point a list of `(source, coefficient)`; booleans as 0/1.
 fn expr_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Expr> {
-    let (linear, robust): (PyTerms, Vec<PyRobust>) = obj.extract()?;
+    let items: Vec<Bound<'_, PyAny>> = obj.extract()?;
+    if !(2..=3).contains(&items.len()) {
+        return Err(plan_err("an expression is (linear, robust terms[, isotropic terms])"));
+    }
+    let linear: PyTerms = items[0].extract()?;
+    let robust: Vec<PyRobust> = items[1].extract()?;
     let robust = robust
         .into_iter()
         .map(|(a, method, params, points)| robust_from_py(&method, &params, points).map(|r| (a, r)))
         .collect::<PyResult<_>>()?;
-    Ok(Expr { linear, robust })
+    let mut iso = Vec::new();
+    if let Some(list) = items.get(2) {
+        let terms: Vec<(f64, HashMap<String, f64>, Bound<'_, PyAny>)> = list.extract()?;
+        for (coef, p, inner) in terms {
+            if let Some(bad) = p
+                .keys()
+                .find(|k| !["z_cof", "apply_exp", "apply_high_dim"].contains(&k.as_str()))
+            {
+                return Err(plan_err(format!("isotropic has no parameter '{bad}'")));
+            }
+            let get = |k: &str, d: f64| p.get(k).copied().unwrap_or(d);
+            iso.push(IsoTerm {
+                coef,
+                iso: Iso {
+                    z: get("z_cof", 0.0),
+                    exp: get("apply_exp", 0.0) != 0.0,
+                    high_dim: get("apply_high_dim", 0.0) != 0.0,
+                },
+                inner: expr_from_py(&inner)?,
+            });
+        }
+    }
+    Ok(Expr { linear, robust, iso })
 }
 
 /// A robust node from its method name and parameters; `p` (drop probability), `della_eps`,

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use crate::dropout::{self, Dropout, RankTable, Ranks};
 use crate::engine::{read_source, Io, Progress};
 use crate::error::{Error, Result};
+use crate::iso::Iso;
 use crate::kernels;
 use crate::plan::{Layout, Resolved, SrcRef};
 use crate::writer::Writer;
@@ -163,13 +164,27 @@ impl Robust {
     }
 }
 
-/// An output tensor made of a linear part and robust terms: `sum lin_j x_j + sum a_r R_r`.
+/// An output tensor made of a linear part, robust terms and isotropic terms:
+/// `sum lin_j x_j + sum a_r R_r + sum b_i Iso_i(inner_i)`.
 #[derive(Clone, Debug, Default)]
 pub struct Expr {
     /// (source, coefficient), added in this order.
     pub linear: Vec<(usize, f64)>,
     /// (coefficient, node), added after the linear part, in this order.
     pub robust: Vec<(f64, Robust)>,
+    /// Isotropic steps over inner expressions (which have none themselves), added last.
+    pub iso: Vec<IsoTerm>,
+}
+
+/// `coef * Iso(inner)`: the inner expression computed over the whole tensor, then the SVD step.
+#[derive(Clone, Debug)]
+pub struct IsoTerm {
+    /// Its coefficient in the outer expression.
+    pub coef: f64,
+    /// The step's parameters.
+    pub iso: Iso,
+    /// What it is applied to.
+    pub inner: Expr,
 }
 
 impl Expr {
@@ -177,7 +192,7 @@ impl Expr {
     /// Gram pass per median or whole-tensor stock term, plus a threshold pass per trimmed point.
     pub fn bytes_read(&self, source_bytes: &[u64]) -> u64 {
         let all: u64 = source_bytes.iter().sum();
-        let mut total = all;
+        let mut total = all + self.iso.iter().map(|t| t.inner.bytes_read(source_bytes)).sum::<u64>();
         for (_, r) in &self.robust {
             if r.method.median().is_some() || matches!(r.method, Method::ModelStock { whole: true, .. }) {
                 total += all;
@@ -218,6 +233,16 @@ impl Expr {
                 return Err("the dropout method needs its masks".into());
             }
         }
+        for t in &self.iso {
+            if !t.coef.is_finite() {
+                return Err(format!("isotropic term coefficient {} is not finite", t.coef));
+            }
+            if !t.inner.iso.is_empty() {
+                return Err("an isotropic step of an isotropic step is not supported".into());
+            }
+            t.iso.check()?;
+            t.inner.check(n_sources)?;
+        }
         Ok(())
     }
 }
@@ -234,8 +259,9 @@ struct Prepared {
     stock: Option<f64>,
 }
 
-/// Runs one expression tensor: the statistics passes its robust terms need, then the output pass.
-/// Returns the input bytes read.
+/// Runs one expression tensor: each isotropic term's inner expression into a whole tensor (its
+/// own passes, then the SVD step), the statistics passes the robust terms need, then the output
+/// pass. Returns the input bytes read.
 pub(crate) fn run_expr(
     layout: &Layout,
     t: &Resolved,
@@ -246,13 +272,6 @@ pub(crate) fn run_expr(
     progress: &Progress,
 ) -> Result<u64> {
     let row = t.shape.last().copied().unwrap_or(1).max(1);
-    let rows = expr.robust.iter().any(|(_, r)| r.needs_rows());
-    let widest = expr.robust.iter().map(|(_, r)| r.points.len()).max().unwrap_or(1);
-    let block = block_len(widest, row, rows);
-    let blocks: Vec<(usize, usize)> = (0..t.numel)
-        .step_by(block.max(1))
-        .map(|s| (s, (s + block).min(t.numel)))
-        .collect();
     let ctx = Ctx {
         layout,
         sources,
@@ -262,45 +281,105 @@ pub(crate) fn run_expr(
         row,
     };
     let mut read = 0u64;
-    let mut prepared = Vec::with_capacity(expr.robust.len());
-    for (_, r) in &expr.robust {
-        let (p, n) = prepare(&ctx, r, &blocks, t.numel)?;
+    let mut iso_vals = Vec::with_capacity(expr.iso.len());
+    for term in &expr.iso {
+        let mut buf = vec![0f64; t.numel];
+        let blocks = blocks_of(&term.inner, t.numel, row);
+        let (prepared, n) = prepare_all(&ctx, &term.inner, &blocks, t.numel)?;
         read += n;
-        prepared.push(p);
+        let block = blocks.first().map_or(1, |b| b.1 - b.0).max(1);
+        let parts: Vec<u64> = buf
+            .par_chunks_mut(block)
+            .zip(blocks.par_iter())
+            .map(|(dst, &(s, e))| {
+                with_scratch(|sc| -> Result<u64> {
+                    let n = block_value(&ctx, &term.inner, &prepared, &[], s, e, sc)?;
+                    dst.copy_from_slice(&sc.acc);
+                    Ok(n)
+                })
+            })
+            .collect::<Result<_>>()?;
+        read += parts.iter().sum::<u64>();
+        term.iso.apply(&mut buf, &t.shape).map_err(|reason| Error::Mismatch {
+            tensor: t.name.clone(),
+            reason,
+        })?;
+        iso_vals.push(buf);
     }
+    let blocks = blocks_of(expr, t.numel, row);
+    let (prepared, n) = prepare_all(&ctx, expr, &blocks, t.numel)?;
+    read += n;
     let osz = t.dtype.size();
     let out_read: Vec<u64> = blocks
         .par_iter()
         .map(|&(s, e)| -> Result<u64> {
             with_scratch(|sc| {
-                if progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(Error::Cancelled);
-                }
-                let n = ctx.load(s, e, sc)?;
-                let len = e - s;
-                let mut acc = std::mem::take(&mut sc.acc);
-                acc.clear();
-                acc.resize(len, 0.0);
-                for &(j, c) in &expr.linear {
-                    acc.iter_mut().zip(&sc.x[j]).for_each(|(a, v)| *a += c * v);
-                }
-                for ((a, r), p) in expr.robust.iter().zip(&prepared) {
-                    evaluate(r, p, s, len, row, sc);
-                    acc.iter_mut().zip(sc.vals.iter()).for_each(|(o, v)| *o += a * v);
-                }
-                sc.out.resize(len * osz, 0);
+                let n = block_value(&ctx, expr, &prepared, &iso_vals, s, e, sc)?;
+                sc.out.resize((e - s) * osz, 0);
                 if t.dtype == crate::dtype::Dtype::F16 {
-                    kernels::finish_f64_to_f16(&acc, &mut sc.out);
+                    kernels::finish_f64_to_f16(&sc.acc, &mut sc.out);
                 } else {
-                    kernels::finish_f64(&acc, None, &mut sc.out, t.dtype);
+                    kernels::finish_f64(&sc.acc, None, &mut sc.out, t.dtype);
                 }
-                sc.acc = acc;
                 writer.write_at((t.out_offset + s * osz) as u64, &sc.out)?;
                 Ok(n)
             })
         })
         .collect::<Result<_>>()?;
     Ok(read + out_read.iter().sum::<u64>())
+}
+
+/// The fixed blocks of an expression over a tensor of `numel` elements (see [`block_len`]).
+fn blocks_of(expr: &Expr, numel: usize, row: usize) -> Vec<(usize, usize)> {
+    let rows = expr.robust.iter().any(|(_, r)| r.needs_rows());
+    let widest = expr.robust.iter().map(|(_, r)| r.points.len()).max().unwrap_or(1);
+    let block = block_len(widest, row, rows).max(1);
+    (0..numel).step_by(block).map(|s| (s, (s + block).min(numel))).collect()
+}
+
+/// The statistics passes of every robust term of `expr`.
+fn prepare_all(ctx: &Ctx<'_>, expr: &Expr, blocks: &[(usize, usize)], numel: usize) -> Result<(Vec<Prepared>, u64)> {
+    let mut read = 0u64;
+    let mut prepared = Vec::with_capacity(expr.robust.len());
+    for (_, r) in &expr.robust {
+        let (p, n) = prepare(ctx, r, blocks, numel)?;
+        read += n;
+        prepared.push(p);
+    }
+    Ok((prepared, read))
+}
+
+/// The expression's value at elements `[s, e)` (isotropic terms read from their whole tensors),
+/// into `sc.acc`. Returns the bytes read.
+fn block_value(
+    ctx: &Ctx<'_>,
+    expr: &Expr,
+    prepared: &[Prepared],
+    iso_vals: &[Vec<f64>],
+    s: usize,
+    e: usize,
+    sc: &mut Scratch,
+) -> Result<u64> {
+    if ctx.progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    let n = ctx.load(s, e, sc)?;
+    let len = e - s;
+    let mut acc = std::mem::take(&mut sc.acc);
+    acc.clear();
+    acc.resize(len, 0.0);
+    for &(j, c) in &expr.linear {
+        acc.iter_mut().zip(&sc.x[j]).for_each(|(a, v)| *a += c * v);
+    }
+    for ((a, r), p) in expr.robust.iter().zip(prepared) {
+        evaluate(r, p, s, len, ctx.row, sc);
+        acc.iter_mut().zip(sc.vals.iter()).for_each(|(o, v)| *o += a * v);
+    }
+    for (term, vals) in expr.iso.iter().zip(iso_vals) {
+        acc.iter_mut().zip(&vals[s..e]).for_each(|(o, v)| *o += term.coef * v);
+    }
+    sc.acc = acc;
+    Ok(n)
 }
 
 /// Per-thread buffers, reused across blocks (fresh 512 KB vectors per block cost page faults).
@@ -1072,7 +1151,7 @@ mod tests {
         .is_err());
         let e = Expr {
             linear: vec![(3, 1.0)],
-            robust: vec![],
+            ..Default::default()
         };
         assert!(e.check(2).is_err());
     }

@@ -195,3 +195,14 @@ def dropout_mean(ds, key, seed, p=0.9, rescale=1.0):
     M = np.stack(ms)
     tot = np.where(M != 0, D, 0.0).sum(0) / np.maximum(M.sum(0), 1)
     return tot / ((1 - p) ** rescale if p != 0 else 1.0)
+
+
+def isotropic(d, z_cof=0.0, apply_exp=False, apply_high_dim=False):
+    """Iso-C / Iso-Z: U diag(m + z (S - m)) V^T of the 2-D (or flattened >2-D) tensor."""
+    d = np.asarray(d, np.float64)
+    if not (d.ndim == 2 or (d.ndim > 2 and apply_high_dim)) or d.size == 0 or not np.isfinite(d).all():
+        return d
+    U, S, Vh = np.linalg.svd(d.reshape(d.shape[0], -1), full_matrices=False)
+    with np.errstate(divide="ignore"):
+        m = np.exp(np.log(S).mean()) if apply_exp else S.mean()
+    return ((U * (m + z_cof * (S - m))) @ Vh).reshape(d.shape)

@@ -79,9 +79,12 @@ METHODS: dict[str, tuple[int | None, dict[str, Any]]] = {
                                      "apply_median": False, "eps": 1e-6, "maxiter": 100, "ftol": 1e-20,
                                      "seed": None, "rank": "tensor"}),
     "dropout": (None, {"probability": 0.9, "rescale": 1.0, "overlap": 1.0, "overlap_emphasis": 0.0, "seed": None}),
+    "isotropic_overrided": (1, {"z_cof": 0.0, "apply_exp": False, "apply_high_dim": False}),
+    "isotropic": (1, {"z_cof": 0.0, "apply_exp": False, "apply_high_dim": False}),
     "fallback": (2, {}),
     "pick_component": (1, {"component": None}),
 }
+ISO = {"isotropic_overrided", "isotropic"}
 ROBUST = {"ties_sum", "ties_sum_extended", "geometric_median", "model_stock", "ties_sum_with_dropout", "dropout"}
 # Parameters that are not numbers: name -> allowed values (None: any string) or "seed".
 _SPECIAL = {"component": None, "rank": ("tensor", "row"), "seed": "seed"}
@@ -331,26 +334,29 @@ def is_robust_recipe(path: str | os.PathLike[str]) -> bool:
 
 @dataclass
 class Value:
-    """A node's value at one key: ``sum coef * input`` plus ``sum a * robust node``."""
+    """A node's value at one key: ``sum coef * input`` plus ``sum a * robust node`` plus
+    ``sum b * isotropic(inner value)``."""
 
     linear: dict[int, float] = field(default_factory=dict)
     robust: list[tuple[float, tuple]] = field(default_factory=list)
+    iso: list[tuple[float, dict[str, float], Value]] = field(default_factory=list)
 
     def scaled(self, c: float) -> Value:
-        return Value({i: c * v for i, v in self.linear.items()}, [(c * a, r) for a, r in self.robust])
+        return Value({i: c * v for i, v in self.linear.items()}, [(c * a, r) for a, r in self.robust],
+                     [(c * b, p, v) for b, p, v in self.iso])
 
     def plus(self, other: Value) -> Value:
         lin = dict(self.linear)
         for i, v in other.linear.items():
             lin[i] = lin.get(i, 0.0) + v
-        return Value(lin, self.robust + other.robust)
+        return Value(lin, self.robust + other.robust, self.iso + other.iso)
 
 
 def _robust_term(node: MergeNode, points: list[Value], vote: str | None, seed: int | None) -> tuple[float, tuple] | None:
     """(coefficient, (engine method, params, points)) of a robust node, or None where it is 0."""
     kw = {**METHODS[node.method][1], **node.kwargs}
     for p in points:
-        if p.robust:
+        if p.robust or p.iso:
             raise RecipeError(f"line {node.line}: {node.method} of a robust merge's result is not supported yet "
                               "(nest linear steps only)")
     pts = [sorted(p.linear.items()) for p in points]
@@ -441,6 +447,11 @@ class Compiler:
             for v in vs:
                 out = out.plus(v.scaled(1.0 / len(vs)))
             return out
+        if m in ISO:
+            if vs[0].iso:
+                raise RecipeError(f"line {node.line}: {m} of an isotropic result is not supported")
+            params = {k: float(kw[k]) for k in ("z_cof", "apply_exp", "apply_high_dim")}
+            return Value({}, [], [(1.0, params, vs[0])])
         term = _robust_term(node, vs, self.vote, self.seed(node))
         return Value({}, [term] if term is not None else [])
 
@@ -454,15 +465,26 @@ def compile_output(key: str, v: Value, dtype: str | None) -> Output:
     """One plan output for a key's value: a copy, a uniform mean (the same bytes as ``mean``), or
     an f64 expression."""
     lin = {i: c for i, c in v.linear.items() if c != 0.0}
-    if not v.robust and len(lin) == 1 and next(iter(lin.values())) == 1.0:
+    if not v.robust and not v.iso and len(lin) == 1 and next(iter(lin.values())) == 1.0:
         return Output(key, "copy", [(next(iter(lin)), key)], dtype)
-    if not v.robust and _uniform(lin):
+    if not v.robust and not v.iso and _uniform(lin):
         return Output(key, "mean", [(i, key) for i in sorted(lin)], dtype)
-    inputs = sorted({i for i in lin} | {i for _, r in v.robust for p in r[2] for i, _ in p})
+
+    def used(w: Value) -> set[int]:
+        return set(w.linear) | {i for _, r in w.robust for p in r[2] for i, _ in p} | {
+            i for _, _, inner in w.iso for i in used(inner)}
+
+    inputs = sorted(used(v))
     pos = {i: j for j, i in enumerate(inputs)}
-    linear = [(pos[i], c) for i, c in sorted(lin.items())]
-    robust = [(a, name, params, [[(pos[i], c) for i, c in p] for p in pts]) for a, (name, params, pts) in v.robust]
-    return Output(key, "expr", [(i, key) for i in inputs], dtype, expr=(linear, robust))
+
+    def part(w: Value) -> tuple[list, list]:
+        linear = [(pos[i], c) for i, c in sorted(w.linear.items()) if c != 0.0]
+        robust = [(a, name, params, [[(pos[i], c) for i, c in p] for p in pts]) for a, (name, params, pts) in w.robust]
+        return linear, robust
+
+    linear, robust = part(v)
+    iso = [(b, params, part(inner)) for b, params, inner in v.iso]
+    return Output(key, "expr", [(i, key) for i in inputs], dtype, expr=(linear, robust, iso))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,7 +556,8 @@ def mecha_plan(
         v = compiler.value(rec.root, key)
         if v is not None:
             outputs.append(compile_output(key, v, out_dtype))
-    methods = sorted({r[1] for o in outputs if o.expr for r in o.expr[1]})
+    methods = sorted({r[1] for o in outputs for r in _terms(o)}
+                     | ({"isotropic"} if any(o.expr and o.expr[2] for o in outputs) else set()))
     rule = vote or "vote_sgn per node (false: count, true: mass)"
     robust_meta: dict[str, Any] = {"methods": methods, "sign_rule": rule, "precision": "f64",
                                    "apply_stock": "read as sd-mecha 1.1 (false applies model stock)",
@@ -559,15 +582,23 @@ def mecha_plan(
     return plan, summary
 
 
+def _terms(o: Output) -> list[tuple]:
+    """Every robust term of an output's expression, those inside isotropic steps included."""
+    if o.op != "expr" or o.expr is None:
+        return []
+    return [*o.expr[1], *(t for _, _, inner in o.expr[2] for t in inner[1])]
+
+
 def _passes(outputs: Sequence[Output]) -> dict[str, int]:
     """How many tensors need each kind of pass."""
-    out = {"copy/cast/mean": 0, "expr": 0, "statistics pass": 0, "gram pass": 0}
+    out = {"copy/cast/mean": 0, "expr": 0, "statistics pass": 0, "gram pass": 0, "isotropic (whole tensor)": 0}
     for o in outputs:
         if o.op != "expr" or o.expr is None:
             out["copy/cast/mean"] += 1
             continue
         out["expr"] += 1
-        for _, name, params, _ in o.expr[1]:
+        out["isotropic (whole tensor)"] += len(o.expr[2])
+        for _, name, params, _ in _terms(o):
             if params.get("k", 1.0) < 1.0 or (params.get("della_eps", 0.0) and not params.get("rank_rows")):
                 out["statistics pass"] += 1
             if name in ("ties_median", "geometric_median") or params.get("whole"):
@@ -583,9 +614,11 @@ def peak_bytes(plan: Plan, threads: int) -> int:
     numel = {t[0]: int(t[3]) for t in plan.resolved.tensors()} if plan.resolved is not None else {}
     for o in plan.outputs:
         if o.op == "expr" and o.expr is not None:
-            n_points = sum(len(r[3]) for r in o.expr[1])
+            n_points = max((len(r[3]) for r in _terms(o)), default=0)
             widest = max(widest, len(o.sources) + 2 * n_points)
-            if any(r[2].get("k", 1.0) < 1.0 or r[2].get("della_eps", 0.0) for r in o.expr[1]):
+            if o.expr[2]:  # the isotropic step: one whole f64 tensor, its SVD factors and product
+                trim = max(trim, 4 * 8 * numel.get(o.name, 0))
+            if any(r[2].get("k", 1.0) < 1.0 or r[2].get("della_eps", 0.0) for r in _terms(o)):
                 # one whole tensor per point in flight (points run in parallel within 1 GB)
                 n = numel.get(o.name, 0)
                 trim = max(trim, 8 * n * max(1, min(threads, (1 << 30) // max(8 * n, 1))))

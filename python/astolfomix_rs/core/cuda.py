@@ -254,8 +254,9 @@ def execute(
 class _Robust:
     def __init__(self, ex: _Executor, hosts: list[Any], srcs: list, expr: tuple, shape: list[int], numel: int,
                  key: str):
-        self.ex, self.hosts, self.srcs, self.numel, self.key = ex, hosts, srcs, numel, key
-        self.linear, self.terms = expr
+        self.ex, self.hosts, self.srcs, self.numel, self.key, self.shape = ex, hosts, srcs, numel, key, shape
+        self.linear, self.terms = expr[0], expr[1]
+        self.iso = expr[2] if len(expr) > 2 else []
         self.row = max(shape[-1], 1) if shape else 1
         widest = max((len(pts) for _, _, _, pts in self.terms), default=1)
         rows = any(m == "ties_stock" or (m == "model_stock" and not p.get("whole"))
@@ -374,10 +375,10 @@ class _Robust:
         mean = P.sum(0) / n
         return clean((mean.view(-1, self.row) * t).view(-1) if not params.get("whole") else t * mean)
 
-    def run(self, writer, out_offset: int, out_dt: str) -> int:
+    def blocks_values(self, iso_vals: list):
+        """(start, end, f64 values) per block: the linear part, the robust terms, the isotropic ones."""
         prepared = [self.prepare(m, p, pts) for _, m, p, pts in self.terms]
         wanted = {j for j, _ in self.linear} | {j for _, _, _, pts in self.terms for terms in pts for j, _ in terms}
-        osz = ITEMSIZE[out_dt]
         for s, e in self.blocks:
             x = self.block_sources(s, e, wanted)
             acc = torch.zeros(e - s, dtype=torch.float64, device=self.ex.dev)
@@ -385,8 +386,36 @@ class _Robust:
                 acc += c * x[j]
             for (a, m, p, pts), prep in zip(self.terms, prepared):
                 acc += a * self.value(m, p, pts, prep, x, s, e)
+            for (b, _, _), v in zip(self.iso, iso_vals):
+                acc += b * v[s:e]
+            yield s, e, acc
+
+    def isotropic(self) -> list:
+        """Each isotropic term's inner expression over the whole tensor, then its SVD step."""
+        out = []
+        for _, params, inner in self.iso:
+            sub = _Robust(self.ex, self.hosts, self.srcs, inner, self.shape, self.numel, self.key)
+            whole = torch.cat([v for _, _, v in sub.blocks_values([])]) if self.numel else torch.zeros(0, dtype=torch.float64)
+            self.read += sub.read
+            out.append(_isotropic(whole, self.shape, params))
+        return out
+
+    def run(self, writer, out_offset: int, out_dt: str) -> int:
+        osz = ITEMSIZE[out_dt]
+        for s, _, acc in self.blocks_values(self.isotropic()):
             self.ex._emit(writer, out_offset + s * osz, acc.to(self.ex.tdt[out_dt]))
         return self.read
+
+
+def _isotropic(v, shape: list[int], params: dict):
+    """Iso-C / Iso-Z on one whole tensor (see rust/iso.rs): U diag(m + z (S - m)) V^T."""
+    two_d = len(shape) == 2 or (len(shape) > 2 and params.get("apply_high_dim"))
+    if not two_d or v.numel() == 0 or not bool(torch.isfinite(v).all()):
+        return v
+    A = v.view(shape[0], -1)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    m = torch.exp(torch.log(S).mean()) if params.get("apply_exp") else S.mean()
+    return ((U * (m + params.get("z_cof", 0.0) * (S - m))) @ Vh).reshape(-1)
 
 
 def _stock_rows(P, row: int, cos_eps: float):
