@@ -95,6 +95,42 @@ pub fn draw(k: [u32; 3], idx: u64) -> u32 {
 
 const TWO32: f64 = 4_294_967_296.0;
 
+/// `out[e] = draw(key, start + e)` as f64: the same values as [`draw`], computed over runs of
+/// equal high counter words with a 32-bit counter, so the loop vectorizes (AVX2 where present).
+fn draws(out: &mut [f64], key: [u32; 3], start: u64) {
+    #[inline(always)]
+    fn run(out: &mut [f64], key: [u32; 3], lo: u32, hi: u32) {
+        let k1 = hi ^ key[1];
+        for (e, m) in out.iter_mut().enumerate() {
+            let x = lowbias32(lo.wrapping_add(e as u32) ^ key[0]);
+            let x = lowbias32(x ^ k1);
+            *m = lowbias32(x ^ key[2]) as f64;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn run_avx2(out: &mut [f64], key: [u32; 3], lo: u32, hi: u32) {
+        run(out, key, lo, hi)
+    }
+    let mut done = 0usize;
+    while done < out.len() {
+        let idx = start + done as u64;
+        // elements until the low counter word wraps
+        let left = ((1u64 << 32) - (idx & 0xffff_ffff)).min((out.len() - done) as u64) as usize;
+        let part = &mut out[done..done + left];
+        let (lo, hi) = (idx as u32, (idx >> 32) as u32);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected on this CPU.
+            unsafe { run_avx2(part, key, lo, hi) };
+            done += left;
+            continue;
+        }
+        run(part, key, lo, hi);
+        done += left;
+    }
+}
+
 /// How a point's ranks are known.
 #[derive(Clone, Copy)]
 pub enum Ranks<'a> {
@@ -116,16 +152,9 @@ pub fn mask(out: &mut Vec<f64>, vals: &[f64], start: usize, key: [u32; 3], d: &D
         Ranks::Table(t) if t.nan => Ranks::None,
         r => r,
     };
+    draws(out, key, start as u64);
     match ranks {
-        Ranks::None => {
-            for (e, m) in out.iter_mut().enumerate() {
-                *m = if (draw(key, (start + e) as u64) as f64) < q0 {
-                    1.0
-                } else {
-                    0.0
-                };
-            }
-        }
+        Ranks::None => out.iter_mut().for_each(|m| *m = if *m < q0 { 1.0 } else { 0.0 }),
         Ranks::Table(t) => {
             // Only draws inside [lo, hi) depend on the rank: most elements skip the lookup.
             let half = d.della_eps.abs() / 2.0;
@@ -133,9 +162,14 @@ pub fn mask(out: &mut Vec<f64>, vals: &[f64], start: usize, key: [u32; 3], d: &D
             let hi = (1.0 - d.p + half).clamp(0.0, 1.0) * TWO32;
             let n = t.n as f64;
             for (e, (m, &v)) in out.iter_mut().zip(vals).enumerate() {
-                let j = (start + e) as u64;
-                let u = draw(key, j) as f64;
-                let keep = u < lo || (u < hi && u < d.q(t.rank(v, j), n) * TWO32);
+                let u = *m;
+                let keep = if u < lo {
+                    true
+                } else if u >= hi {
+                    false
+                } else {
+                    u < d.q(t.rank(v, (start + e) as u64), n) * TWO32
+                };
                 *m = if keep { 1.0 } else { 0.0 };
             }
         }
@@ -143,7 +177,7 @@ pub fn mask(out: &mut Vec<f64>, vals: &[f64], start: usize, key: [u32; 3], d: &D
             let row = row.max(1);
             let mut order: Vec<(u64, u32)> = Vec::with_capacity(row);
             let mut rank = vec![0f64; row];
-            for (r, (ms, vs)) in out.chunks_mut(row).zip(vals.chunks(row)).enumerate() {
+            for (ms, vs) in out.chunks_mut(row).zip(vals.chunks(row)) {
                 let nan = vs.iter().any(|v| v.is_nan());
                 if !nan {
                     order.clear();
@@ -155,142 +189,212 @@ pub fn mask(out: &mut Vec<f64>, vals: &[f64], start: usize, key: [u32; 3], d: &D
                 }
                 let n = vs.len() as f64;
                 for (i, m) in ms.iter_mut().enumerate() {
-                    let j = (start + r * row + i) as u64;
                     let q = if nan { (1.0 - d.p).clamp(0.0, 1.0) } else { d.q(rank[i], n) };
-                    *m = if (draw(key, j) as f64) < q * TWO32 { 1.0 } else { 0.0 };
+                    *m = if *m < q * TWO32 { 1.0 } else { 0.0 };
                 }
             }
         }
     }
 }
 
-/// Buckets of the first level of a [`RankTable`] at most (a table stays in the L2 cache).
+/// Buckets of the first level of a [`RankTable`] at most (a level stays in the L2 cache).
 const BUCKETS: usize = 1 << 16;
+/// Bits a finer level splits a heavy bucket by.
+const SUB_BITS: u32 = 8;
+const LIGHT: u32 = u32::MAX;
 
 /// Approximate ordinal ranks of `(|v_j|, j)` within one tensor of one model, built in one go from
 /// the whole tensor and then queried element by element.
 ///
-/// Keys are the bits of `|v|` (monotone for non-negative floats), bucketed by their top bits
-/// (at most 65536 buckets over the tensor's key range). A bucket holding at most `T` elements is
-/// answered by its midpoint; a heavier one (repeated values, dense ranges) keeps every `q`-th
-/// element of its exact `(key, position)` order, found by binary search. Both errors are at most
-/// `T / 2` ranks, with `T = q = 1.8e-4 n / |eps|`, so the keep probability is within 0.9e-4 of the
-/// exact one. Memory: the buckets plus n / q samples.
+/// Keys are the bits of `|v|` (monotone for non-negative floats). The first level buckets them
+/// by their top bits (zero alone in bucket 0, at most 65536 buckets over the non-zero range). A
+/// bucket of at most `T` elements is answered by its midpoint. A heavier one is split by the next
+/// 8 bits, level by level, until every part is light or holds a single key; a single key's
+/// elements are in position order (ties by position), so every `T`-th position is kept and a
+/// binary search places an element among them. Errors are at most `T / 2` ranks with
+/// `T = 1.8e-4 n / |eps|`, so the keep probability is within 0.9e-4 of the exact one. No sort:
+/// each level is a counting pass over its elements (stable, so positions stay in order).
 #[derive(Debug, Clone)]
 pub struct RankTable {
     n: u64,
     nan: bool,
+    q: u64,
+    nodes: Vec<Node>,
+    /// Per single-key part: the positions of its elements 0, q, 2q, ...
+    singles: Vec<Vec<u64>>,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
     shift: u32,
     base: u64,
-    /// Elements below each bucket (prefix sums; one more entry than buckets).
+    /// The root keeps zero in bucket 0 of its own.
+    root: bool,
+    /// Elements below each bucket within this node (one more entry than buckets).
     below: Vec<u64>,
-    /// Per bucket: index into `heavy`, or `u32::MAX` for a light bucket.
-    which: Vec<u32>,
-    /// Per heavy bucket: `(key, position)` of its elements at within-bucket ranks 0, q, 2q, ...
-    heavy: Vec<Vec<(u64, u64)>>,
-    q: u64,
+    /// Per bucket: [`LIGHT`], a child node index, or `SINGLE | index` into `singles`.
+    kind: Vec<u32>,
+}
+
+const SINGLE: u32 = 1 << 31;
+
+thread_local! {
+    /// Per thread: the (key, position) pairs of [`RankTable::build`], kept between tables.
+    static PAIRS: std::cell::RefCell<Vec<(u64, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Node {
+    #[inline(always)]
+    fn bucket(&self, k: u64) -> usize {
+        let last = self.kind.len() - 1;
+        if self.root {
+            if k == 0 {
+                0
+            } else {
+                (((k >> self.shift).saturating_sub(self.base) + 1) as usize).min(last)
+            }
+        } else {
+            ((k >> self.shift).saturating_sub(self.base) as usize).min(last)
+        }
+    }
 }
 
 impl RankTable {
     /// The table of one tensor's values (one model's points), for a DELLA weight `della_eps`.
     pub fn build(vals: &[f64], della_eps: f64) -> RankTable {
         let n = vals.len();
+        let q = ((1.8 * TOL * n as f64 / della_eps.abs().max(1e-300)).floor() as u64).max(1);
         let mut t = RankTable {
             n: n as u64,
             nan: false,
-            shift: 0,
-            base: 0,
-            below: vec![0, n as u64],
-            which: vec![u32::MAX],
-            heavy: Vec::new(),
-            q: 1,
+            q,
+            nodes: Vec::new(),
+            singles: Vec::new(),
         };
-        if n == 0 {
-            return t;
-        }
-        if vals.iter().any(|v| v.is_nan()) {
-            t.nan = true;
-            return t;
-        }
         let key = |v: f64| v.abs().to_bits();
-        let (kmin, kmax) = vals
-            .iter()
-            .fold((u64::MAX, 0u64), |(lo, hi), &v| (lo.min(key(v)), hi.max(key(v))));
-        let cap = n.clamp(256, BUCKETS) as u64;
-        while (kmax >> t.shift) - (kmin >> t.shift) >= cap {
-            t.shift += 1;
-        }
-        t.base = kmin >> t.shift;
-        let nb = ((kmax >> t.shift) - t.base + 1) as usize;
-        let mut count = vec![0u64; nb];
+        // Zero (common: untouched weights) gets a bucket of its own, so the others span only the
+        // range of the non-zero magnitudes.
+        let (mut kmin, mut kmax, mut nan) = (u64::MAX, 0u64, false);
         for &v in vals {
-            count[((key(v) >> t.shift) - t.base) as usize] += 1;
+            let k = key(v);
+            nan |= v.is_nan();
+            kmin = if k == 0 { kmin } else { kmin.min(k) };
+            kmax = kmax.max(k);
         }
-        t.below = Vec::with_capacity(nb + 1);
-        t.below.push(0);
-        for c in &count {
-            let last = *t.below.last().expect("non-empty");
-            t.below.push(last + c);
-        }
-        let limit = ((1.8 * TOL * n as f64 / della_eps.abs().max(1e-300)).floor() as u64).max(1);
-        t.q = limit;
-        t.which = vec![u32::MAX; nb];
-        let mut heavy_buckets = Vec::new();
-        for (b, &c) in count.iter().enumerate() {
-            if c > limit {
-                t.which[b] = heavy_buckets.len() as u32;
-                heavy_buckets.push(b);
-            }
-        }
-        if heavy_buckets.is_empty() {
+        if nan || n == 0 {
+            t.nan = nan;
+            t.nodes.push(Node {
+                shift: 0,
+                base: 0,
+                root: true,
+                below: vec![0, n as u64],
+                kind: vec![LIGHT],
+            });
             return t;
         }
-        // One scan in position order: a bucket of one repeated key is sampled directly (its
-        // order is the position order); the others are gathered and sorted.
-        let h = heavy_buckets.len();
-        let (mut first, mut multi, mut seen) = (vec![u64::MAX; h], vec![false; h], vec![0u64; h]);
-        t.heavy = vec![Vec::new(); h];
-        for (j, &v) in vals.iter().enumerate() {
-            let k = key(v);
-            let w = t.which[((k >> t.shift) - t.base) as usize];
-            if w == u32::MAX {
-                continue;
-            }
-            let w = w as usize;
-            if first[w] == u64::MAX {
-                first[w] = k;
-            }
-            multi[w] |= k != first[w];
-            if seen[w] % t.q == 0 {
-                t.heavy[w].push((k, j as u64));
-            }
-            seen[w] += 1;
+        let kmin = kmin.min(kmax.max(1));
+        let cap = n.clamp(256, BUCKETS) as u64;
+        let mut shift = 0;
+        while (kmax >> shift) - (kmin >> shift) >= cap {
+            shift += 1;
         }
-        if multi.iter().any(|&m| m) {
-            let mut all: Vec<Vec<(u64, u64)>> = (0..h)
-                .map(|w| {
-                    if multi[w] {
-                        Vec::with_capacity(seen[w] as usize)
-                    } else {
-                        Vec::new()
-                    }
-                })
-                .collect();
+        let nb = ((kmax >> shift) - (kmin >> shift) + 2) as usize;
+        let root = Node {
+            shift,
+            base: kmin >> shift,
+            root: true,
+            below: Vec::new(),
+            kind: vec![LIGHT; nb],
+        };
+        let mut count = vec![0u32; nb];
+        for &v in vals {
+            count[root.bucket(key(v))] += 1;
+        }
+        // The heavy buckets' positions, gathered in position order, grouped by bucket.
+        let heavy: Vec<bool> = count.iter().map(|&c| c as u64 > q).collect();
+        let mut start = vec![0usize; nb + 1];
+        for b in 0..nb {
+            start[b + 1] = start[b] + if heavy[b] { count[b] as usize } else { 0 };
+        }
+        // (key, position) pairs: the finer levels then read them in order, never `vals` at random.
+        // Branch-free: a light bucket's element goes to a spare last slot, overwritten each time.
+        // The buffer is the thread's, reused (fresh pages cost as much as the pass).
+        let mut pos = PAIRS.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        let heavy_total = start[nb];
+        if heavy_total > 0 {
+            pos.clear();
+            pos.resize(heavy_total + 1, (0, 0));
+            let step: Vec<usize> = heavy.iter().map(|&h| h as usize).collect();
+            let mut fill: Vec<usize> = (0..nb).map(|b| if heavy[b] { start[b] } else { heavy_total }).collect();
             for (j, &v) in vals.iter().enumerate() {
                 let k = key(v);
-                let w = t.which[((k >> t.shift) - t.base) as usize];
-                if w != u32::MAX && multi[w as usize] {
-                    all[w as usize].push((k, j as u64));
-                }
-            }
-            for (w, mut pairs) in all.into_iter().enumerate() {
-                if multi[w] {
-                    pairs.sort_unstable();
-                    t.heavy[w] = pairs.into_iter().step_by(t.q as usize).collect();
-                }
+                let b = root.bucket(k);
+                let at = fill[b];
+                pos[at] = (k, j as u64);
+                fill[b] = at + step[b];
             }
         }
+        t.nodes.push(root);
+        t.fill_node(0, &count, &heavy, &start, &mut pos[..heavy_total]);
+        PAIRS.with(|p| *p.borrow_mut() = pos);
         t
+    }
+
+    /// Fills node `i`'s prefix sums and, for each heavy bucket, its finer level (recursively) or
+    /// its single-key samples. `pos` holds the heavy buckets' positions, `start` where each begins.
+    fn fill_node(&mut self, i: usize, count: &[u32], heavy: &[bool], start: &[usize], pos: &mut [(u64, u64)]) {
+        let mut below = Vec::with_capacity(count.len() + 1);
+        below.push(0u64);
+        for &c in count {
+            below.push(below.last().expect("non-empty") + c as u64);
+        }
+        self.nodes[i].below = below;
+        for b in 0..count.len() {
+            if !heavy[b] {
+                continue;
+            }
+            let part = &mut pos[start[b]..start[b + 1]];
+            let (lo, hi) = part.iter().fold((u64::MAX, 0), |(lo, hi), &(k, _)| (lo.min(k), hi.max(k)));
+            if lo == hi || self.nodes[i].shift == 0 {
+                // One key: ranks within are positions, already in order.
+                self.nodes[i].kind[b] = SINGLE | self.singles.len() as u32;
+                self.singles
+                    .push(part.iter().map(|&(_, j)| j).step_by(self.q as usize).collect());
+                continue;
+            }
+            let shift = self.nodes[i].shift.saturating_sub(SUB_BITS);
+            let node = Node {
+                shift,
+                base: lo >> shift,
+                root: false,
+                below: Vec::new(),
+                kind: vec![LIGHT; ((hi >> shift) - (lo >> shift) + 1) as usize],
+            };
+            let nb = node.kind.len();
+            let mut sub = vec![0u32; nb];
+            for &(k, _) in part.iter() {
+                sub[node.bucket(k)] += 1;
+            }
+            // Stable counting sort of the part by sub-bucket: positions stay in order within each.
+            let mut s2 = vec![0usize; nb + 1];
+            for c in 0..nb {
+                s2[c + 1] = s2[c] + sub[c] as usize;
+            }
+            let mut sorted = vec![(0u64, 0u64); part.len()];
+            let mut f2 = s2.clone();
+            for &(k, j) in part.iter() {
+                let c = node.bucket(k);
+                sorted[f2[c]] = (k, j);
+                f2[c] += 1;
+            }
+            part.copy_from_slice(&sorted);
+            drop(sorted);
+            let h2: Vec<bool> = sub.iter().map(|&c| c as u64 > self.q).collect();
+            let child = self.nodes.len();
+            self.nodes.push(node);
+            self.nodes[i].kind[b] = child as u32;
+            self.fill_node(child, &sub, &h2, &s2, part);
+        }
     }
 
     /// Whether the tensor held a NaN (then every rank term is 0).
@@ -301,27 +405,34 @@ impl RankTable {
     /// The estimated ordinal rank (1..n) of element `j`, whose value is `v`.
     pub fn rank(&self, v: f64, j: u64) -> f64 {
         let k = v.abs().to_bits();
-        let nb = self.which.len();
-        let b = ((k >> self.shift).saturating_sub(self.base) as usize).min(nb - 1);
-        let count = self.below[b + 1] - self.below[b];
-        let within = match self.which[b] {
-            u32::MAX => count.saturating_sub(1) as f64 / 2.0,
-            w => {
-                let s = &self.heavy[w as usize];
-                let m = s.partition_point(|&p| p < (k, j)) as u64;
-                if m == 0 {
-                    0.0
-                } else {
-                    (((m - 1) * self.q) as f64 + (self.q + 1) as f64 / 2.0).min(count.saturating_sub(1) as f64)
+        let mut node = &self.nodes[0];
+        let mut r = 0.0;
+        loop {
+            let b = node.bucket(k);
+            r += node.below[b] as f64;
+            let count = node.below[b + 1] - node.below[b];
+            match node.kind[b] {
+                LIGHT => return r + count.saturating_sub(1) as f64 / 2.0 + 1.0,
+                s if s & SINGLE != 0 => {
+                    // m samples before j: its place among the part is in ((m-1)q, mq].
+                    let p = &self.singles[(s & !SINGLE) as usize];
+                    let m = p.partition_point(|&x| x < j) as u64;
+                    let within = if m == 0 {
+                        0.0
+                    } else {
+                        (((m - 1) * self.q) as f64 + (self.q + 1) as f64 / 2.0).min(count.saturating_sub(1) as f64)
+                    };
+                    return r + within + 1.0;
                 }
+                c => node = &self.nodes[c as usize],
             }
-        };
-        self.below[b] as f64 + within + 1.0
+        }
     }
 
     /// Bytes this table holds (for the memory estimate).
     pub fn bytes(&self) -> usize {
-        self.below.len() * 8 + self.which.len() * 4 + self.heavy.iter().map(|h| h.len() * 16).sum::<usize>()
+        self.nodes.iter().map(|n| n.below.len() * 8 + n.kind.len() * 4).sum::<usize>()
+            + self.singles.iter().map(|s| s.len() * 8).sum::<usize>()
     }
 }
 
@@ -455,5 +566,45 @@ mod tests {
         }
         .check()
         .is_err());
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    #[test]
+    #[ignore]
+    fn time_build() {
+        use half::f16;
+        let n = 4_000_000usize;
+        let mut s = 1u64;
+        let mut rnd = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let vals: Vec<f64> = (0..n)
+            .map(|_| {
+                let b = (rnd() - 0.5) * 0.2;
+                let g = (rnd() + rnd() + rnd() - 1.5) * 4e-3;
+                f16::from_f64(b + g).to_f64() - f16::from_f64(b).to_f64()
+            })
+            .collect();
+        let _ = super::RankTable::build(&vals, -0.1);
+        let t = std::time::Instant::now();
+        let tab = super::RankTable::build(&vals, -0.1);
+        let el = t.elapsed().as_secs_f64();
+        let heavy: usize = tab.nodes.len();
+        let samples: usize = tab.singles.iter().map(|h| h.len()).sum();
+        eprintln!("n {n} q {} samples {samples} nodes {}", tab.q, tab.nodes.len());
+        let t2 = std::time::Instant::now();
+        let mut acc = 0.0;
+        for (j, &v) in vals.iter().enumerate().step_by(10) {
+            acc += tab.rank(v, j as u64);
+        }
+        let el2 = t2.elapsed().as_secs_f64();
+        eprintln!(
+            "build {:.2} ns/el, heavy buckets {heavy}, rank {:.1} ns/query ({acc})",
+            el / n as f64 * 1e9,
+            el2 / (n / 10) as f64 * 1e9
+        );
     }
 }

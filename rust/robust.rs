@@ -249,9 +249,10 @@ impl Expr {
 
 /// What a robust term needs before the output pass.
 struct Prepared {
-    /// Per point: its mask stream and (DELLA, tensor-wide) its rank table.
+    /// Per point: its mask stream, and (DELLA, tensor-wide ranks) its whole mask as bits, drawn
+    /// once in the statistics pass where the rank table is at hand.
     streams: Vec<[u32; 3]>,
-    tables: Vec<Option<RankTable>>,
+    bits: Vec<Vec<u64>>,
     /// Per point: keep |p| >= thr (TIES with k < 1).
     thresholds: Option<Vec<f64>>,
     /// Median weights (unnormalised), or the whole-tensor model stock factor in `stock`.
@@ -707,16 +708,27 @@ fn weighted_sum_impl(pts: &[f64], len: usize, w: Option<&[f64]>, vals: &mut Vec<
 fn drop_points(r: &Robust, p: &Prepared, pts: &mut [f64], s: usize, len: usize, row: usize, mask: &mut Vec<f64>) {
     let Some(d) = &r.dropout else { return };
     for (i, pt) in pts.chunks_exact_mut(len.max(1)).enumerate() {
-        dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, p, i, row));
-        pt.iter_mut().zip(mask.iter()).for_each(|(v, m)| *v *= m);
+        match p.bits.get(i) {
+            Some(bits) => pt.iter_mut().enumerate().for_each(|(e, v)| *v *= bit(bits, s + e)),
+            None => {
+                dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, i, row));
+                pt.iter_mut().zip(mask.iter()).for_each(|(v, m)| *v *= m);
+            }
+        }
     }
 }
 
-fn ranks<'a>(d: &Dropout, p: &'a Prepared, i: usize, row: usize) -> Ranks<'a> {
-    match p.tables.get(i).and_then(|t| t.as_ref()) {
-        Some(t) => Ranks::Table(t),
-        None if d.rows => Ranks::Rows(row),
-        None => Ranks::None,
+#[inline(always)]
+fn bit(bits: &[u64], j: usize) -> f64 {
+    ((bits[j / 64] >> (j % 64)) & 1) as f64
+}
+
+/// Ranks drawn on the fly (tensor-wide ranks come as precomputed bits instead).
+fn ranks(d: &Dropout, _i: usize, row: usize) -> Ranks<'static> {
+    if d.rows {
+        Ranks::Rows(row)
+    } else {
+        Ranks::None
     }
 }
 
@@ -740,7 +752,7 @@ fn evaluate(r: &Robust, p: &Prepared, s: usize, len: usize, row: usize, sc: &mut
         count.clear();
         count.resize(len, 0.0);
         for (i, pt) in pts.chunks_exact(len.max(1)).enumerate() {
-            dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, p, i, row));
+            dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, i, row));
             for (((v, c), &y), &m) in vals.iter_mut().zip(count.iter_mut()).zip(pt).zip(mask.iter()) {
                 *v += if m != 0.0 { y } else { 0.0 };
                 *c += m;
@@ -843,7 +855,7 @@ fn prepare(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize) -
     };
     let mut prepared = Prepared {
         streams,
-        tables: Vec::new(),
+        bits: Vec::new(),
         thresholds: None,
         weights: None,
         stock: None,
@@ -868,7 +880,7 @@ fn prepare(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize) -
 fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize, prep: &mut Prepared) -> Result<u64> {
     let k = r.method.ties().map(|t| t.k).filter(|&k| k < 1.0);
     let table = r.dropout.filter(|d| d.needs_table());
-    let one_point = |i: usize| -> Result<(Option<RankTable>, f64, u64)> {
+    let one_point = |i: usize| -> Result<(Option<Vec<u64>>, f64, u64)> {
         let terms = &r.points[i];
         // The point alone, its terms renumbered over the sources loaded for it: the same
         // arithmetic as `points` in the other passes, so the statistics are of the same values.
@@ -890,16 +902,21 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
                 Ok(n)
             })?;
         }
-        let tab = table.map(|d| RankTable::build(&all, d.della_eps));
+        // DELLA with tensor-wide ranks: the table lives only here; the mask is drawn once, kept
+        // as bits (numel / 8 bytes per point) for the other passes.
+        let bits = table.map(|d| {
+            let tab = RankTable::build(&all, d.della_eps);
+            mask_bits(&all, blocks, dropout::stream(d.seed, ctx.key, i), &d, &tab)
+        });
         let mut thr = 0.0;
         if let Some(k) = k {
-            if let Some(d) = &r.dropout {
-                let ranks = match &tab {
-                    Some(t) => Ranks::Table(t),
-                    None if d.rows => Ranks::Rows(ctx.row),
-                    None => Ranks::None,
-                };
-                apply_mask_whole(&mut all, blocks, dropout::stream(d.seed, ctx.key, i), d, ranks);
+            match (&bits, &r.dropout) {
+                (Some(b), _) => all.iter_mut().enumerate().for_each(|(j, v)| *v *= bit(b, j)),
+                (None, Some(d)) => {
+                    let ranks = if d.rows { Ranks::Rows(ctx.row) } else { Ranks::None };
+                    apply_mask_whole(&mut all, blocks, dropout::stream(d.seed, ctx.key, i), d, ranks);
+                }
+                (None, None) => {}
             }
             all.iter_mut().for_each(|v| *v = v.abs());
             if !all.is_empty() {
@@ -908,9 +925,11 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
                 thr = *kth;
             }
         }
-        Ok((tab, thr, read))
+        Ok((bits, thr, read))
     };
-    let group = ((1usize << 30) / (numel.max(1) * 8)).clamp(1, rayon::current_num_threads().max(1));
+    // values (8 bytes each) and, for a rank table, its (key, position) pairs (16)
+    let per = if table.is_some() { 24 } else { 8 };
+    let group = ((1usize << 30) / (numel.max(1) * per)).clamp(1, rayon::current_num_threads().max(1));
     let idx: Vec<usize> = (0..r.points.len()).collect();
     let mut read = 0u64;
     let (mut tables, mut thr) = (Vec::new(), Vec::new());
@@ -923,12 +942,26 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
         }
     }
     if table.is_some() {
-        prep.tables = tables;
+        prep.bits = tables.into_iter().map(|b| b.unwrap_or_default()).collect();
     }
     if k.is_some() {
         prep.thresholds = Some(thr);
     }
     Ok(read)
+}
+
+/// A whole point tensor's DELLA mask as bits (bit j of word j / 64), drawn block by block.
+fn mask_bits(all: &[f64], blocks: &[(usize, usize)], key: [u32; 3], d: &Dropout, tab: &RankTable) -> Vec<u64> {
+    let mut bits = vec![0u64; all.len().div_ceil(64)];
+    let mut m = Vec::new();
+    for &(s, e) in blocks {
+        dropout::mask(&mut m, &all[s..e], s, key, d, Ranks::Table(tab));
+        for (o, &k) in m.iter().enumerate() {
+            let j = s + o;
+            bits[j / 64] |= ((k != 0.0) as u64) << (j % 64);
+        }
+    }
+    bits
 }
 
 /// Masks a whole point tensor block by block (rows-mode ranks need the block's whole rows).

@@ -608,8 +608,8 @@ def _passes(outputs: Sequence[Output]) -> dict[str, int]:
 
 def peak_bytes(plan: Plan, threads: int) -> int:
     """Estimated peak memory of running ``plan``: per thread one block of every source of the
-    widest expression (f64) and its points, plus one whole tensor of one point for a trim
-    threshold pass, plus the plan."""
+    widest expression (f64) and its points, plus the whole tensors of a statistics pass (trim
+    thresholds, DELLA rank tables and mask bits) or of an isotropic step, plus the plan."""
     widest = trim = 0
     numel = {t[0]: int(t[3]) for t in plan.resolved.tensors()} if plan.resolved is not None else {}
     for o in plan.outputs:
@@ -618,10 +618,15 @@ def peak_bytes(plan: Plan, threads: int) -> int:
             widest = max(widest, len(o.sources) + 2 * n_points)
             if o.expr[2]:  # the isotropic step: one whole f64 tensor, its SVD factors and product
                 trim = max(trim, 4 * 8 * numel.get(o.name, 0))
-            if any(r[2].get("k", 1.0) < 1.0 or r[2].get("della_eps", 0.0) for r in _terms(o)):
-                # one whole tensor per point in flight (points run in parallel within 1 GB)
-                n = numel.get(o.name, 0)
-                trim = max(trim, 8 * n * max(1, min(threads, (1 << 30) // max(8 * n, 1))))
+            n = numel.get(o.name, 0)
+            for r in _terms(o):
+                della = bool(r[2].get("della_eps", 0.0)) and not r[2].get("rank_rows")
+                if r[2].get("k", 1.0) < 1.0 or della:
+                    # one whole tensor per point in flight (points run in parallel within 1 GB;
+                    # a rank table adds 16 bytes per element), and the DELLA masks as bits
+                    per = 24 if della else 8
+                    flight = per * n * max(1, min(threads, (1 << 30) // max(per * n, 1)))
+                    trim = max(trim, flight + (len(r[3]) * n // 8 if della else 0))
     block = _core.robust_block_len(max(1, widest // 2), 1, False)
     return threads * widest * block * 8 + trim + 64 * len(plan.outputs) * max(1, len(plan.inputs))
 

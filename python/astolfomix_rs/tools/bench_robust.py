@@ -24,6 +24,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "geometric_median": {},
     "model_stock": {},
     "n_average": {},
+    # DGMLA as published: DELLA masks, TIES sign by mass, geometric median, no rescale
+    "ties_sum_with_dropout": {"probability": 0.1, "della_eps": -0.1, "rescale": False, "k": 1.0, "vote_sgn": True,
+                              "apply_median": True, "seed": 0},
+    "dropout": {"probability": 0.9, "seed": 0},
 }
 
 
