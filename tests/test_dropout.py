@@ -315,3 +315,37 @@ def test_probability_one_is_zero_and_core_refuses_bad_masks(tmp_path):
     assert np.array_equal(am.Checkpoint(o).tensor("w"), b.astype(np.float64))
     with pytest.raises(AstolfomixError, match="probability"):
         _core.robust_mask(np.zeros(3), 0, 0, "k", 0, 1.5)
+
+
+@pytest.mark.parametrize("case", [*CASES, "dropout"])
+def test_torch_path_draws_the_same_masks(tmp_path, case):
+    """Every variant on the torch executor: the same masks (drawn by the engine's generator), sums
+    in torch's order, so f64 outputs within 1e-12 and the same non-finite places."""
+    pytest.importorskip("torch")
+    files = make_pool(tmp_path, 5, seed=41)
+    method, params = ("dropout", dict(probability=0.5, seed=6)) if case == "dropout" else ("ties_sum_with_dropout", CASES[case])
+    for dev in ("cpu", "torch-cpu"):
+        plan, _ = mc.mecha_plan(mc.parse_mecha(recipe(files, method, **params)), tmp_path, dtype="f64")
+        am.execute(plan, tmp_path / f"{dev}.safetensors", device=dev, progress=False)
+    a, b = am.Checkpoint(tmp_path / "cpu.safetensors"), am.Checkpoint(tmp_path / "torch-cpu.safetensors")
+    for k in a.keys():
+        x, y = a.tensor(k), b.tensor(k)
+        if k == "ids":
+            assert np.array_equal(x, y)
+            continue
+        assert np.array_equal(np.isfinite(x), np.isfinite(y)), k
+        assert rel_l2(x[np.isfinite(x)], y[np.isfinite(y)]) <= 1e-12, (case, k)
+
+
+def test_cli_prints_and_records_the_seed(tmp_path, capsys):
+    from astolfomix_rs.cli import main
+
+    files = big_pool(tmp_path, 3, shape=(8, 9))
+    (tmp_path / "r.mecha").write_text(recipe(files, "ties_sum_with_dropout", probability=0.3, seed="null"))
+    assert main(["merge", str(tmp_path / "r.mecha"), "--models", str(tmp_path), "--dry-run"]) == 0
+    assert "(drawn) for ties_sum_with_dropout" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "r.mecha"), "--models", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    seed = out["seeds"][0]["seed"]
+    meta = json.loads(am.Checkpoint(tmp_path / "r.safetensors").metadata["astolfomix.robust"])
+    assert meta["seeds"][0]["seed"] == seed and meta["seeds"][0]["drawn"]

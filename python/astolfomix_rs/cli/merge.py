@@ -53,18 +53,21 @@ def _merge_mecha(args: argparse.Namespace) -> int:
     threads = args.threads or os.cpu_count() or 1
     summary.update(output=str(target), estimated_seconds=round(_estimate(summary["bytes_to_read"]), 1),
                    estimated_peak_bytes=mc.peak_bytes(plan, threads))
+    # Random nodes: the seed each runs with (drawn ones too), so the run can be repeated.
+    seeds = "".join(f"\nseed {s['seed']} ({'drawn' if s['drawn'] else 'given'}) for {s['method']}"
+                    + (f" on line {s['line']}" if s["line"] else "") for s in summary.get("seeds", []))
     if args.dry_run:
         passes = ", ".join(f"{k} x{v}" for k, v in summary["passes"].items() if v)
         text = (f"robust merge of {len(summary['inputs'])} models -> {target}\n"
                 f"methods: {', '.join(summary['methods']) or 'linear only'}; sign rule: {summary['sign_rule']}\n"
                 f"tensors: {passes}\n"
                 f"reads {human_bytes(summary['bytes_to_read'])} over all passes, about {summary['estimated_seconds']} s; "
-                f"peak memory about {human_bytes(summary['estimated_peak_bytes'])} ({threads} threads)")
+                f"peak memory about {human_bytes(summary['estimated_peak_bytes'])} ({threads} threads)" + seeds)
         emit(args, summary, text)
         return 0
     rep = execute(plan, target, device=args.device, threads=args.threads, progress=not args.json,
                   overwrite=args.overwrite, durable=not args.no_fsync)
-    emit(args, {**summary, "report": rep.as_dict()}, report_text(rep))
+    emit(args, {**summary, "report": rep.as_dict()}, report_text(rep) + seeds)
     return 0
 
 
