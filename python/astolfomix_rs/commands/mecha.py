@@ -361,16 +361,16 @@ def _robust_term(node: MergeNode, points: list[Value], vote: str | None, seed: i
                               "(nest linear steps only)")
     pts = [sorted(p.linear.items()) for p in points]
     if node.method in ("dropout", "ties_sum_with_dropout"):
-        p = float(kw["probability"])
-        if math.isclose(p, 1.0):
+        prob = float(kw["probability"])
+        if math.isclose(prob, 1.0):
             return None  # sd-mecha returns 0: every element dropped
-        drop = {"p": p, "seed": float(seed or 0)}
+        drop = {"p": prob, "seed": float(seed or 0)}  # seeds below 2^53 are exact as floats
         if node.method == "dropout":
-            r = (1.0 - p) ** float(kw["rescale"]) if p != 0.0 else 1.0
+            r = (1.0 - prob) ** float(kw["rescale"]) if prob != 0.0 else 1.0
             return (1.0 / r if math.isfinite(r) and r != 0.0 else 1.0), ("masked_mean", drop, pts)
         drop |= {"della_eps": float(kw["della_eps"]), "rank_rows": float(kw["rank"] == "row")}
         name, params, pts = _ties_term("ties_sum_extended", kw, pts, vote)
-        return (1.0 / (1.0 - p) if kw["rescale"] and p != 0.0 else 1.0), (name, {**params, **drop}, pts)
+        return (1.0 / (1.0 - prob) if kw["rescale"] and prob != 0.0 else 1.0), (name, {**params, **drop}, pts)
     return 1.0, _ties_term(node.method, kw, pts, vote)
 
 
