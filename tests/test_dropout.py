@@ -41,11 +41,9 @@ def pool(request, tmp_path_factory):
     return d, make_pool(d, request.param, seed=20 + request.param)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_ties_with_dropout_matches_the_float64_reference(pool, tmp_path, case):
-    d, files = pool
-    params = CASES[case]
-    plan, _ = mc.mecha_plan(mc.parse_mecha(recipe(files, "ties_sum_with_dropout", **params)), d, dtype="f64")
+def check_reference(d, files, tmp_path, method, params, fn):
+    """Runs the recipe in f64 and checks every float key against ``base + fn(deltas, key)``."""
+    plan, _ = mc.mecha_plan(mc.parse_mecha(recipe(files, method, **params)), d, dtype="f64")
     am.execute(plan, tmp_path / "o.safetensors", progress=False)
     out, base = am.Checkpoint(tmp_path / "o.safetensors"), am.Checkpoint(d / "base.safetensors")
     models = [am.Checkpoint(d / f) for f in files]
@@ -53,30 +51,24 @@ def test_ties_with_dropout_matches_the_float64_reference(pool, tmp_path, case):
         if key == "ids":
             continue
         b = base.tensor(key).astype(np.float64)
-        deltas = [m.tensor(key).astype(np.float64) - b for m in models]
-        expect = b + expected(deltas, key, params)
+        expect = b + fn([m.tensor(key).astype(np.float64) - b for m in models], key)
         got = out.tensor(key)
         fin = np.isfinite(expect)
         assert np.array_equal(np.isfinite(got), fin), key
-        assert rel_l2(got[fin], expect[fin]) <= 1e-12, (case, key, rel_l2(got[fin], expect[fin]))
+        assert rel_l2(got[fin], expect[fin]) <= 1e-12, (method, key, rel_l2(got[fin], expect[fin]))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ties_with_dropout_matches_the_float64_reference(pool, tmp_path, case):
+    d, files = pool
+    check_reference(d, files, tmp_path, "ties_sum_with_dropout", CASES[case],
+                    lambda deltas, key: expected(deltas, key, CASES[case]))
 
 
 def test_dropout_method_matches_the_reference(pool, tmp_path):
     d, files = pool
-    plan, _ = mc.mecha_plan(mc.parse_mecha(recipe(files, "dropout", probability=0.6, rescale=0.5, seed=4)), d,
-                            dtype="f64")
-    am.execute(plan, tmp_path / "o.safetensors", progress=False)
-    out, base = am.Checkpoint(tmp_path / "o.safetensors"), am.Checkpoint(d / "base.safetensors")
-    models = [am.Checkpoint(d / f) for f in files]
-    for key in base.keys():
-        if key == "ids":
-            continue
-        b = base.tensor(key).astype(np.float64)
-        expect = b + ref.dropout_mean([m.tensor(key).astype(np.float64) - b for m in models], key, 4, 0.6, 0.5)
-        got = out.tensor(key)
-        fin = np.isfinite(expect)
-        assert np.array_equal(np.isfinite(got), fin), key
-        assert rel_l2(got[fin], expect[fin]) <= 1e-12, key
+    check_reference(d, files, tmp_path, "dropout", dict(probability=0.6, rescale=0.5, seed=4),
+                    lambda deltas, key: ref.dropout_mean(deltas, key, 4, 0.6, 0.5))
 
 
 def big_pool(folder, n, shape=(300, 700), seed=0, quantize=True, zero_rows=True):
