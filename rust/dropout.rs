@@ -292,7 +292,9 @@ impl RankTable {
             });
             return t;
         }
-        let kmin = kmin.min(kmax.max(1));
+        // (all zeros: an empty non-zero range, one unused bucket)
+        let kmax = kmax.max(1);
+        let kmin = kmin.min(kmax);
         let cap = n.clamp(256, BUCKETS) as u64;
         let mut shift = 0;
         while (kmax >> shift) - (kmin >> shift) >= cap {
