@@ -88,7 +88,22 @@ impl Checkpoint {
                 path: path.to_path_buf(),
             });
         }
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let not_regular = || Error::invalid(path, "not a regular file (a FIFO, device or socket); refused");
+        if !meta.is_file() {
+            return Err(not_regular());
+        }
+        // O_NONBLOCK: a FIFO put here after the check above must not block the open; the opened
+        // file is checked again, and its own length is used.
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(not_regular());
+        }
         let file_len = meta.len();
         if file_len == 0 {
             return Err(Error::invalid(
@@ -183,6 +198,20 @@ mod tests {
         std::fs::write(&p, bytes).unwrap();
         let c = Checkpoint::open(&p).unwrap();
         assert!(c.get(&name).is_some());
+    }
+
+    #[test]
+    fn error_not_a_regular_file() {
+        // A FIFO would block a plain open forever; a character device reads endless zeros.
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("x.safetensors");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for p in [fifo.as_path(), Path::new("/dev/zero")] {
+            let e = Checkpoint::open(p).err().unwrap();
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
     }
 
     #[test]

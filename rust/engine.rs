@@ -316,9 +316,20 @@ fn mean_chunk(c: &Chunk<'_>, sources: &[SrcRef], weights: Option<&[f64]>, via: A
     Ok(read)
 }
 
+/// Most worker threads a run may ask for (thousands of threads only thrash).
+pub const MAX_THREADS: usize = 1024;
+/// Largest chunk, in elements.
+pub const MAX_CHUNK: usize = 1 << 30;
+
 /// Runs a resolved plan and writes `output`.
 pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Progress) -> Result<Report> {
     let t0 = Instant::now();
+    if opts.threads.is_some_and(|t| t > MAX_THREADS) {
+        return Err(Error::Plan(format!("threads must be from 1 to {MAX_THREADS}")));
+    }
+    if opts.chunk > MAX_CHUNK {
+        return Err(Error::Plan(format!("chunk must be at most {MAX_CHUNK} elements")));
+    }
     progress.total.store(layout.bytes_read, Ordering::Relaxed);
     let writer = Writer::create(
         output,

@@ -15,7 +15,7 @@ from ..errors import AstolfomixError
 from ..tools import bench, bench_robust
 from . import merge as recipe_cli
 from . import models as anatomy_cli
-from .common import COMMANDS, command, emit, human_bytes, report_text  # noqa: F401
+from .common import COMMANDS, command, emit, human_bytes, report_text, thread_count  # noqa: F401
 
 
 @command("mean")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weights", help="comma-separated, normalised to sum 1")
     m.add_argument("--dtype", default="f16", help="f16 (default), bf16, f32, f64 or same")
     m.add_argument("--accumulate", default="f32", choices=["f32", "f64"])
-    m.add_argument("--threads", type=int)
+    m.add_argument("--threads", type=thread_count)
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     m.add_argument("--strict", action="store_true", help="a key missing from some inputs is an error")
     m.add_argument("--overwrite", action="store_true")

@@ -20,6 +20,17 @@ def command(name: str):
     return deco
 
 
+def thread_count(text: str) -> int:
+    """``--threads``: a whole number from 1 to 1024 (argparse turns the error into an error line)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text[:20]}' is not a whole number") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 1024, not {n}")
+    return n
+
+
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     """Prints JSON with --json, else the human text."""
     if getattr(args, "json", False):

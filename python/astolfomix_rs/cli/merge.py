@@ -15,7 +15,7 @@ from ..commands import recipe as rc
 from ..commands.inspect import inspect_file
 from ..core.engine import execute
 from ..tools.synth import make_checkpoint
-from .common import command, emit, human_bytes, report_text
+from .common import command, emit, human_bytes, report_text, thread_count
 
 DEMO_RECIPE = """\
 ```
@@ -154,7 +154,7 @@ def add_parsers(sub) -> None:
     m.add_argument("--dtype", default=None, help="f16 (default), bf16, f32")
     m.add_argument("--accumulate", default=None, choices=["f32", "f64"])
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    m.add_argument("--threads", type=int)
+    m.add_argument("--threads", type=thread_count)
     m.add_argument("--hash-inputs", action="store_true", help="record each input's sha256 (webui sd_merge_models)")
     m.add_argument("--vote", choices=["count", "mass"],
                    help=".mecha recipes: TIES sign rule for every node (default: each node's vote_sgn, as sd-mecha 1.1)")

@@ -286,12 +286,13 @@ def scan_pool(models: Path) -> dict[ModelId, list[Path]]:
         raise RecipeError(f"models folder {models} does not exist")
     for p in sorted(models.iterdir()):
         m = _POOL.match(p.name)
+        mi = None if m else _INTER_FILE.match(p.name)
+        if (m or mi) and p.is_symlink():
+            _inside(models, p, f"pool file '{p.name}'")
         if m:
             found.setdefault(ModelId(int(m.group(1))), []).append(p)
-            continue
-        m = _INTER_FILE.match(p.name)
-        if m:
-            found.setdefault(ModelId(int(m.group(1)), m.group(2).lower()), []).append(p)
+        elif mi:
+            found.setdefault(ModelId(int(mi.group(1)), mi.group(2).lower()), []).append(p)
     return found
 
 
@@ -303,7 +304,16 @@ def safe_join(folder: Path, name: str, what: str) -> Path:
     base = Path(os.path.normpath(folder))
     if full != base and base not in full.parents:
         raise RecipeError(f"{what} '{name}' points outside {folder}; refused")
+    _inside(folder, full, f"{what} '{name}'")
     return full
+
+
+def _inside(folder: Path, path: Path, what: str) -> None:
+    """Refuses ``path`` if symbolic links take it out of ``folder`` (a shared recipe or pool must
+    not reach files elsewhere on the machine)."""
+    real, base = path.resolve(), folder.resolve()
+    if real != base and base not in real.parents:
+        raise RecipeError(f"{what} is a link to {real}, outside {folder}; refused")
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""Hostile and unlucky inputs (issue 9, the parts done so far): only regular files are opened, a
+FIFO never blocks, thread and chunk counts are bounded, and none of these leaves an output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import astolfomix_rs as am
+import numpy as np
+import pytest
+from astolfomix_rs.cli import main
+from astolfomix_rs.core.save import save
+from astolfomix_rs.errors import AstolfomixError, PlanError
+
+
+def test_fifo_and_devices_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "_x03-x.safetensors"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(AstolfomixError, match="not a regular file"):
+            am.Checkpoint(path)
+    # The CLI, in a child with a deadline: a blocking open would hang here.
+    for cmd in (["inspect", str(fifo)], ["hash", str(fifo)]):
+        r = subprocess.run([sys.executable, "-m", "astolfomix_rs.cli", *cmd], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and "not a regular file" in r.stderr, (cmd, r.stderr)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "10000", "abc"])
+def test_bad_thread_counts_are_error_lines(tmp_path, capsys, value):
+    save(tmp_path / "a.safetensors", {"w": np.ones(4, np.float32)})
+    with pytest.raises(SystemExit) as ei:
+        main(["mean", str(tmp_path / "a.safetensors"), "-o", str(tmp_path / "o.safetensors"), "--threads", value])
+    assert ei.value.code == 2
+    assert "--threads" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_api_bounds_threads_and_chunk_before_writing(tmp_path):
+    save(tmp_path / "a.safetensors", {"w": np.ones(4, np.float32)})
+    for kw in ({"threads": 5000}, {"chunk": 2**62}):
+        with pytest.raises(PlanError):
+            am.mean([tmp_path / "a.safetensors"], tmp_path / "o.safetensors", progress=False, **kw)
+        assert not (tmp_path / "o.safetensors").exists()
+        assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_links_out_of_the_models_folder_are_refused(tmp_path):
+    from astolfomix_rs.commands import mecha as mc
+    from astolfomix_rs.commands.recipe import scan_pool
+    from astolfomix_rs.errors import RecipeError
+
+    outside, pool = tmp_path / "elsewhere", tmp_path / "pool"
+    outside.mkdir()
+    pool.mkdir()
+    save(outside / "secret.safetensors", {"w": np.ones(2, np.float32)})
+    save(pool / "inside.safetensors", {"w": np.ones(2, np.float32)})
+    (pool / "_x01-link.safetensors").symlink_to(outside / "secret.safetensors")
+    (pool / "ok.safetensors").symlink_to(pool / "inside.safetensors")  # a link that stays inside is fine
+    with pytest.raises(RecipeError, match="outside"):
+        scan_pool(pool)
+    (pool / "_x01-link.safetensors").unlink()
+    (pool / "l.safetensors").symlink_to(outside / "secret.safetensors")
+    for name, ok in (("l.safetensors", False), ("ok.safetensors", True)):
+        text = f'version 0.1.0\nmodel "{name}" model_config="sdxl-sgm" merge_space="weight"\n'
+        if ok:
+            mc.mecha_plan(mc.parse_mecha(text), pool)
+        else:
+            with pytest.raises(RecipeError, match="link to"):
+                mc.mecha_plan(mc.parse_mecha(text), pool)
+    assert scan_pool(pool) == {}
