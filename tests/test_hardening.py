@@ -71,3 +71,47 @@ def test_links_out_of_the_models_folder_are_refused(tmp_path):
             with pytest.raises(RecipeError, match="link to"):
                 mc.mecha_plan(mc.parse_mecha(text), pool)
     assert scan_pool(pool) == {}
+
+
+def test_weights_that_would_overflow_are_refused(tmp_path, capsys):
+    for i in range(3):
+        save(tmp_path / f"{i}.safetensors", {"w": np.ones(4, np.float32)})
+    files = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    with pytest.raises(PlanError, match="overflow"):
+        am.mean(files, tmp_path / "o.safetensors", weights=[1e300, -1e300, 1], progress=False)
+    with pytest.raises(PlanError, match="overflow"):
+        am.mean(files, tmp_path / "o.safetensors", weights=[1e7, 1, 1], normalize_weights=False, progress=False)
+    assert not (tmp_path / "o.safetensors").exists()
+    am.mean(files, tmp_path / "o.safetensors", weights=[2, -1, 0.5], progress=False)  # extrapolation is fine
+    for bad in ("abc", "1,nan"):
+        with pytest.raises(SystemExit):
+            main(["mean", *map(str, files), "-o", str(tmp_path / "p.safetensors"), "--weights", bad])
+        assert "--weights" in capsys.readouterr().err
+
+
+TERM = """
+import os, signal, sys
+import astolfomix_rs.cli as cli
+orig, sent = cli.mean, []
+def mean(*a, **k):
+    def tick(done, total):
+        if not sent:  # once the engine is under way, as `kill` or a closing terminal would
+            sent.append(1)
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return orig(*a, **{**k, "progress": tick, "threads": 1, "chunk": 64, "kernel": "scalar"})
+cli.mean = mean
+sys.exit(cli.main(["mean", *sys.argv[2:-1], "-o", sys.argv[-1], "--no-fsync"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_like_ctrl_c_and_leave_nothing(tmp_path, sig):
+    files = []
+    for i in range(4):
+        p = tmp_path / f"{i}.safetensors"
+        save(p, {f"w{k}": np.full(2_000_000, i, np.float32) for k in range(8)}, durable=False)
+        files.append(str(p))
+    out = tmp_path / "out.safetensors"
+    r = subprocess.run([sys.executable, "-c", TERM, sig, *files, str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and "interrupted" in r.stderr, (r.returncode, r.stderr)
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(f) for f in files)

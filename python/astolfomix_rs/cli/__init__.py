@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from .._core import __version__
 from ..api import mean
@@ -15,13 +17,13 @@ from ..errors import AstolfomixError
 from ..tools import bench, bench_robust
 from . import merge as recipe_cli
 from . import models as anatomy_cli
-from .common import COMMANDS, command, emit, human_bytes, report_text, thread_count  # noqa: F401
+from .common import COMMANDS, command, emit, human_bytes, report_text, thread_count, weight_list  # noqa: F401
 
 
 @command("mean")
 def cmd_mean(args: argparse.Namespace) -> int:
 
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    weights = args.weights
     r = mean(
         args.inputs, args.output, weights=weights, dtype=args.dtype, accumulate=args.accumulate,
         threads=args.threads, strict=args.strict, progress=not args.json, overwrite=args.overwrite,
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mean", help="uniform or weighted mean of whole checkpoints")
     m.add_argument("inputs", nargs="+")
     m.add_argument("-o", "--output", required=True)
-    m.add_argument("--weights", help="comma-separated, normalised to sum 1")
+    m.add_argument("--weights", type=weight_list, help="comma-separated, normalised to sum 1")
     m.add_argument("--dtype", default="f16", help="f16 (default), bf16, f32, f64 or same")
     m.add_argument("--accumulate", default="f32", choices=["f32", "f64"])
     m.add_argument("--threads", type=thread_count)
@@ -119,9 +121,17 @@ def _extra_parsers():
     return [("recipe", recipe_cli.add_parsers), ("anatomy", anatomy_cli.add_parsers)]
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM (kill, a job scheduler) and SIGHUP (the terminal closed) stop a run the way Ctrl-C
+    # does: the engine sees the interrupt within a second and removes its temp file.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         return COMMANDS[args.command](args)
     except AstolfomixError as e:

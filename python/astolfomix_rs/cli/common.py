@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any, Callable
 
 from ..commands.inspect import human_bytes  # noqa: F401  (shared by the commands)
@@ -29,6 +30,17 @@ def thread_count(text: str) -> int:
     if not 1 <= n <= 1024:
         raise argparse.ArgumentTypeError(f"must be from 1 to 1024, not {n}")
     return n
+
+
+def weight_list(text: str) -> list[float]:
+    """``--weights``: comma-separated finite numbers."""
+    try:
+        w = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a comma-separated list of numbers") from None
+    if not all(math.isfinite(x) for x in w):
+        raise argparse.ArgumentTypeError("weights must be finite numbers")
+    return w
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:

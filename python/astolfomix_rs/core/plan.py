@@ -106,7 +106,21 @@ def normalize(weights: Sequence[float]) -> list[float]:
     s = math.fsum(w)
     if s == 0 or not math.isfinite(s):
         raise PlanError(f"weights sum to {s}; cannot normalise")
-    return [x / s for x in w]
+    out = [x / s for x in w]
+    check_weight_sizes(out)
+    return out
+
+
+# Largest |weight| accepted: weights that cancel to a small sum (1e300, -1e300, 1) would overflow
+# every product to inf and the output to NaN.
+MAX_WEIGHT = 1e6
+
+
+def check_weight_sizes(w: Sequence[float]) -> None:
+    big = max((abs(x) for x in w), default=0.0)
+    if big > MAX_WEIGHT:
+        raise PlanError(f"a weight of {big:.3g} (after normalising) would overflow the sums; "
+                        f"weights must stay within +-{MAX_WEIGHT:g}")
 
 
 KeyFilter = Iterable[str] | Callable[[str], bool] | None
@@ -147,6 +161,7 @@ def _mean_outputs(checkpoints: Sequence[Checkpoint], order: dict[str, list[int]]
         if weights is not None:
             sub = [float(weights[i]) for i in have]
             w = normalize(sub) if normalize_weights else sub
+            check_weight_sizes(w)
         outputs.append(Output(k, "mean", [(i, k) for i in have], out_dtype, w))
     return outputs, missing
 
