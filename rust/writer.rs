@@ -31,6 +31,7 @@ pub struct Writer {
     data_len: u64,
     written: AtomicU64,
     committed: bool,
+    mode: Mode,
 }
 
 fn is_no_space(e: &std::io::Error) -> bool {
@@ -77,6 +78,12 @@ impl Writer {
         }
         match existing {
             Some(m) if m.is_dir() => return Err(Error::output(target, "is a directory")),
+            Some(m) if !m.is_file() => {
+                return Err(Error::output(
+                    target,
+                    "is not a regular file (a device, FIFO or socket); refusing to replace it",
+                ))
+            }
             Some(_) if matches!(mode, Mode::InPlace(_)) => {}
             Some(m) if inputs.contains(&(m.dev(), m.ino())) => {
                 return Err(Error::output(target, "is one of the inputs; refusing to write over an input"))
@@ -100,6 +107,7 @@ impl Writer {
             data_len,
             written: AtomicU64::new(0),
             committed: false,
+            mode,
         };
         w.reserve()?;
         w.file.write_all_at(header, 0).map_err(|e| write_error(&w.tmp, e))?;
@@ -161,7 +169,11 @@ impl Writer {
         if durable {
             self.file.sync_all().map_err(|e| write_error(&self.tmp, e))?;
         }
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        if self.mode == Mode::Create {
+            self.rename_noreplace()?;
+        } else {
+            std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        }
         self.committed = true;
         if durable {
             if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -171,6 +183,48 @@ impl Writer {
             }
         }
         Ok(())
+    }
+}
+
+impl Writer {
+    /// Renames the temp file to the target only if nothing is there: a file created at the
+    /// target while this ran (another merge, the user) is never replaced without `overwrite`.
+    fn rename_noreplace(&self) -> Result<()> {
+        let taken = || {
+            Error::output(
+                &self.target,
+                "was created by something else while this ran; not replaced (pass overwrite=True / --overwrite)",
+            )
+        };
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| Error::output(p, "path holds a NUL byte"))
+        };
+        let (from, to) = (c(&self.tmp)?, c(&self.target)?);
+        // SAFETY: both are valid NUL-terminated paths for the duration of the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EEXIST) => Err(taken()),
+            // A file system without RENAME_NOREPLACE: a hard link fails the same way if the
+            // target exists; then the temp name goes.
+            Some(libc::EINVAL) | Some(libc::ENOSYS) => match std::fs::hard_link(&self.tmp, &self.target) {
+                Ok(()) => std::fs::remove_file(&self.tmp).map_err(|e| Error::io(&self.tmp, e)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(taken()),
+                Err(e) => Err(Error::io(&self.target, e)),
+            },
+            _ => Err(Error::io(&self.target, e)),
+        }
     }
 }
 
@@ -290,6 +344,27 @@ mod tests {
         assert!(w.write_at(12, &[1; 8]).is_err());
         assert!(w.commit(false).is_err());
         assert!(leftovers(d.path()).is_empty());
+    }
+
+    #[test]
+    fn error_target_created_while_running_is_not_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("o.safetensors");
+        let w = Writer::create(&p, &header(), 4, &[], Mode::Create).unwrap();
+        w.write_at(0, &[9; 4]).unwrap();
+        std::fs::write(&p, b"theirs").unwrap();
+        let e = w.commit(false).err().unwrap();
+        assert!(e.to_string().contains("created by something else"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"theirs");
+        assert_eq!(leftovers(d.path()), vec!["o.safetensors"]);
+    }
+
+    #[test]
+    fn error_device_or_fifo_at_the_target() {
+        let e = Writer::create(Path::new("/dev/null"), &header(), 0, &[], Mode::Overwrite)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]
