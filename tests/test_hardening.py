@@ -115,3 +115,24 @@ def test_sigterm_and_sighup_stop_like_ctrl_c_and_leave_nothing(tmp_path, sig):
     r = subprocess.run([sys.executable, "-c", TERM, sig, *files, str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 130 and "interrupted" in r.stderr, (r.returncode, r.stderr)
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(f) for f in files)
+
+
+def test_transformers_export_keeps_an_existing_config_and_names_its_dtype(tmp_path):
+    import json
+
+    from astolfomix_rs.commands import components as tk
+    from astolfomix_rs.errors import OutputError
+    from astolfomix_rs.tools.synth import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "sd.safetensors", "sd1", factor=32)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("mine")
+    with pytest.raises(OutputError, match="already exists"):
+        tk.export(src, "te0", hf, layout="transformers")
+    assert (hf / "config.json").read_text() == "mine" and not (hf / "model.safetensors").exists()
+    tk.export(src, "te0", hf, layout="transformers", overwrite=True)
+    assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "float16"
+    tk.export(src, "te0", tmp_path / "hf32", layout="transformers", dtype="f32")
+    assert json.loads((tmp_path / "hf32" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors"]

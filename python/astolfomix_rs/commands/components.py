@@ -3,6 +3,7 @@ hashes, export and import of components (as plans run by the engine), and compar
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from ..core.engine import execute
 from ..core.plan import Output, Plan, parse_dtype
 from ..core.reader import Checkpoint
 from ..core.report import Report
-from ..errors import ArchitectureError, PlanError
+from ..errors import ArchitectureError, AstolfomixIOError, DiskFullError, OutputError, PlanError
 from ..models.anatomy import (
     ALIASES,
     Anatomy,
@@ -152,10 +153,40 @@ def export(path, component: str, output, *, layout: str = "toolkit", dtype: str 
     plan = export_plan(ck, component, layout=layout, dtype=dtype)
     if layout == "transformers":
         folder = Path(output)
+        cfg = folder / "config.json"
+        if cfg.exists() and not overwrite:
+            raise OutputError(f"{cfg}: already exists (pass overwrite=True / --overwrite)")
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(VIT_L_CONFIG, indent=2))
-        return execute(plan, folder / "model.safetensors", overwrite=overwrite, progress=progress)
+        rep = execute(plan, folder / "model.safetensors", overwrite=overwrite, progress=progress)
+        # The dtype transformers loads the weights in: the one they were written in.
+        written = Checkpoint(folder / "model.safetensors")
+        first = next((i.dtype for i in written.info.values() if i.is_float), "F32")
+        torch_dtype = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(first, "float32")
+        _write_text(cfg, json.dumps({**VIT_L_CONFIG, "torch_dtype": torch_dtype}, indent=2) + "\n", overwrite)
+        return rep
     return execute(plan, output, overwrite=overwrite, progress=progress)
+
+
+def _write_text(path: Path, text: str, overwrite: bool) -> None:
+    """Writes a small text file whole or not at all: a temp file beside it, then a rename (or,
+    without ``overwrite``, a link that fails if something appeared there meanwhile)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(f"{path}: already exists (pass overwrite=True / --overwrite)") from None
+    except OSError as e:
+        cls = DiskFullError if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else AstolfomixIOError
+        raise cls(f"{path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _source_component(ck: Checkpoint, want_kind: str, slot: str) -> Component:
