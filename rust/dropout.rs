@@ -85,18 +85,12 @@ fn lowbias32(mut x: u32) -> u32 {
     x
 }
 
-/// The uniform 32-bit draw of element `idx` in stream `k`.
-#[inline(always)]
-pub fn draw(k: [u32; 3], idx: u64) -> u32 {
-    let x = lowbias32(idx as u32 ^ k[0]);
-    let x = lowbias32(x ^ (idx >> 32) as u32 ^ k[1]);
-    lowbias32(x ^ k[2])
-}
-
 const TWO32: f64 = 4_294_967_296.0;
 
-/// `out[e] = draw(key, start + e)` as f64: the same values as [`draw`], computed over runs of
-/// equal high counter words with a 32-bit counter, so the loop vectorizes (AVX2 where present).
+/// `out[e]` = the uniform 32-bit draw of element `j = start + e` in stream `key`, as f64:
+/// `lowbias32(lowbias32(lowbias32(lo(j) ^ k0) ^ hi(j) ^ k1) ^ k2)` with `lo`/`hi` the low and high
+/// 32-bit words of `j`. Computed over runs of equal `hi` with a 32-bit counter, so the loop
+/// vectorizes (AVX2 where present).
 fn draws(out: &mut [f64], key: [u32; 3], start: u64) {
     #[inline(always)]
     fn run(out: &mut [f64], key: [u32; 3], lo: u32, hi: u32) {
@@ -120,8 +114,8 @@ fn draws(out: &mut [f64], key: [u32; 3], start: u64) {
         let part = &mut out[done..done + left];
         let (lo, hi) = (idx as u32, (idx >> 32) as u32);
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was detected on this CPU.
+        if crate::kernels::Level::detect().has_avx2() {
+            // SAFETY: the level is AVX2 or above only where the CPU has AVX2.
             unsafe { run_avx2(part, key, lo, hi) };
             done += left;
             continue;
@@ -429,12 +423,6 @@ impl RankTable {
                 c => node = &self.nodes[c as usize],
             }
         }
-    }
-
-    /// Bytes this table holds (for the memory estimate).
-    pub fn bytes(&self) -> usize {
-        self.nodes.iter().map(|n| n.below.len() * 8 + n.kind.len() * 4).sum::<usize>()
-            + self.singles.iter().map(|s| s.len() * 8).sum::<usize>()
     }
 }
 

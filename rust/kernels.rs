@@ -30,6 +30,12 @@ impl Level {
     #[cfg(target_arch = "x86_64")]
     const AVX512: Level = Level(Imp::Avx512);
 
+    /// Whether code compiled for AVX2 may run at this level (the robust loops and mask draws,
+    /// which have no AVX-512 builds).
+    pub fn has_avx2(self) -> bool {
+        self != Level::SCALAR
+    }
+
     /// The best level this CPU supports (cached). `ASTOLFOMIX_KERNEL=scalar|avx2|avx512` caps it.
     pub fn detect() -> Level {
         static L: OnceLock<Level> = OnceLock::new();

@@ -778,23 +778,26 @@ fn robust_block_len(points: usize, row: usize, rows: bool) -> usize {
     crate::robust::block_len(points, row, rows)
 }
 
-/// Geometric-median weights from an n x n Gram matrix (row-major), Weiszfeld as the engine runs it.
-#[pyfunction]
-fn robust_weiszfeld(gram: Vec<f64>, eps: f64, maxiter: usize, ftol: f64) -> PyResult<Vec<f64>> {
+/// n for an n x n Gram matrix given as its n*n values.
+fn gram_side(gram: &[f64]) -> PyResult<usize> {
     let n = (gram.len() as f64).sqrt() as usize;
     if n * n != gram.len() {
         return Err(plan_err(format!("a Gram matrix needs n*n values, not {}", gram.len())));
     }
+    Ok(n)
+}
+
+/// Geometric-median weights from an n x n Gram matrix (row-major), Weiszfeld as the engine runs it.
+#[pyfunction]
+fn robust_weiszfeld(gram: Vec<f64>, eps: f64, maxiter: usize, ftol: f64) -> PyResult<Vec<f64>> {
+    let n = gram_side(&gram)?;
     Ok(crate::robust::weiszfeld(&gram, n, Median { eps, maxiter, ftol }))
 }
 
 /// The whole-tensor model stock factor from an n x n Gram matrix (row-major).
 #[pyfunction]
 fn robust_whole_stock(gram: Vec<f64>, cos_eps: f64) -> PyResult<f64> {
-    let n = (gram.len() as f64).sqrt() as usize;
-    if n * n != gram.len() {
-        return Err(plan_err(format!("a Gram matrix needs n*n values, not {}", gram.len())));
-    }
+    let n = gram_side(&gram)?;
     Ok(crate::robust::whole_stock(&gram, n, cos_eps))
 }
 

@@ -361,9 +361,7 @@ fn block_value(
     e: usize,
     sc: &mut Scratch,
 ) -> Result<u64> {
-    if ctx.progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(Error::Cancelled);
-    }
+    ctx.check_cancel()?;
     let n = ctx.load(s, e, sc)?;
     let len = e - s;
     let mut acc = std::mem::take(&mut sc.acc);
@@ -418,6 +416,14 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// `Cancelled` once the run was interrupted (Ctrl-C, SIGTERM), checked before each block.
+    fn check_cancel(&self) -> Result<()> {
+        if self.progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+
     /// Elements `[s, e)` of every source, as f64, into `sc.x`; returns the bytes read.
     fn load(&self, s: usize, e: usize, sc: &mut Scratch) -> Result<u64> {
         self.load_some(0..self.sources.len(), s, e, sc)
@@ -469,13 +475,7 @@ fn points_impl(r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>) {
 /// (IEEE operations in the same order, and Rust never fuses a multiply-add). AVX-512 builds of
 /// these loops measured slower here (7.1-7.8 s vs 6.4-6.6 s for N=8 SDXL/4), so they stay at AVX2.
 fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static A: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *A.get_or_init(|| is_x86_feature_detected!("avx2") && std::env::var("ASTOLFOMIX_KERNEL").as_deref() != Ok("scalar"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    kernels::Level::detect().has_avx2()
 }
 
 macro_rules! dispatch {
@@ -711,7 +711,7 @@ fn drop_points(r: &Robust, p: &Prepared, pts: &mut [f64], s: usize, len: usize, 
         match p.bits.get(i) {
             Some(bits) => pt.iter_mut().enumerate().for_each(|(e, v)| *v *= bit(bits, s + e)),
             None => {
-                dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, i, row));
+                dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, row));
                 pt.iter_mut().zip(mask.iter()).for_each(|(v, m)| *v *= m);
             }
         }
@@ -724,7 +724,7 @@ fn bit(bits: &[u64], j: usize) -> f64 {
 }
 
 /// Ranks drawn on the fly (tensor-wide ranks come as precomputed bits instead).
-fn ranks(d: &Dropout, _i: usize, row: usize) -> Ranks<'static> {
+fn ranks(d: &Dropout, row: usize) -> Ranks<'static> {
     if d.rows {
         Ranks::Rows(row)
     } else {
@@ -752,7 +752,7 @@ fn evaluate(r: &Robust, p: &Prepared, s: usize, len: usize, row: usize, sc: &mut
         count.clear();
         count.resize(len, 0.0);
         for (i, pt) in pts.chunks_exact(len.max(1)).enumerate() {
-            dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, i, row));
+            dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, row));
             for (((v, c), &y), &m) in vals.iter_mut().zip(count.iter_mut()).zip(pt).zip(mask.iter()) {
                 *v += if m != 0.0 { y } else { 0.0 };
                 *c += m;
@@ -893,9 +893,7 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
         let mut read = 0u64;
         for &(s, e) in blocks {
             read += with_scratch(|sc| -> Result<u64> {
-                if ctx.progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(Error::Cancelled);
-                }
+                ctx.check_cancel()?;
                 let n = ctx.load_some(terms.iter().map(|&(j, _)| j), s, e, sc)?;
                 points(&one, &sc.x, e - s, &mut sc.pts);
                 all.extend_from_slice(&sc.pts);
@@ -912,10 +910,7 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
         if let Some(k) = k {
             match (&bits, &r.dropout) {
                 (Some(b), _) => all.iter_mut().enumerate().for_each(|(j, v)| *v *= bit(b, j)),
-                (None, Some(d)) => {
-                    let ranks = if d.rows { Ranks::Rows(ctx.row) } else { Ranks::None };
-                    apply_mask_whole(&mut all, blocks, dropout::stream(d.seed, ctx.key, i), d, ranks);
-                }
+                (None, Some(d)) => apply_mask_whole(&mut all, blocks, dropout::stream(d.seed, ctx.key, i), d, ranks(d, ctx.row)),
                 (None, None) => {}
             }
             all.iter_mut().for_each(|v| *v = v.abs());
@@ -932,17 +927,17 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
     let group = ((1usize << 30) / (numel.max(1) * per)).clamp(1, rayon::current_num_threads().max(1));
     let idx: Vec<usize> = (0..r.points.len()).collect();
     let mut read = 0u64;
-    let (mut tables, mut thr) = (Vec::new(), Vec::new());
+    let (mut bits, mut thr) = (Vec::new(), Vec::new());
     for g in idx.chunks(group) {
         let done: Vec<_> = g.par_iter().with_max_len(1).map(|&i| one_point(i)).collect::<Result<_>>()?;
-        for (t, h, n) in done {
-            tables.push(t);
+        for (b, h, n) in done {
+            bits.push(b);
             thr.push(h);
             read += n;
         }
     }
     if table.is_some() {
-        prep.bits = tables.into_iter().map(|b| b.unwrap_or_default()).collect();
+        prep.bits = bits.into_iter().map(|b| b.unwrap_or_default()).collect();
     }
     if k.is_some() {
         prep.thresholds = Some(thr);
@@ -989,9 +984,7 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared, blocks: &[(usize, usize)]) -
             .par_iter()
             .map(|&(s, e)| -> Result<(Vec<f64>, u64)> {
                 with_scratch(|sc| {
-                    if ctx.progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                        return Err(Error::Cancelled);
-                    }
+                    ctx.check_cancel()?;
                     let n = ctx.load(s, e, sc)?;
                     let len = e - s;
                     let Scratch {

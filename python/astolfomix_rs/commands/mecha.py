@@ -589,6 +589,11 @@ def _terms(o: Output) -> list[tuple]:
     return [*o.expr[1], *(t for _, _, inner in o.expr[2] for t in inner[1])]
 
 
+def _della_table(params: dict[str, float]) -> bool:
+    """DELLA masks with tensor-wide ranks: a rank table (and mask bits) from a statistics pass."""
+    return bool(params.get("della_eps", 0.0)) and not params.get("rank_rows")
+
+
 def _passes(outputs: Sequence[Output]) -> dict[str, int]:
     """How many tensors need each kind of pass."""
     out = {"copy/cast/mean": 0, "expr": 0, "statistics pass": 0, "gram pass": 0, "isotropic (whole tensor)": 0}
@@ -599,7 +604,7 @@ def _passes(outputs: Sequence[Output]) -> dict[str, int]:
         out["expr"] += 1
         out["isotropic (whole tensor)"] += len(o.expr[2])
         for _, name, params, _ in _terms(o):
-            if params.get("k", 1.0) < 1.0 or (params.get("della_eps", 0.0) and not params.get("rank_rows")):
+            if params.get("k", 1.0) < 1.0 or _della_table(params):
                 out["statistics pass"] += 1
             if name in ("ties_median", "geometric_median") or params.get("whole"):
                 out["gram pass"] += 1
@@ -620,7 +625,7 @@ def peak_bytes(plan: Plan, threads: int) -> int:
                 trim = max(trim, 4 * 8 * numel.get(o.name, 0))
             n = numel.get(o.name, 0)
             for r in _terms(o):
-                della = bool(r[2].get("della_eps", 0.0)) and not r[2].get("rank_rows")
+                della = _della_table(r[2])
                 if r[2].get("k", 1.0) < 1.0 or della:
                     # one whole tensor per point in flight (points run in parallel within 1 GB;
                     # a rank table adds 16 bytes per element), and the DELLA masks as bits

@@ -311,7 +311,7 @@ class _Robust:
         """Per point, one whole tensor at a time: the DELLA rank table (unmasked values), then the
         TIES trim threshold of the masked values."""
         k = params.get("k", 1.0)
-        want_table = bool("p" in params and params.get("della_eps") and not params.get("rank_rows"))
+        want_table = _della_table(params)
         m = max(int(math.floor((1 - k) * self.numel)), 1)
         thr, tables = [], []
         for i, terms in enumerate(pts_terms):
@@ -331,8 +331,7 @@ class _Robust:
 
     def prepare(self, method: str, params: dict, pts_terms: list):
         thr, tables = None, []
-        if (method.startswith("ties") and params.get("k", 1.0) < 1.0) or (
-                "p" in params and params.get("della_eps") and not params.get("rank_rows")):
+        if (method.startswith("ties") and params.get("k", 1.0) < 1.0) or _della_table(params):
             thr, tables = self.stats(params, pts_terms)
         extra: float | list[float] | None = None  # the stock factor, or the median weights
         if method in ("ties_median", "geometric_median") or (method == "model_stock" and params.get("whole")):
@@ -405,6 +404,11 @@ class _Robust:
         for s, _, acc in self.blocks_values(self.isotropic()):
             self.ex._emit(writer, out_offset + s * osz, acc.to(self.ex.tdt[out_dt]))
         return self.read
+
+
+def _della_table(params: dict) -> bool:
+    """DELLA masks with tensor-wide ranks: a rank table from a statistics pass."""
+    return bool("p" in params and params.get("della_eps") and not params.get("rank_rows"))
 
 
 def _isotropic(v, shape: list[int], params: dict):
