@@ -9,6 +9,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
+use crate::guard::Guard;
 use crate::header::{self, Header, TensorInfo};
 
 /// Files opened (and headers parsed) by this process: tests check that a command opens each of
@@ -31,6 +32,8 @@ pub struct InputFile {
     pub identity: (u64, u64),
     /// Byte offset of the data section (8 + header length).
     pub data_start: usize,
+    // Declared before the map: fields drop in order, and the guard must go before the map does.
+    guard: Guard,
     mmap: Mmap,
     file: File,
 }
@@ -52,12 +55,31 @@ impl InputFile {
     }
 
     /// Reads `buf.len()` bytes at `offset` with `pread` (a copy into `buf` instead of page faults
-    /// on the map).
+    /// on the map). A file that became shorter is reported as changed.
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file
-            .read_exact_at(buf, offset as u64)
-            .map_err(|e| Error::io(&self.path, e))
+        self.file.read_exact_at(buf, offset as u64).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => self.changed(),
+            _ => Error::io(&self.path, e),
+        })
+    }
+
+    /// Whether everything read through the map so far came from the file: a read past the end of
+    /// a file truncated after it was opened gets zeros (see `guard`) and fails this check. Call
+    /// it after reading through [`InputFile::bytes`], before the bytes are trusted.
+    pub fn check_intact(&self) -> Result<()> {
+        if self.guard.tripped() {
+            return Err(self.changed());
+        }
+        Ok(())
+    }
+
+    fn changed(&self) -> Error {
+        Error::Changed {
+            path: self.path.clone(),
+            now: self.file.metadata().map(|m| m.len()).unwrap_or(0),
+            expected: self.file_len,
+        }
     }
 }
 
@@ -111,10 +133,12 @@ impl Checkpoint {
                 "file is empty (0 bytes), shorter than the 8-byte header length",
             ));
         }
-        // SAFETY: the map is read-only and private to this process. Undefined behaviour would
-        // need another process to truncate or rewrite the file while it is mapped; the writer
-        // refuses to write over any open input, and we document that inputs must not change.
+        // SAFETY: the map is read-only and private to this process. Another process may truncate
+        // the file while it is mapped: the guard turns the SIGBUS of a read past the new end into
+        // zeros and a mark that readers check (`check_intact`). Rewriting it in place would change
+        // what we read; the writer refuses to write over any open input.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let guard = Guard::new(mmap.as_ptr(), mmap.len())?;
         // A pickle's first bytes can also read as a plausible header length (0x80 0x02 is 640),
         // so the magic is only consulted once the file has failed to parse as safetensors.
         let parsed = header::header_len(path, &mmap, file_len).and_then(|n| {
@@ -130,6 +154,13 @@ impl Checkpoint {
             }
             Err(e) => return Err(e),
         };
+        if guard.tripped() {
+            return Err(Error::Changed {
+                path: path.to_path_buf(),
+                now: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+                expected: file_len,
+            });
+        }
         let mut index: Vec<u32> = (0..header.tensors.len() as u32).collect();
         index.sort_by(|&a, &b| header.tensors[a as usize].name.cmp(&header.tensors[b as usize].name));
         OPENS.fetch_add(1, Ordering::Relaxed);
@@ -138,6 +169,7 @@ impl Checkpoint {
             file_len,
             identity: (meta.dev(), meta.ino()),
             data_start: header.data_start,
+            guard,
             mmap,
             file,
         };

@@ -339,7 +339,10 @@ pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Pro
         opts.mode,
     )?;
     let level = opts.level.unwrap_or_else(Level::detect);
-    let threads = opts.threads.unwrap_or_else(rayon::current_num_threads).max(1);
+    // More threads than a few per core only thrash: asked-for counts are capped there (the
+    // report says how many ran; the CLI says so when it caps).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = opts.threads.unwrap_or_else(rayon::current_num_threads).clamp(1, 4 * cores);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -371,6 +374,11 @@ pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Pro
         if let Kind::Expr { sources, expr } = &t.kind {
             bytes_read += pool.install(|| crate::robust::run_expr(layout, t, sources, expr, opts.io, &writer, progress))?;
         }
+    }
+    // A read through the map past the end of an input truncated meanwhile got zeros: refuse to
+    // commit an output built from them.
+    for f in &layout.inputs {
+        f.check_intact()?;
     }
     let bytes_written = writer.file_len();
     writer.commit(opts.durable)?;

@@ -50,6 +50,9 @@ pub enum Error {
         /// Inputs with more problems than listed: (file, how many more).
         more: Vec<(PathBuf, usize)>,
     },
+    /// An input became shorter while it was read (another program truncated or rewrote it).
+    #[error("{path} changed while it was read (now {now} bytes, expected {expected})")]
+    Changed { path: PathBuf, now: u64, expected: u64 },
     /// The run was interrupted (Ctrl-C); nothing was left behind.
     #[error("cancelled; no output was written")]
     Cancelled,
@@ -119,7 +122,7 @@ impl Error {
             Error::IsDirectory { .. } | Error::Pickle { .. } => "InvalidFileError",
             Error::InvalidFile { .. } | Error::InvalidTensor { .. } => "InvalidFileError",
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => "DiskFullError",
-            Error::Io { .. } => "AstolfomixIOError",
+            Error::Io { .. } | Error::Changed { .. } => "AstolfomixIOError",
             Error::Mismatch { .. } | Error::Problems { .. } => "MismatchError",
             Error::Plan(_) => "PlanError",
             Error::Output { .. } => "OutputError",

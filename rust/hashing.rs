@@ -26,7 +26,7 @@ fn hex(d: &[u8]) -> String {
 }
 
 /// AutoV1/V2/V3 of one open file, reading it once: the data section feeds both digests.
-pub fn file_hashes(ck: &Checkpoint) -> FileHashes {
+pub fn file_hashes(ck: &Checkpoint) -> Result<FileHashes> {
     let bytes = ck.file.bytes();
     let start = ck.header.data_start;
     let mut whole = Sha256::new();
@@ -38,11 +38,13 @@ pub fn file_hashes(ck: &Checkpoint) -> FileHashes {
     }
     let lo = 0x100000.min(bytes.len());
     let hi = 0x110000.min(bytes.len());
-    FileHashes {
+    let h = FileHashes {
         sha256: hex(&whole.finalize()),
         autov1: hex(&Sha256::digest(&bytes[lo..hi]))[..8].to_string(),
         autov3: hex(&data.finalize()),
-    }
+    };
+    ck.file.check_intact()?;
+    Ok(h)
 }
 
 /// Tensor values widened to f32 (f64 rounded), as little-endian bytes: the canonical form that
@@ -54,7 +56,9 @@ fn canonical(ck: &Checkpoint, key: &str) -> Result<(Vec<u8>, &'static str)> {
     })?;
     let raw = ck.data(t);
     if !t.dtype.is_averageable() {
-        return Ok((raw.to_vec(), t.dtype.name()));
+        let v = raw.to_vec();
+        ck.file.check_intact()?;
+        return Ok((v, t.dtype.name()));
     }
     let mut f = vec![0f32; t.numel()];
     if t.dtype == Dtype::F64 {
@@ -64,6 +68,7 @@ fn canonical(ck: &Checkpoint, key: &str) -> Result<(Vec<u8>, &'static str)> {
     } else {
         kernels::load(&mut f, raw, t.dtype);
     }
+    ck.file.check_intact()?;
     Ok((f.iter().flat_map(|x| x.to_le_bytes()).collect(), "float"))
 }
 
@@ -106,6 +111,7 @@ pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String]) -> Result<Vec<f64>> {
             }
             let mut f = vec![0f32; t.numel()];
             kernels::load(&mut f, ck.data(t), t.dtype);
+            ck.file.check_intact()?;
             Ok(f.iter()
                 .map(|&x| {
                     let h = half::f16::from_f32(x).to_f32();
@@ -117,57 +123,73 @@ pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String]) -> Result<Vec<f64>> {
 }
 
 /// For `compare`: per file, `(sum (x - r)^2, sum r^2)` over `keys`, where `r` is the file
-/// `reference` or, with `None`, the mean of all files. Streams tensor by tensor.
+/// `reference` or, with `None`, the mean of all files. Streams blocks of elements: memory is a
+/// block of every file per thread (about 32 MB), never whole tensors, whatever N is.
 pub fn l2_distances(files: &[&Checkpoint], keys: &[String], reference: Option<usize>) -> Result<Vec<(f64, f64)>> {
-    let per_key: Vec<Vec<(f64, f64)>> = keys
-        .par_iter()
-        .map(|key| {
-            let mut vals = Vec::with_capacity(files.len());
-            for ck in files {
-                let t = ck.get(key).ok_or_else(|| Error::Mismatch {
-                    tensor: key.clone(),
-                    reason: format!("not found in {}", ck.path().display()),
-                })?;
-                if !t.dtype.is_averageable() {
-                    return Ok(vec![(0.0, 0.0); files.len()]);
+    let n = files.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let block = ((1usize << 22) / n).max(1024);
+    // (key, start, end) work items; keys whose tensors are not floats count as zero.
+    let mut items = Vec::new();
+    for key in keys {
+        let mut numel = None;
+        let mut skip = false;
+        for ck in files {
+            let t = ck.get(key).ok_or_else(|| Error::Mismatch {
+                tensor: key.clone(),
+                reason: format!("not found in {}", ck.path().display()),
+            })?;
+            skip |= !t.dtype.is_averageable();
+            match numel {
+                None => numel = Some(t.numel()),
+                Some(m) if m != t.numel() => {
+                    return Err(Error::Mismatch {
+                        tensor: key.clone(),
+                        reason: format!(
+                            "{m} elements in {} but {} in {}",
+                            files[0].path().display(),
+                            t.numel(),
+                            ck.path().display()
+                        ),
+                    })
                 }
-                let mut f = vec![0f64; t.numel()];
-                kernels::load_f64_slice(&mut f, ck.data(t), t.dtype);
-                if let Some(first) = vals.first() {
-                    let first: &Vec<f64> = first;
-                    if first.len() != f.len() {
-                        return Err(Error::Mismatch {
-                            tensor: key.clone(),
-                            reason: format!(
-                                "{} elements in {} but {} in {}",
-                                first.len(),
-                                files[0].path().display(),
-                                f.len(),
-                                ck.path().display()
-                            ),
-                        });
-                    }
-                }
-                vals.push(f);
+                _ => {}
             }
+        }
+        let numel = numel.unwrap_or(0);
+        if !skip {
+            items.extend((0..numel).step_by(block).map(|s| (key, s, (s + block).min(numel))));
+        }
+    }
+    // Each item's partial sums, added afterwards in item order: the same bits for any thread count.
+    let partials: Vec<Vec<(f64, f64)>> = items
+        .par_iter()
+        .map(|&(key, s, e)| {
+            let mut vals = vec![0f64; n * (e - s)];
+            for (ck, v) in files.iter().zip(vals.chunks_mut(e - s)) {
+                let t = ck.get(key).expect("checked above");
+                let w = t.dtype.size();
+                kernels::load_f64_slice(v, &ck.data(t)[s * w..e * w], t.dtype);
+            }
+            let len = e - s;
             let r: Vec<f64> = match reference {
-                Some(i) => vals[i].clone(),
-                None => {
-                    let n = vals.len() as f64;
-                    (0..vals[0].len())
-                        .map(|j| vals.iter().map(|v| v[j]).sum::<f64>() / n)
-                        .collect()
-                }
+                Some(i) => vals[i * len..(i + 1) * len].to_vec(),
+                None => (0..len).map(|j| (0..n).map(|f| vals[f * len + j]).sum::<f64>() / n as f64).collect(),
             };
             let den: f64 = r.iter().map(|x| x * x).sum();
             Ok(vals
-                .iter()
+                .chunks(len)
                 .map(|v| (v.iter().zip(&r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>(), den))
                 .collect())
         })
         .collect::<Result<_>>()?;
-    let mut out = vec![(0.0, 0.0); files.len()];
-    for k in per_key {
+    for ck in files {
+        ck.file.check_intact()?;
+    }
+    let mut out = vec![(0.0, 0.0); n];
+    for k in partials {
         for (o, (a, b)) in out.iter_mut().zip(k) {
             o.0 += a;
             o.1 += b;

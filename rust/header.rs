@@ -125,6 +125,12 @@ fn parse_entry(path: &Path, name: &str, v: &Value) -> Result<TensorInfo> {
         .ok_or_else(|| err("missing or non-string 'dtype'".into()))?;
     let dtype = Dtype::parse(dtype_s).ok_or_else(|| err(format!("unknown dtype '{dtype_s}'")))?;
     let shape = as_usize_list(obj.get("shape").ok_or_else(|| err("missing 'shape'".into()))?, "shape").map_err(err)?;
+    if shape.len() > 32 {
+        return Err(err(format!("{} dimensions (readers take at most 32)", shape.len())));
+    }
+    if let Some(d) = shape.iter().find(|&&d| d > i64::MAX as usize) {
+        return Err(err(format!("dimension {d} exceeds 2^63-1 (readers cannot index it)")));
+    }
     let offs = as_usize_list(
         obj.get("data_offsets").ok_or_else(|| err("missing 'data_offsets'".into()))?,
         "data_offsets",
@@ -378,6 +384,17 @@ mod tests {
             4,
             "overflows",
         );
+    }
+
+    #[test]
+    fn error_dimensions_readers_cannot_hold() {
+        expect_err(
+            r#"{"x":{"dtype":"F16","shape":[0,18446744073709551615],"data_offsets":[0,0]}}"#,
+            0,
+            "2^63-1",
+        );
+        let many = vec!["1"; 33].join(",");
+        expect_err(&format!(r#"{{"x":{{"dtype":"F16","shape":[{many}],"data_offsets":[0,2]}}}}"#), 2, "33 dimensions");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod dropout;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod guard;
 pub mod hashing;
 pub mod header;
 pub mod iso;

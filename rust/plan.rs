@@ -565,6 +565,15 @@ impl Resolver {
             }),
             &metadata,
         );
+        if header.len() as u64 - 8 > header::MAX_HEADER {
+            let meta: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+            return Err(Error::Plan(format!(
+                "the output header would be {} bytes ({meta} of them metadata), over the {}-byte limit readers accept; \
+                 nothing written",
+                header.len() - 8,
+                header::MAX_HEADER
+            )));
+        }
         Ok(Layout {
             inputs,
             tensors,

@@ -3,7 +3,6 @@
 //! `astolfomix_rs.errors`; panics never cross into Python.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::{c_int, c_void};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex, RwLock};
@@ -11,7 +10,6 @@ use std::time::Duration;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyKeyboardInterrupt, PyRuntimeError};
-use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
@@ -62,51 +60,28 @@ fn parse_accumulate(s: &str) -> PyResult<Accumulate> {
     }
 }
 
-/// Fills a read-only, one-dimensional byte view of `len` bytes at `ptr`, owned by `obj`.
-///
-/// # Safety
-/// `view` must be a valid `Py_buffer` from the caller, and `ptr..ptr+len` must stay valid and
-/// unchanged as long as `obj` is alive.
-unsafe fn fill_view(view: *mut ffi::Py_buffer, obj: Bound<'_, PyAny>, ptr: *const u8, len: usize, flags: c_int) -> PyResult<()> {
-    if view.is_null() {
-        return Err(PyBufferError::new_err("view is null"));
+/// `pread`s `out`'s length of bytes at `offset` of `file` into `out` (a writable, C-contiguous
+/// buffer such as a numpy array), GIL released. Python reads inputs this way, never through
+/// the map: a file truncated meanwhile is an error naming it, not a SIGBUS.
+fn read_into(py: Python<'_>, file: &InputFile, offset: usize, out: &Bound<'_, PyAny>) -> PyResult<()> {
+    let buf = PyBuffer::<u8>::get(out)?;
+    if buf.readonly() || !buf.is_c_contiguous() {
+        return Err(PyBufferError::new_err("read_into needs a writable, C-contiguous byte buffer"));
     }
-    if (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
-        return Err(PyBufferError::new_err("checkpoints are read-only"));
+    let (ptr, len) = (buf.buf_ptr() as usize, buf.len_bytes());
+    if offset.checked_add(len).is_none_or(|end| end as u64 > file.file_len) {
+        return Err(plan_err(format!("bytes {offset}..+{len} lie outside {}", file.path.display())));
     }
-    // SAFETY: `view` is non-null and owned by the caller for this call. `obj` is a strong
-    // reference kept in the view, so the memory outlives every view of it. The format is a
-    // static C string; shape/strides point into the view itself.
-    unsafe {
-        (*view).obj = obj.into_ptr();
-        (*view).buf = ptr as *mut c_void;
-        (*view).len = len as isize;
-        (*view).readonly = 1;
-        (*view).itemsize = 1;
-        (*view).format = if (flags & ffi::PyBUF_FORMAT) == ffi::PyBUF_FORMAT {
-            c"B".as_ptr() as *mut _
-        } else {
-            std::ptr::null_mut()
-        };
-        (*view).ndim = 1;
-        (*view).shape = if (flags & ffi::PyBUF_ND) == ffi::PyBUF_ND {
-            &mut (*view).len
-        } else {
-            std::ptr::null_mut()
-        };
-        (*view).strides = if (flags & ffi::PyBUF_STRIDES) == ffi::PyBUF_STRIDES {
-            &mut (*view).itemsize
-        } else {
-            std::ptr::null_mut()
-        };
-        (*view).suboffsets = std::ptr::null_mut();
-        (*view).internal = std::ptr::null_mut();
-    }
-    Ok(())
+    py.detach(|| {
+        // SAFETY: `buf` keeps the exporter and its memory alive until it drops after this call;
+        // the buffer was checked writable and contiguous, `len` bytes long.
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+        file.read_at(offset, dst)
+    })
+    .map_err(to_py)
 }
 
-/// An open, validated, memory-mapped safetensors file. Its buffer is the whole file (read-only),
-/// so numpy views of its tensors cost no copy.
+/// An open, validated safetensors file. Python reads its bytes with `read_into` (`pread`).
 #[pyclass(name = "Checkpoint", module = "astolfomix_rs._core", frozen)]
 struct PyCheckpoint(Checkpoint);
 
@@ -152,17 +127,13 @@ impl PyCheckpoint {
         self.0.header.tensors.len()
     }
 
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        let data = slf.get().0.file.bytes();
-        let (ptr, len) = (data.as_ptr(), data.len());
-        // SAFETY: the map lives as long as the checkpoint, which the view keeps alive.
-        unsafe { fill_view(view, slf.into_any(), ptr, len, flags) }
+    /// Fills `out` with the file's bytes at `offset` (see [`read_into`]).
+    fn read_into(&self, py: Python<'_>, offset: usize, out: &Bound<'_, PyAny>) -> PyResult<()> {
+        read_into(py, &self.0.file, offset, out)
     }
-
-    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
-/// One input of a resolved plan, as a read-only buffer of the whole file (for the torch path).
+/// One input of a resolved plan (for the torch path), read with `read_into`.
 #[pyclass(name = "InputFile", module = "astolfomix_rs._core", frozen)]
 struct PyInputFile(Arc<InputFile>);
 
@@ -173,14 +144,10 @@ impl PyInputFile {
         self.0.path.clone()
     }
 
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        let data = slf.get().0.bytes();
-        let (ptr, len) = (data.as_ptr(), data.len());
-        // SAFETY: the map lives as long as the Arc this object holds, which the view keeps alive.
-        unsafe { fill_view(view, slf.into_any(), ptr, len, flags) }
+    /// Fills `out` with the file's bytes at `offset` (see [`read_into`]).
+    fn read_into(&self, py: Python<'_>, offset: usize, out: &Bound<'_, PyAny>) -> PyResult<()> {
+        read_into(py, &self.0, offset, out)
     }
-
-    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
 /// Bytes lent by a Python object (a numpy array) for a constant tensor, without a copy.
@@ -456,7 +423,7 @@ impl PyLayout {
         self.0.tensors.len()
     }
 
-    /// Input `i`, as a read-only buffer of the whole file.
+    /// Input `i` (read it with `read_into`).
     fn input(&self, i: usize) -> PyResult<PyInputFile> {
         self.0
             .inputs
@@ -720,15 +687,29 @@ fn handles<'a>(cks: &'a [Bound<'_, PyCheckpoint>]) -> Vec<&'a Checkpoint> {
     cks.iter().map(|c| &c.get().0).collect()
 }
 
+/// Every output this process has committed (renamed into place) so far.
+#[pyfunction]
+fn committed() -> Vec<PathBuf> {
+    crate::writer::committed()
+}
+
+/// Removes temp files in `folder` left by runs whose process is gone; returns `[(path, bytes)]`.
+#[pyfunction]
+fn clean_stale(py: Python<'_>, folder: PathBuf) -> PyResult<Vec<(PathBuf, u64)>> {
+    py.detach(|| crate::writer::clean_stale(&folder)).map_err(to_py)
+}
+
 /// AutoV1/V2/V3 of each open file, files in parallel, each read once (GIL released).
 #[pyfunction]
-fn file_hashes(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>) -> Vec<BTreeMap<&'static str, String>> {
+fn file_hashes(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>) -> PyResult<Vec<BTreeMap<&'static str, String>>> {
     use rayon::prelude::*;
     let cks = handles(&checkpoints);
-    let res: Vec<hashing::FileHashes> = py.detach(|| cks.par_iter().map(|c| hashing::file_hashes(c)).collect());
-    res.into_iter()
+    let res = py.detach(|| cks.par_iter().map(|c| hashing::file_hashes(c)).collect::<crate::Result<Vec<_>>>());
+    Ok(res
+        .map_err(to_py)?
+        .into_iter()
         .map(|h| BTreeMap::from([("sha256", h.sha256), ("autov1", h.autov1), ("autov3", h.autov3)]))
-        .collect()
+        .collect())
 }
 
 /// Content hash of each named group of `(canonical name, key)` entries of one open file.
@@ -923,6 +904,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(error_kinds, m)?)?;
     m.add_function(wrap_pyfunction!(open_count, m)?)?;
     m.add_function(wrap_pyfunction!(file_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(committed, m)?)?;
+    m.add_function(wrap_pyfunction!(clean_stale, m)?)?;
     m.add_function(wrap_pyfunction!(content_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(sigmoid_sums, m)?)?;
     m.add_function(wrap_pyfunction!(l2_distances, m)?)?;

@@ -34,17 +34,81 @@ pub struct Writer {
     mode: Mode,
 }
 
-fn is_no_space(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT))
+/// Output errors name the target the user asked for, not the hidden temp file; a full disk or
+/// quota keeps ENOSPC (the Python side's DiskFullError), and a file larger than the file system
+/// allows says so rather than "disk full".
+fn write_error(target: &Path, e: std::io::Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::io(target, std::io::Error::from_raw_os_error(libc::ENOSPC)),
+        Some(libc::EFBIG) => Error::output(
+            target,
+            "is larger than this file system allows for one file (EFBIG); write it to another file system",
+        ),
+        _ => Error::io(target, e),
+    }
 }
 
-/// Maps write errors so "disk full" reads as such (the `Io` error keeps ENOSPC for the Python side).
-fn write_error(path: &Path, e: std::io::Error) -> Error {
-    if is_no_space(&e) {
-        Error::io(path, std::io::Error::from_raw_os_error(libc::ENOSPC))
-    } else {
-        Error::io(path, e)
+/// Paths this process has committed, in order: what a command reports as written when it is
+/// interrupted after the rename (the interrupt arrives once the engine returns).
+static COMMITTED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Every output this process has committed so far.
+pub fn committed() -> Vec<PathBuf> {
+    COMMITTED.lock().map(|v| v.clone()).unwrap_or_default()
+}
+
+/// Marks our temp files: `.NAME.astolfomix-PID-NONCE.tmp` (NAME cut to fit the 255-byte limit).
+const TMP_TAG: &str = ".astolfomix-";
+
+/// The temp file name for `name`, owned by this process.
+fn tmp_name(name: &str) -> String {
+    let mut cut = name.len().min(200);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
     }
+    format!(".{}{TMP_TAG}{}-{:x}.tmp", &name[..cut], std::process::id(), nonce())
+}
+
+/// The owner pid of one of our temp files, from its name.
+fn tmp_owner(file_name: &str) -> Option<u32> {
+    let rest = file_name.strip_suffix(".tmp")?;
+    let (_, tail) = rest.rsplit_once(TMP_TAG)?;
+    let (pid, nonce) = tail.split_once('-')?;
+    if !file_name.starts_with('.') || !nonce.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Removes the temp files in `dir` left by runs of this tool whose process is gone (killed with
+/// SIGKILL, or a crash): returns `(path, bytes)` of each removed. Files of live runs stay.
+pub fn clean_stale(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let Ok(e) = e else { continue };
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(tmp_owner) else { continue };
+        if pid == std::process::id() || alive(pid) {
+            continue;
+        }
+        let Ok(m) = std::fs::symlink_metadata(e.path()) else { continue };
+        // A temp folder is a transformers export in progress (see `components.py`).
+        let gone = if m.is_file() {
+            std::fs::remove_file(e.path()).is_ok()
+        } else {
+            m.is_dir() && std::fs::remove_dir_all(e.path()).is_ok()
+        };
+        if gone {
+            removed.push((e.path(), m.len()));
+        }
+    }
+    Ok(removed)
 }
 
 impl Writer {
@@ -93,12 +157,14 @@ impl Writer {
             }
             _ => {}
         }
-        let tmp = parent.join(format!(".{name}.{}.{:x}.tmp", std::process::id(), nonce()));
+        // Leftovers of killed runs in this folder go first (they can be many GB).
+        let _ = clean_stale(&parent);
+        let tmp = parent.join(tmp_name(&name));
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(|e| Error::io(&tmp, e))?;
+            .map_err(|e| write_error(target, e))?;
         let mut w = Writer {
             target: target.to_path_buf(),
             tmp,
@@ -110,7 +176,7 @@ impl Writer {
             mode,
         };
         w.reserve()?;
-        w.file.write_all_at(header, 0).map_err(|e| write_error(&w.tmp, e))?;
+        w.file.write_all_at(header, 0).map_err(|e| write_error(&w.target, e))?;
         Ok(w)
     }
 
@@ -125,8 +191,8 @@ impl Writer {
         let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, len as libc::off_t) };
         match rc {
             0 => Ok(()),
-            libc::EOPNOTSUPP | libc::EINVAL => self.file.set_len(len).map_err(|e| write_error(&self.tmp, e)),
-            e => Err(write_error(&self.tmp, std::io::Error::from_raw_os_error(e))),
+            libc::EOPNOTSUPP | libc::EINVAL => self.file.set_len(len).map_err(|e| write_error(&self.target, e)),
+            e => Err(write_error(&self.target, std::io::Error::from_raw_os_error(e))),
         }
     }
 
@@ -141,7 +207,7 @@ impl Writer {
         }
         self.file
             .write_all_at(bytes, self.data_start + offset)
-            .map_err(|e| write_error(&self.tmp, e))?;
+            .map_err(|e| write_error(&self.target, e))?;
         self.written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -167,7 +233,7 @@ impl Writer {
             )));
         }
         if durable {
-            self.file.sync_all().map_err(|e| write_error(&self.tmp, e))?;
+            self.file.sync_all().map_err(|e| write_error(&self.target, e))?;
         }
         if self.mode == Mode::Create {
             self.rename_noreplace()?;
@@ -175,6 +241,9 @@ impl Writer {
             std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
         }
         self.committed = true;
+        if let Ok(mut v) = COMMITTED.lock() {
+            v.push(self.target.clone());
+        }
         if durable {
             if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
                 if let Ok(d) = File::open(dir) {
@@ -261,6 +330,38 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect()
+    }
+
+    #[test]
+    fn temp_names_carry_the_owner_and_fit_long_names() {
+        let name = "n".repeat(250) + ".safetensors";
+        let t = tmp_name(&name[..255]);
+        assert!(t.len() <= 255, "{}", t.len());
+        assert_eq!(tmp_owner(&t), Some(std::process::id()));
+        assert_eq!(tmp_owner(".a.b.123.abc.tmp"), None); // not ours
+        let d = tempfile::tempdir().unwrap();
+        let long = d.path().join(&name[..255]);
+        let w = Writer::create(&long, &header(), 0, &[], Mode::Create).unwrap();
+        w.commit(false).unwrap();
+        assert!(long.exists());
+    }
+
+    #[test]
+    fn stale_temp_files_of_dead_runs_are_removed_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let gone = d.path().join(format!(".m.safetensors{TMP_TAG}{dead}-ab12.tmp"));
+        let live = d.path().join(format!(".m.safetensors{TMP_TAG}1-ab12.tmp")); // init never exits
+        let mine = d.path().join(tmp_name("x.safetensors"));
+        let other = d.path().join(format!(".m.safetensors.{dead}.ab12.tmp")); // another tool's name
+        for p in [&gone, &live, &mine, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        let removed = clean_stale(d.path()).unwrap();
+        assert_eq!(removed, vec![(gone.clone(), 1)]);
+        assert!(!gone.exists() && live.exists() && mine.exists() && other.exists());
     }
 
     #[test]

@@ -192,12 +192,12 @@ def test_unnormalised_weights(tmp_path):
     np.testing.assert_array_equal(am.Checkpoint(tmp_path / "o.safetensors").tensor("w"), [2.0, 2.0, 2.0])
 
 
-def test_tensor_views_do_not_copy(tmp_path):
+def test_tensors_are_read_into_their_own_arrays(tmp_path):
     save(tmp_path / "a.safetensors", {"w": np.arange(12, dtype=np.float16).reshape(3, 4)})
     ck = am.Checkpoint(tmp_path / "a.safetensors")
     t = ck.tensor("w")
-    assert not t.flags.owndata and not t.flags.writeable and t.shape == (3, 4)
-    del ck  # the view keeps the map alive
+    assert t.shape == (3, 4) and t.dtype == np.float16
+    del ck  # the array does not depend on the open file
     assert float(t[2, 3]) == 11.0
 
 

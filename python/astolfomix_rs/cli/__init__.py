@@ -10,14 +10,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import _core
 from .._core import __version__
 from ..api import mean
-from ..commands.inspect import escape
+from ..core.report import escape
 from ..errors import AstolfomixError
 from ..tools import bench, bench_robust
 from . import merge as recipe_cli
 from . import models as anatomy_cli
-from .common import COMMANDS, command, emit, human_bytes, report_text, thread_count, weight_list  # noqa: F401
+from .common import (  # noqa: F401
+    COMMANDS,
+    command,
+    emit,
+    err_say,
+    human_bytes,
+    report_text,
+    say,
+    thread_count,
+    weight_list,
+)
 
 
 @command("mean")
@@ -53,7 +64,7 @@ def _bench_method(args: argparse.Namespace, ns: list[int], log) -> int:
 
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log = err_say if args.json else say
     ns = [int(n) for n in str(args.n).split(",")]
     if args.method:
         return _bench_method(args, ns, log)
@@ -132,15 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     # does: the engine sees the interrupt within a second and removes its temp file.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
+    cores = os.cpu_count() or 1
+    if isinstance(getattr(args, "threads", None), int) and args.threads > cores:
+        err_say(f"note: --threads {args.threads} capped to {cores}, the threads this machine has")
+        args.threads = cores
+    done_before = len(_core.committed())
     try:
         return COMMANDS[args.command](args)
     except AstolfomixError as e:
         # Messages quote files, tensor names and recipe text: escape what a terminal would obey.
-        text = "\n".join(escape(line, 4000) for line in str(e).split("\n"))
-        print(f"astolfomix {args.command}: error: {text}", file=sys.stderr)
+        err_say(f"astolfomix {args.command}: error: {escape(str(e), 8000)}")
         return 2
     except KeyboardInterrupt:
-        print(f"astolfomix {args.command}: interrupted; no output was written", file=sys.stderr)
+        # The interrupt can land after the rename (Python sees it once the engine returns): say
+        # what is really on disk.
+        wrote = _core.committed()[done_before:]
+        if wrote:
+            err_say(f"astolfomix {args.command}: interrupted after writing {', '.join(map(str, wrote))} "
+                    "(complete and in place)")
+        else:
+            err_say(f"astolfomix {args.command}: interrupted; no output was written")
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from typing import Any, Callable
 
 from ..commands.inspect import human_bytes  # noqa: F401  (shared by the commands)
+from ..core.report import escape
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -43,12 +45,24 @@ def weight_list(text: str) -> list[float]:
     return w
 
 
+def say(*parts: object, file: Any = None) -> None:
+    """Every line a command prints goes through here: file names, tensor names, recipe text and
+    metadata come from strangers, so control characters are escaped (a name cannot retitle or
+    clear the terminal). JSON needs no help: ``json.dumps`` escapes them itself."""
+    text = " ".join(str(p) for p in parts)
+    print("\n".join(escape(line, 100_000) for line in text.split("\n")), file=file or sys.stdout)
+
+
+def err_say(*parts: object) -> None:
+    say(*parts, file=sys.stderr)
+
+
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     """Prints JSON with --json, else the human text."""
     if getattr(args, "json", False):
         print(json.dumps(data, indent=2, default=str))
     else:
-        print(text)
+        say(text)
 
 
 def report_text(r) -> str:

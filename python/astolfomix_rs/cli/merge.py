@@ -15,7 +15,7 @@ from ..commands import recipe as rc
 from ..commands.inspect import inspect_file
 from ..core.engine import execute
 from ..tools.synth import make_checkpoint
-from .common import command, emit, human_bytes, report_text, thread_count
+from .common import command, emit, human_bytes, report_text, say, thread_count
 
 DEMO_RECIPE = """\
 ```
@@ -78,7 +78,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     r = rc.load(args.recipe)
     for note in r.notes:
         if not args.json:
-            print(f"note: {note}")
+            say(f"note: {note}")
     plan, summary = rc.merge_plan(r, Path(args.models), output=args.output, base=args.base, dtype=args.dtype,
                                   accumulate=args.accumulate, hash_inputs=args.hash_inputs)
     out_dir = Path(args.out_dir or args.models)
@@ -99,7 +99,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(folder: Path, n_models: int = 8, factor: int = 16, log=print) -> dict:
+def run_demo(folder: Path, n_models: int = 8, factor: int = 16, log=say) -> dict:
     """Writes a synthetic SDXL pool and the grid recipe, merges, inspects; returns timings."""
 
     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     folder = Path(args.folder) if args.folder else Path(tmp := tempfile.mkdtemp(prefix="astolfomix-demo-"))
     try:
         res = run_demo(folder, n_models=args.models, factor=args.factor,
-                       log=(lambda *a: None) if args.json else print)
+                       log=(lambda *a: None) if args.json else say)
         if args.json:
             print(json.dumps(res, indent=2))
     finally:

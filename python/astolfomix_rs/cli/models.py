@@ -6,13 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+from .. import _core
 from ..commands.components import compare, component_hashes, export, import_component, selection_line, toolkit_metric
 from ..commands.hashing import files_hashes
 from ..commands.inspect import inspect_file
 from ..core.reader import Checkpoint
 from ..errors import PlanError
 from ..models.anatomy import detect
-from .common import command, emit, report_text
+from .common import command, emit, human_bytes, report_text, say
 
 
 @command("inspect")
@@ -21,7 +22,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{k: v for k, v in i.items() if k != "text"} for i in infos], indent=2, default=str))
     else:
-        print("\n\n".join(i["text"] for i in infos))
+        say("\n\n".join(i["text"] for i in infos))
     return 0
 
 
@@ -97,7 +98,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("clean")
+def cmd_clean(args: argparse.Namespace) -> int:
+    removed = []
+    for d in args.folders:
+        if not Path(d).is_dir():
+            raise PlanError(f"{d}: not a folder")
+        removed += _core.clean_stale(d)
+    total = sum(n for _, n in removed)
+    text = "\n".join(f"removed {p} ({human_bytes(n)})" for p, n in removed)
+    text += ("\n" if text else "") + f"{len(removed)} leftover temp files of stopped runs removed, {human_bytes(total)} freed"
+    emit(args, {"removed": [{"path": str(p), "bytes": n} for p, n in removed], "bytes": total}, text)
+    return 0
+
+
 def add_parsers(sub) -> None:
+    k = sub.add_parser("clean", help="remove temp files left in folders by runs that were killed")
+    k.add_argument("folders", nargs="+")
+    k.add_argument("--json", action="store_true")
+
     i = sub.add_parser("inspect", help="architecture, components, missing/junk keys, metric, hashes, metadata")
     i.add_argument("files", nargs="+")
     i.add_argument("--nan", action="store_true", help="count NaN/Inf values (reads every tensor)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -152,25 +154,59 @@ def export(path, component: str, output, *, layout: str = "toolkit", dtype: str 
     ck = Checkpoint(path)
     plan = export_plan(ck, component, layout=layout, dtype=dtype)
     if layout == "transformers":
-        folder = Path(output)
-        cfg = folder / "config.json"
-        if cfg.exists() and not overwrite:
-            raise OutputError(f"{cfg}: already exists (pass overwrite=True / --overwrite)")
-        folder.mkdir(parents=True, exist_ok=True)
-        rep = execute(plan, folder / "model.safetensors", overwrite=overwrite, progress=progress)
-        # The dtype transformers loads the weights in: the one they were written in.
-        written = Checkpoint(folder / "model.safetensors")
-        first = next((i.dtype for i in written.info.values() if i.is_float), "F32")
-        torch_dtype = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(first, "float32")
-        _write_text(cfg, json.dumps({**VIT_L_CONFIG, "torch_dtype": torch_dtype}, indent=2) + "\n", overwrite)
-        return rep
+        return _export_folder(plan, Path(output), overwrite, progress)
     return execute(plan, output, overwrite=overwrite, progress=progress)
+
+
+def _export_folder(plan: Plan, folder: Path, overwrite: bool, progress: bool) -> Report:
+    """A transformers folder (``model.safetensors`` + ``config.json``), written whole or not at
+    all: a new folder is filled under a temp name beside it and renamed into place; in an existing
+    folder both files are checked first and the weights are removed again if the config fails."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not a folder")
+    if folder.is_dir():
+        for f in ("config.json", "model.safetensors"):
+            if (folder / f).exists() and not overwrite:
+                raise OutputError(f"{folder / f}: already exists (pass overwrite=True / --overwrite)")
+        had_model = (folder / "model.safetensors").exists()
+        rep = execute(plan, folder / "model.safetensors", overwrite=overwrite, progress=progress)
+        try:
+            _write_text(folder / "config.json", _transformers_config(folder / "model.safetensors"), overwrite)
+        except BaseException:
+            if not had_model:
+                (folder / "model.safetensors").unlink(missing_ok=True)
+            raise
+        return rep
+    if not folder.parent.is_dir():
+        raise OutputError(f"{folder}: folder {folder.parent} does not exist")
+    tmp = folder.with_name(f".{folder.name[:200]}.astolfomix-{os.getpid()}-{secrets.token_hex(8)}.tmp")
+    tmp.mkdir()
+    try:
+        rep = execute(plan, tmp / "model.safetensors", progress=progress)
+        _write_text(tmp / "config.json", _transformers_config(tmp / "model.safetensors"), False)
+        try:
+            os.rename(tmp, folder)  # fails if a non-empty folder appeared there meanwhile
+        except OSError as e:
+            raise OutputError(f"{folder}: was created by something else while this ran ({e.strerror}); not replaced") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    rep.output = folder / "model.safetensors"
+    return rep
+
+
+def _transformers_config(weights: Path) -> str:
+    # The dtype transformers loads the weights in: the one they were written in.
+    written = Checkpoint(weights)
+    first = next((i.dtype for i in written.info.values() if i.is_float), "F32")
+    torch_dtype = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(first, "float32")
+    return json.dumps({**VIT_L_CONFIG, "torch_dtype": torch_dtype}, indent=2) + "\n"
 
 
 def _write_text(path: Path, text: str, overwrite: bool) -> None:
     """Writes a small text file whole or not at all: a temp file beside it, then a rename (or,
     without ``overwrite``, a link that fails if something appeared there meanwhile)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name[:200]}.astolfomix-{os.getpid()}-{secrets.token_hex(8)}.tmp")
     try:
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
@@ -183,7 +219,7 @@ def _write_text(path: Path, text: str, overwrite: bool) -> None:
     except FileExistsError:
         raise OutputError(f"{path}: already exists (pass overwrite=True / --overwrite)") from None
     except OSError as e:
-        cls = DiskFullError if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else AstolfomixIOError
+        cls = DiskFullError if e.errno in (errno.ENOSPC, errno.EDQUOT) else AstolfomixIOError
         raise cls(f"{path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from typing import Sequence
 
 import numpy as np
 
 from ..core.reader import Checkpoint
+from ..core.report import escape
 from ..models.anatomy import Anatomy, detect, position_ids_status
 from .components import component_hashes, toolkit_metric
 
@@ -21,18 +21,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
-
-
-def escape(s: str, limit: int = 400) -> str:
-    """Metadata from strangers: control and format characters escaped, so nothing reaches the terminal raw."""
-    out = []
-    for ch in s[:limit]:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") or ch in "\u2028\u2029":
-            out.append(ch.encode("unicode_escape").decode("ascii") if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
-        else:
-            out.append(ch)
-    more = f"... ({len(s)} chars)" if len(s) > limit else ""
-    return "".join(out) + more
 
 
 def nonfinite(ck: Checkpoint, keys: Sequence[str]) -> dict[str, int]:

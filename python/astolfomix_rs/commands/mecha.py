@@ -24,7 +24,7 @@ from ..core.plan import Output, Plan, parse_dtype
 from ..core.reader import Checkpoint
 from ..errors import AstolfomixError, RecipeError
 from ..models.anatomy import detect
-from .recipe import safe_join
+from .recipe import safe_join, stored_recipe
 
 # ---------------------------------------------------------------------------------------------
 # The graph
@@ -568,7 +568,7 @@ def mecha_plan(
                         "della_rank": "ordinal rank of |delta| (ties by position) within the tensor, or the row "
                                       "with rank=\"row\"; keep probability within 1e-4 of the exact formula"}
     meta = {
-        "astolfomix.mecha": rec.text or "(built with the Python API)",
+        "astolfomix.mecha": stored_recipe(rec.text)[0] if rec.text else "(built with the Python API)",
         "astolfomix.robust": json.dumps(robust_meta),
         "astolfomix.files": json.dumps([{"name": p.name, "size": ck.file_len} for p, ck in zip(paths, cks)]),
     }

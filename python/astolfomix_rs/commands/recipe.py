@@ -4,7 +4,9 @@ they cannot name files outside the models folder or write outside the output fol
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import tomllib
@@ -29,7 +31,9 @@ _RAW = re.compile(r"^\d+$")
 _INTER = re.compile(r"^(\d+)([A-Za-z]+)$")
 _FLAG = re.compile(r"^-(\d+[A-Za-z]*)$")
 _DASHES = re.compile(r"^-+$")
-_COUNT = re.compile(r"^(.*?)=\s*(-?)\s*(\d+)\s*$")
+_COUNT_TAIL = re.compile(r"^\s*(-?)\s*(\d{1,6})\s*$")
+#: Model numbers and counts have at most this many digits (a pool of a million models).
+MAX_DIGITS = 6
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,9 @@ class ModelId:
     @classmethod
     def parse(cls, text: str) -> ModelId:
         m = _INTER.match(text)
-        if m:
+        if m and len(m.group(1)) <= MAX_DIGITS:
             return cls(int(m.group(1)), m.group(2).lower())
-        if _RAW.match(text):
+        if _RAW.match(text) and len(text) <= MAX_DIGITS:
             return cls(int(text))
         raise ValueError(text)
 
@@ -127,16 +131,22 @@ class Recipe:
         return comps
 
 
+def _short(text: str, limit: int = 120) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
 def _err(n: int, text: str, what: str) -> RecipeError:
-    return RecipeError(f"line {n}: {text.strip()!r}: {what}")
+    return RecipeError(f"line {n}: {_short(text)!r}: {_short(what, 200)}")
 
 
 def _parse_items(body: str, n: int, text: str) -> tuple[list[Item], int | None, bool]:
     body = body.strip()
     count, exclude = None, False
-    m = _COUNT.match(body)
+    head, eq, tail = body.rpartition("=")  # linear time, whatever the line holds
+    m = _COUNT_TAIL.match(tail) if eq else None
     if m:
-        body, exclude, count = m.group(1).strip(), m.group(2) == "-", int(m.group(3))
+        body, exclude, count = head.strip(), m.group(1) == "-", int(m.group(2))
     if not body:
         raise _err(n, text, "no items")
     items: list[Item] = []
@@ -218,29 +228,56 @@ def parse_toml(text: str) -> Recipe:
         d = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"TOML recipe: {e}") from None
+    except RecursionError:
+        raise RecipeError("TOML recipe: values nested too deeply") from None
+
+    def bad(where: str, what: str) -> RecipeError:
+        return RecipeError(f"TOML recipe: {_short(where, 80)}: {what}")
+
+    def name(v: object, where: str) -> str:
+        # Model ids may be written as numbers (01 is not valid TOML, 1 is); nothing else.
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise bad(where, f"expected a string, not {type(v).__name__}")
+        if isinstance(v, int) and not 0 <= v < 10**MAX_DIGITS:
+            raise bad(where, f"model number {_short(str(v), 20)} is out of range")
+        return str(v)
+
+    def table(v: object, where: str) -> dict:
+        if not isinstance(v, dict):
+            raise bad(where, f"expected a table, not {type(v).__name__}")
+        return v
+
+    known = {"base", "dtype", "accumulate", "outputs", "models", "components"}
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        raise bad(unknown[0], f"unknown key (expected {', '.join(sorted(known))})")
     r = Recipe(text=text)
-    r.base = str(d["base"]) if "base" in d else None
-    r.dtype = d.get("dtype")
-    r.accumulate = d.get("accumulate")
-    r.table = {str(k): str(v) for k, v in d.get("models", {}).items()}
-    for name, f in d.get("outputs", {}).items():
-        r.outputs[name] = str(f)
-        r.lines.append(("output", (name, str(f))))
-    for n, (comp, spec) in enumerate(d.get("components", {}).items(), start=1):
+    r.base = name(d["base"], "base") if "base" in d else None
+    r.dtype = name(d["dtype"], "dtype") if "dtype" in d else None
+    r.accumulate = name(d["accumulate"], "accumulate") if "accumulate" in d else None
+    r.table = {str(k): name(v, f"models.{k}") for k, v in table(d.get("models", {}), "models").items()}
+    for out, f in table(d.get("outputs", {}), "outputs").items():
+        if not _OUT.match(f"{out}=x"):
+            raise bad(f"outputs.{out}", "an output name is letters, digits and _")
+        r.outputs[out] = name(f, f"outputs.{out}")
+        r.lines.append(("output", (out, r.outputs[out])))
+    for n, (comp, spec) in enumerate(table(d.get("components", {}), "components").items(), start=1):
         comp = LINE_ALIASES.get(comp, comp)
         models = spec.get("models") if isinstance(spec, dict) else spec
         if not isinstance(models, list) or not models:
-            raise RecipeError(f"TOML recipe: components.{comp} needs a non-empty 'models' list")
+            raise bad(f"components.{comp}", "needs a non-empty 'models' list")
+        if isinstance(spec, dict) and set(spec) - {"models", "weights"}:
+            raise bad(f"components.{comp}", f"unknown key '{sorted(set(spec) - {'models', 'weights'})[0]}'")
         items, seen = [], set()
         for m in models:
-            t = str(m)
+            t = name(m, f"components.{comp}.models")
             key = t
             try:
                 key = str(ModelId.parse(t))
             except ValueError:
                 pass
             if key in seen:
-                raise RecipeError(f"TOML recipe: components.{comp}: model {t} is listed twice")
+                raise bad(f"components.{comp}", f"model {_short(t, 40)} is listed twice")
             seen.add(key)
             mid = None
             try:
@@ -252,9 +289,14 @@ def parse_toml(text: str) -> Recipe:
         r.selections[comp] = sel
         r.lines.append(("selection", sel))
         if isinstance(spec, dict) and "weights" in spec:
-            w = [float(x) for x in spec["weights"]]
+            ws = spec["weights"]
+            if not isinstance(ws, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ws):
+                raise bad(f"components.{comp}.weights", "expected a list of numbers")
+            w = [float(x) for x in ws]
+            if not all(math.isfinite(x) for x in w):
+                raise bad(f"components.{comp}.weights", "weights must be finite")
             if len(w) != len(models):
-                raise RecipeError(f"TOML recipe: components.{comp}: {len(w)} weights for {len(models)} models")
+                raise bad(f"components.{comp}", f"{len(w)} weights for {len(models)} models")
             r.weights[comp] = w
     return r
 
@@ -547,10 +589,27 @@ def _check_and_add(files, chosen, found, base_path, base_ck, base_an, idx, resol
     return hashes
 
 
+#: Longest recipe text stored whole in an output's metadata. Longer ones are stored truncated
+#: with their full sha256 (a 35 MB recipe would otherwise make a header no reader accepts).
+RECIPE_META_LIMIT = 1 << 20
+
+
+def stored_recipe(text: str) -> tuple[str, str]:
+    """``(text to store, sha256 of the whole text)``; the text is cut at ``RECIPE_META_LIMIT``
+    bytes with a note saying so."""
+    raw = text.encode("utf-8")
+    digest = hashlib.sha256(raw).hexdigest()
+    if len(raw) <= RECIPE_META_LIMIT:
+        return text, digest
+    cut = raw[:RECIPE_META_LIMIT].decode("utf-8", errors="ignore")
+    return cut + f"\n... (truncated: the recipe is {len(raw)} bytes, sha256 {digest})", digest
+
+
 def _merge_metadata(recipe, out_name, name, base_path, base_an, comp_files, counts, out_dtype, acc, inputs, hashes):
     """The output's metadata: the recipe, provenance, and the keys the webui shows."""
+    text, digest = stored_recipe(recipe.text)
     provenance = {
-        "recipe": recipe.text,
+        "recipe": text,
         "output": out_name,
         "base": base_path.name,
         "components": {c: [p.name for p in v] for c, v in comp_files.items()},
@@ -560,7 +619,8 @@ def _merge_metadata(recipe, out_name, name, base_path, base_an, comp_files, coun
         "tool": f"astolfomix_rs {__version__}",
     }
     meta = {
-        "astolfomix.recipe": recipe.text,
+        "astolfomix.recipe": text,
+        "astolfomix.recipe_sha256": digest,
         "astolfomix.merge": json.dumps(provenance),
         "sd_merge_recipe": json.dumps({"type": "astolfomix-recipe", **provenance}),
         "modelspec.architecture": MODELSPEC.get(base_an.arch, base_an.arch),

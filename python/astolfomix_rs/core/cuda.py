@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -64,15 +63,25 @@ def resolve_device(device: str):
     return dev
 
 
+class _Host:
+    """One input of the resolved plan (the same open file, no second open), read with ``pread``
+    into torch tensors: never through the map, so a file truncated meanwhile is an error naming
+    it, not a SIGBUS."""
+
+    def __init__(self, f: Any):
+        self.f = f
+
+    def read_into(self, offset: int, out: Any) -> None:
+        self.f.read_into(offset, out.numpy())
+
+    def __getitem__(self, s: slice) -> Any:
+        out = torch.empty(s.stop - s.start, dtype=torch.uint8)
+        self.read_into(s.start, out)
+        return out
+
+
 def _host_views(layout: _core.Layout) -> list[Any]:
-    """Each input of the resolved plan as a uint8 torch tensor over its Rust memory map: the same
-    open file the plan was resolved against (no copy, no second open)."""
-    views = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns that the buffer is read-only; we never write it
-        for i in range(layout.n_inputs):
-            views.append(torch.from_numpy(np.frombuffer(memoryview(layout.input(i)), dtype=np.uint8)))
-    return views
+    return [_Host(layout.input(i)) for i in range(layout.n_inputs)]
 
 
 class _Executor:
@@ -105,10 +114,9 @@ class _Executor:
         """Source bytes -> device tensor of fp32 (or fp64), through the pinned ring."""
         k = self.slot
         self.slot = (self.slot + 1) % self.ring
-        src = host[offset:offset + nbytes]
         if self.cuda:
             self.slot_free[k].synchronize()  # the compute stream is done with this slot
-            self.stage[k][:nbytes].copy_(src)
+            host.read_into(offset, self.stage[k][:nbytes])
             with torch.cuda.stream(self.copy_stream):
                 self.dev_in[k][:nbytes].copy_(self.stage[k][:nbytes], non_blocking=True)
                 self.h2d_done[k].record(self.copy_stream)
@@ -117,7 +125,7 @@ class _Executor:
         else:
             # Stage through an aligned buffer: tensors in a file may start at any byte.
             raw = self.stage[k][:nbytes]
-            raw.copy_(src)
+            host.read_into(offset, raw)
         x = raw.view(self.tdt[dtype])[:numel]
         x = x.double() if f64 else x.float()
         if self.cuda:

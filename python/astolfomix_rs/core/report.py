@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def escape(s: str, limit: int = 400) -> str:
+    """Metadata from strangers: control and format characters escaped, so nothing reaches the terminal raw."""
+    out = []
+    for ch in s[:limit]:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") or ch in "\u2028\u2029":
+            out.append(ch.encode("unicode_escape").decode("ascii") if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    more = f"... ({len(s)} chars)" if len(s) > limit else ""
+    return "".join(out) + more
 
 
 @dataclass
@@ -43,7 +56,7 @@ class ProgressBar:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, leave=False, file=sys.stderr)
+            self.bar = tqdm(total=0, unit="B", unit_scale=True, desc=escape(desc, 60), leave=False, file=sys.stderr)
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is not None:
