@@ -45,7 +45,10 @@ impl Guard {
     pub fn new(ptr: *const u8, len: usize) -> Result<Guard> {
         INSTALL.call_once(install);
         for (i, s) in TABLE.iter().enumerate() {
-            if s.used.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            if s.used
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
                 s.tripped.store(false, Ordering::Relaxed);
                 s.end.store(ptr as usize + len, Ordering::Release);
                 s.start.store(ptr as usize, Ordering::Release);
@@ -167,7 +170,12 @@ mod tests {
         // SAFETY: test file owned by this test; truncated below on purpose to exercise the guard.
         let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
         let g = Guard::new(map.as_ptr(), map.len()).unwrap();
-        std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(page as u64).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(page as u64)
+            .unwrap();
         assert_eq!(map[page - 1], 7);
         assert!(!g.tripped());
         let tail: u64 = map[page..].iter().map(|&b| b as u64).sum();

@@ -176,7 +176,9 @@ pub fn l2_distances(files: &[&Checkpoint], keys: &[String], reference: Option<us
             let len = e - s;
             let r: Vec<f64> = match reference {
                 Some(i) => vals[i * len..(i + 1) * len].to_vec(),
-                None => (0..len).map(|j| (0..n).map(|f| vals[f * len + j]).sum::<f64>() / n as f64).collect(),
+                None => (0..len)
+                    .map(|j| (0..n).map(|f| vals[f * len + j]).sum::<f64>() / n as f64)
+                    .collect(),
             };
             let den: f64 = r.iter().map(|x| x * x).sum();
             Ok(vals

@@ -394,7 +394,11 @@ mod tests {
             "2^63-1",
         );
         let many = vec!["1"; 33].join(",");
-        expect_err(&format!(r#"{{"x":{{"dtype":"F16","shape":[{many}],"data_offsets":[0,2]}}}}"#), 2, "33 dimensions");
+        expect_err(
+            &format!(r#"{{"x":{{"dtype":"F16","shape":[{many}],"data_offsets":[0,2]}}}}"#),
+            2,
+            "33 dimensions",
+        );
     }
 
     #[test]

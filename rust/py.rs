@@ -70,7 +70,10 @@ fn read_into(py: Python<'_>, file: &InputFile, offset: usize, out: &Bound<'_, Py
     }
     let (ptr, len) = (buf.buf_ptr() as usize, buf.len_bytes());
     if offset.checked_add(len).is_none_or(|end| end as u64 > file.file_len) {
-        return Err(plan_err(format!("bytes {offset}..+{len} lie outside {}", file.path.display())));
+        return Err(plan_err(format!(
+            "bytes {offset}..+{len} lie outside {}",
+            file.path.display()
+        )));
     }
     py.detach(|| {
         // SAFETY: `buf` keeps the exporter and its memory alive until it drops after this call;
@@ -704,7 +707,11 @@ fn clean_stale(py: Python<'_>, folder: PathBuf) -> PyResult<Vec<(PathBuf, u64)>>
 fn file_hashes(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>) -> PyResult<Vec<BTreeMap<&'static str, String>>> {
     use rayon::prelude::*;
     let cks = handles(&checkpoints);
-    let res = py.detach(|| cks.par_iter().map(|c| hashing::file_hashes(c)).collect::<crate::Result<Vec<_>>>());
+    let res = py.detach(|| {
+        cks.par_iter()
+            .map(|c| hashing::file_hashes(c))
+            .collect::<crate::Result<Vec<_>>>()
+    });
     Ok(res
         .map_err(to_py)?
         .into_iter()

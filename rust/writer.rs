@@ -93,11 +93,15 @@ pub fn clean_stale(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let Ok(e) = e else { continue };
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(tmp_owner) else { continue };
+        let Some(pid) = name.to_str().and_then(tmp_owner) else {
+            continue;
+        };
         if pid == std::process::id() || alive(pid) {
             continue;
         }
-        let Ok(m) = std::fs::symlink_metadata(e.path()) else { continue };
+        let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
         // A temp folder is a transformers export in progress (see `components.py`).
         let gone = if m.is_file() {
             std::fs::remove_file(e.path()).is_ok()

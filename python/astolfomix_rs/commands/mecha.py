@@ -24,7 +24,7 @@ from ..core.plan import Output, Plan, parse_dtype
 from ..core.reader import Checkpoint
 from ..errors import AstolfomixError, RecipeError
 from ..models.anatomy import detect
-from .recipe import safe_join, stored_recipe
+from .recipe import load_toml, safe_join, stored_recipe
 
 # ---------------------------------------------------------------------------------------------
 # The graph
@@ -270,13 +270,7 @@ def parse_robust_toml(text: str) -> MechaRecipe:
         alpha = 1.0                        # add_difference(base, merged delta, alpha)
 
     compiles to: base, one ``subtract`` delta per model, the method, ``add_difference``."""
-    import tomllib
-
-    try:
-        d = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"TOML recipe: {e}") from None
-    spec = d.get("robust")
+    spec = load_toml(text).get("robust")
     if not isinstance(spec, dict):
         raise RecipeError("TOML recipe: no [robust] table (the grid-recipe TOML form is read by the grid recipes)")
     problems = []
@@ -286,7 +280,7 @@ def parse_robust_toml(text: str) -> MechaRecipe:
         problems.append("robust.base must be a file name")
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
         problems.append("robust.models must be a non-empty list of file names")
-    if method not in ROBUST:
+    if not isinstance(method, str) or method not in ROBUST:
         problems.append(f"robust.method must be one of {', '.join(sorted(ROBUST))}, not {method!r}")
     if not isinstance(params, dict):
         problems.append("robust.params must be a table")
@@ -319,12 +313,10 @@ def is_robust_recipe(path: str | os.PathLike[str]) -> bool:
     if p.suffix == ".mecha":
         return True
     if p.suffix == ".toml" and p.is_file():
-        import tomllib
-
         try:
-            return isinstance(tomllib.loads(p.read_text(encoding="utf-8", errors="replace")).get("robust"), dict)
-        except tomllib.TOMLDecodeError:
-            return False
+            return isinstance(load_toml(p.read_text(encoding="utf-8", errors="replace")).get("robust"), dict)
+        except RecipeError:
+            return False  # the grid-recipe reader reports it
     return False
 
 

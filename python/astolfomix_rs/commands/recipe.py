@@ -163,9 +163,9 @@ def _parse_items(body: str, n: int, text: str) -> tuple[list[Item], int | None, 
             try:
                 mid = ModelId.parse(t)
             except ValueError:
-                raise _err(n, text, f"'{t}' is not a model number, an intermediate like 05a, '--' or '-NN'") from None
+                raise _err(n, text, f"'{_short(t, 40)}' is not a model number, an intermediate like 05a, '--' or '-NN'") from None
             if mid in seen:
-                raise _err(n, text, f"model {mid} is listed twice ('{seen[mid]}' and '{t}')")
+                raise _err(n, text, f"model {mid} is listed twice ('{_short(seen[mid], 40)}' and '{_short(t, 40)}')")
             seen[mid] = t
             items.append(Item(t, "model", mid))
     listed = sum(1 for i in items if i.kind == "model")
@@ -210,6 +210,17 @@ def parse_grid(text: str) -> Recipe:
     return r
 
 
+def load_toml(text: str) -> dict:
+    """TOML text -> tables, every failure a RecipeError (nesting deep enough to exhaust the
+    parser's recursion included)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"TOML recipe: {e}") from None
+    except RecursionError:
+        raise RecipeError("TOML recipe: values nested too deeply") from None
+
+
 def parse_toml(text: str) -> Recipe:
     """The TOML form::
 
@@ -224,12 +235,7 @@ def parse_toml(text: str) -> Recipe:
         models = ["01", "02", "05a"]
         weights = [1, 1, 2]    # optional
     """
-    try:
-        d = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"TOML recipe: {e}") from None
-    except RecursionError:
-        raise RecipeError("TOML recipe: values nested too deeply") from None
+    d = load_toml(text)
 
     def bad(where: str, what: str) -> RecipeError:
         return RecipeError(f"TOML recipe: {_short(where, 80)}: {what}")

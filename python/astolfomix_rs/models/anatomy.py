@@ -148,7 +148,11 @@ def _recognise(a: Anatomy, ck: Checkpoint, keys: list[str]) -> None:
             a.arch = "sdxl"
         else:
             k = next((k for k in keys if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
-            ratio = (ck.info[k].shape[1] / ck.info[k].shape[0]) if k else 0
+            shape = ck.info[k].shape if k else (1, 0)
+            if len(shape) != 2 or shape[0] == 0:
+                raise ArchitectureError(f"{ck.path}: tensor '{k}': shape {list(shape)}, but a cross-attention "
+                                        "key projection is a non-empty matrix")
+            ratio = shape[1] / shape[0]
             a.arch = "sd2" if ratio > 3 else "sd1"
     elif has(XL_TE0):
         a.arch, a.layout = "component", "prefixed"
