@@ -443,3 +443,26 @@ def test_compare_distance_memory_is_a_block_of_each_file_not_whole_tensors(tmp_p
     code, peak_kb = map(int, r.stdout.split()[-2:])
     assert code == 0, r.stderr
     assert peak_kb < 1_000_000, f"peak RssAnon {peak_kb / 1e6:.2f} GB"
+
+
+# --- No traceback from any command (8) -----------------------------------------------------------
+
+def test_os_errors_and_bugs_are_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import astolfomix_rs.cli as cli
+    from astolfomix_rs.cli.common import COMMANDS
+
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("astolfomix demo: error: ") and err.count("\n") == 1, err
+
+    def broken(args):
+        raise ValueError("boom")
+
+    monkeypatch.setitem(COMMANDS, "hash", broken)
+    assert cli.main(["hash", "x"]) == 3
+    err = capsys.readouterr().err
+    assert "internal error: ValueError: boom" in err and "Traceback" not in err
+    monkeypatch.setenv("ASTOLFOMIX_DEBUG", "1")
+    with pytest.raises(ValueError):
+        cli.main(["hash", "x"])

@@ -167,5 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:
+        # A file the command itself opens (a folder it creates, a recipe it reads).
+        where = f"{e.filename}: " if e.filename else ""
+        err_say(f"astolfomix {args.command}: error: {where}{e.strerror or e}")
+        return 2
+    except Exception as e:  # a bug: one line, not a traceback (ASTOLFOMIX_DEBUG=1 shows it)
+        if os.environ.get("ASTOLFOMIX_DEBUG"):
+            raise
+        err_say(f"astolfomix {args.command}: internal error: {type(e).__name__}: {e} "
+                "(please report it; ASTOLFOMIX_DEBUG=1 shows the traceback)")
+        return 3
 
 
