@@ -8,7 +8,9 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::engine::Progress;
 use crate::kernels;
+use std::sync::atomic::Ordering;
 
 /// Hashes of one file.
 #[derive(Clone, Debug)]
@@ -25,16 +27,30 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// AutoV1/V2/V3 of one open file, reading it once: the data section feeds both digests.
-pub fn file_hashes(ck: &Checkpoint) -> Result<FileHashes> {
+/// Bytes per read while hashing a file.
+const BLOCK: usize = 1 << 22;
+
+/// Stops a hashing pass when Ctrl-C asked for it.
+fn check_cancel(progress: &Progress) -> Result<()> {
+    if progress.cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    Ok(())
+}
+
+/// AutoV1/V2/V3 of one open file, reading it once: the two digests (whole file, data section)
+/// run side by side on each block, so the pass costs one digest's time on two cores. `progress`
+/// counts the bytes read.
+pub fn file_hashes(ck: &Checkpoint, progress: &Progress) -> Result<FileHashes> {
     let bytes = ck.file.bytes();
     let start = ck.header.data_start;
     let mut whole = Sha256::new();
     whole.update(&bytes[..start]);
     let mut data = Sha256::new();
-    for chunk in bytes[start..].chunks(1 << 22) {
-        whole.update(chunk);
-        data.update(chunk);
+    for chunk in bytes[start..].chunks(BLOCK) {
+        check_cancel(progress)?;
+        rayon::join(|| whole.update(chunk), || data.update(chunk));
+        progress.done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
     }
     let lo = 0x100000.min(bytes.len());
     let hi = 0x110000.min(bytes.len());
@@ -47,47 +63,87 @@ pub fn file_hashes(ck: &Checkpoint) -> Result<FileHashes> {
     Ok(h)
 }
 
-/// Tensor values widened to f32 (f64 rounded), as little-endian bytes: the canonical form that
-/// makes fp16 and fp32 copies of the same values hash alike.
-fn canonical(ck: &Checkpoint, key: &str) -> Result<(Vec<u8>, &'static str)> {
-    let t = ck.get(key).ok_or_else(|| Error::Mismatch {
-        tensor: key.to_string(),
-        reason: format!("not found in {}", ck.path().display()),
-    })?;
-    let raw = ck.data(t);
-    if !t.dtype.is_averageable() {
-        let v = raw.to_vec();
-        ck.file.check_intact()?;
-        return Ok((v, t.dtype.name()));
+/// Views f32 values as their little-endian bytes (the canonical form hashed below).
+fn f32_le_bytes(v: &[f32]) -> &[u8] {
+    #[cfg(not(target_endian = "little"))]
+    compile_error!("content hashes assume a little-endian target");
+    // SAFETY: f32 has no padding and every byte pattern is a valid u8; the length is the exact
+    // byte size of the slice, and the borrow keeps `v` alive.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// Elements converted per step: bounded memory, whatever the tensor's size.
+const STEP: usize = 1 << 16;
+
+/// Feeds `h` the canonical form of one tensor: its values widened to f32 (f64 rounded) as
+/// little-endian bytes, so fp16 and fp32 copies of the same values hash alike; other dtypes
+/// their stored bytes. Returns the kind hashed ("float" or the dtype).
+fn hash_canonical(h: &mut Sha256, raw: &[u8], dtype: Dtype) -> &'static str {
+    if !dtype.is_averageable() {
+        h.update(raw);
+        return dtype.name();
     }
-    let mut f = vec![0f32; t.numel()];
-    if t.dtype == Dtype::F64 {
-        let mut d = vec![0f64; t.numel()];
-        kernels::load_f64_slice(&mut d, raw, t.dtype);
-        f.iter_mut().zip(&d).for_each(|(a, b)| *a = *b as f32);
-    } else {
-        kernels::load(&mut f, raw, t.dtype);
+    let size = dtype.size();
+    let mut f = vec![0f32; STEP.min(raw.len() / size.max(1))];
+    match dtype {
+        Dtype::F32 => h.update(raw), // already the canonical bytes
+        Dtype::F16 => {
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            let mut bits = vec![0u16; f.len()];
+            for c in raw.chunks(2 * STEP) {
+                let n = c.len() / 2;
+                bits[..n]
+                    .iter_mut()
+                    .zip(c.chunks_exact(2))
+                    .for_each(|(x, y)| *x = u16::from_le_bytes([y[0], y[1]]));
+                bits[..n].reinterpret_cast::<half::f16>().convert_to_f32_slice(&mut f[..n]);
+                h.update(f32_le_bytes(&f[..n]));
+            }
+        }
+        Dtype::F64 => {
+            for c in raw.chunks(8 * STEP) {
+                let n = c.len() / 8;
+                f[..n]
+                    .iter_mut()
+                    .zip(c.chunks_exact(8))
+                    .for_each(|(a, b)| *a = f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32);
+                h.update(f32_le_bytes(&f[..n]));
+            }
+        }
+        _ => {
+            for c in raw.chunks(size * STEP) {
+                let n = c.len() / size;
+                kernels::load(&mut f[..n], c, dtype);
+                h.update(f32_le_bytes(&f[..n]));
+            }
+        }
     }
-    ck.file.check_intact()?;
-    Ok((f.iter().flat_map(|x| x.to_le_bytes()).collect(), "float"))
+    "float"
 }
 
 /// sha256 over `(name, shape, kind, canonical values)` of each `(name, key)` in name order.
 /// `name` is the key without its prefix, so the same weights hash alike in any file layout.
-pub fn content_hash(ck: &Checkpoint, entries: &[(String, String)]) -> Result<String> {
+/// Tensors are hashed in parallel, each streamed in steps; `progress` counts stored bytes.
+pub fn content_hash(ck: &Checkpoint, entries: &[(String, String)], progress: &Progress) -> Result<String> {
     let mut sorted: Vec<&(String, String)> = entries.iter().collect();
     sorted.sort();
     let parts: Vec<Result<Vec<u8>>> = sorted
         .par_iter()
         .map(|(name, key)| {
-            let (vals, kind) = canonical(ck, key)?;
-            let shape = &ck.get(key).expect("checked").shape;
+            check_cancel(progress)?;
+            let t = ck.get(key).ok_or_else(|| Error::Mismatch {
+                tensor: key.to_string(),
+                reason: format!("not found in {}", ck.path().display()),
+            })?;
+            // The values follow the kind in the stream, so the kind is decided first.
+            let kind = if t.dtype.is_averageable() { "float" } else { t.dtype.name() };
             let mut h = Sha256::new();
             h.update(name.as_bytes());
             h.update([0]);
-            h.update(format!("{shape:?}{kind}").as_bytes());
+            h.update(format!("{:?}{kind}", t.shape).as_bytes());
             h.update([0]);
-            h.update(&vals);
+            hash_canonical(&mut h, ck.data(t), t.dtype);
+            progress.done.fetch_add((t.end - t.begin) as u64, Ordering::Relaxed);
             Ok(h.finalize().to_vec())
         })
         .collect();
@@ -95,13 +151,32 @@ pub fn content_hash(ck: &Checkpoint, entries: &[(String, String)]) -> Result<Str
     for p in parts {
         all.update(p?);
     }
+    ck.file.check_intact()?;
     Ok(hex(&all.finalize()))
 }
 
-/// The model-toolkit statistic of each tensor: `sum(sigmoid(fp16(x)) - 0.5)`, summed in f64.
-pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String]) -> Result<Vec<f64>> {
-    keys.par_iter()
+/// `sigmoid(h) - 0.5` for every f16 value `h`, as the toolkit computes it (in f32), indexed by
+/// the f16 bits: the statistic reads each element once and looks its term up.
+fn sigmoid_table() -> &'static [f64] {
+    static TABLE: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| {
+                let h = half::f16::from_bits(b).to_f32();
+                (1.0 / (1.0 + (-h).exp()) - 0.5) as f64
+            })
+            .collect()
+    })
+}
+
+/// The model-toolkit statistic of each tensor: `sum(sigmoid(fp16(x)) - 0.5)`, summed in f64 in
+/// element order.
+pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String], progress: &Progress) -> Result<Vec<f64>> {
+    let table = sigmoid_table();
+    let sums = keys
+        .par_iter()
         .map(|key| {
+            check_cancel(progress)?;
             let t = ck.get(key).ok_or_else(|| Error::Mismatch {
                 tensor: key.clone(),
                 reason: format!("not found in {}", ck.path().display()),
@@ -109,17 +184,29 @@ pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String]) -> Result<Vec<f64>> {
             if !t.dtype.is_averageable() {
                 return Ok(0.0);
             }
-            let mut f = vec![0f32; t.numel()];
-            kernels::load(&mut f, ck.data(t), t.dtype);
-            ck.file.check_intact()?;
-            Ok(f.iter()
-                .map(|&x| {
-                    let h = half::f16::from_f32(x).to_f32();
-                    (1.0 / (1.0 + (-h).exp()) - 0.5) as f64
-                })
-                .sum())
+            let raw = ck.data(t);
+            let mut sum = 0f64;
+            if t.dtype == Dtype::F16 {
+                for c in raw.chunks_exact(2) {
+                    sum += table[u16::from_le_bytes([c[0], c[1]]) as usize];
+                }
+            } else {
+                let size = t.dtype.size();
+                let mut f = vec![0f32; STEP.min(t.numel())];
+                for c in raw.chunks(size * STEP) {
+                    let n = c.len() / size;
+                    kernels::load(&mut f[..n], c, t.dtype);
+                    for &x in &f[..n] {
+                        sum += table[half::f16::from_f32(x).to_bits() as usize];
+                    }
+                }
+            }
+            progress.done.fetch_add((t.end - t.begin) as u64, Ordering::Relaxed);
+            Ok(sum)
         })
-        .collect()
+        .collect::<Result<Vec<f64>>>()?;
+    ck.file.check_intact()?;
+    Ok(sums)
 }
 
 /// For `compare`: per file, `(sum (x - r)^2, sum r^2)` over `keys`, where `r` is the file
@@ -229,9 +316,10 @@ mod tests {
         let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
         let ea = vec![("x".to_string(), "p.x".to_string()), ("y".to_string(), "p.y".to_string())];
         let eb = vec![("y".to_string(), "q.y".to_string()), ("x".to_string(), "q.x".to_string())];
-        assert_eq!(content_hash(&ca, &ea).unwrap(), content_hash(&cb, &eb).unwrap());
+        let p = Progress::default();
+        assert_eq!(content_hash(&ca, &ea, &p).unwrap(), content_hash(&cb, &eb, &p).unwrap());
         let ec = vec![("x".to_string(), "p.x".to_string())];
-        assert_ne!(content_hash(&ca, &ea).unwrap(), content_hash(&ca, &ec).unwrap());
+        assert_ne!(content_hash(&ca, &ea, &p).unwrap(), content_hash(&ca, &ec, &p).unwrap());
     }
 
     #[test]

@@ -703,17 +703,22 @@ fn clean_stale(py: Python<'_>, folder: PathBuf) -> PyResult<Vec<(PathBuf, u64)>>
 }
 
 /// AutoV1/V2/V3 of each open file, files in parallel, each read once (GIL released).
+/// `progress(done, total)` is called with bytes read, about every 100 ms; Ctrl-C stops it.
 #[pyfunction]
-fn file_hashes(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>) -> PyResult<Vec<BTreeMap<&'static str, String>>> {
+#[pyo3(signature = (checkpoints, progress=None))]
+fn file_hashes(
+    py: Python<'_>,
+    checkpoints: Vec<Bound<'_, PyCheckpoint>>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Vec<BTreeMap<&'static str, String>>> {
     use rayon::prelude::*;
     let cks = handles(&checkpoints);
-    let res = py.detach(|| {
-        cks.par_iter()
-            .map(|c| hashing::file_hashes(c))
-            .collect::<crate::Result<Vec<_>>>()
-    });
+    let p = Progress::default();
+    p.total.store(cks.iter().map(|c| c.file.file_len).sum(), Ordering::Relaxed);
+    let res = run_watched(py, progress, &p, || {
+        cks.par_iter().map(|c| hashing::file_hashes(c, &p)).collect::<crate::Result<Vec<_>>>()
+    })?;
     Ok(res
-        .map_err(to_py)?
         .into_iter()
         .map(|h| BTreeMap::from([("sha256", h.sha256), ("autov1", h.autov1), ("autov3", h.autov3)]))
         .collect())
@@ -721,26 +726,43 @@ fn file_hashes(py: Python<'_>, checkpoints: Vec<Bound<'_, PyCheckpoint>>) -> PyR
 
 /// Content hash of each named group of `(canonical name, key)` entries of one open file.
 #[pyfunction]
+#[pyo3(signature = (checkpoint, groups, progress=None))]
 fn content_hashes(
     py: Python<'_>,
     checkpoint: &Bound<'_, PyCheckpoint>,
     groups: BTreeMap<String, Vec<(String, String)>>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<BTreeMap<String, String>> {
     let ck = &checkpoint.get().0;
-    py.detach(|| {
+    let p = Progress::default();
+    let total: usize = groups
+        .values()
+        .flatten()
+        .filter_map(|(_, k)| ck.get(k).map(|t| t.end - t.begin))
+        .sum();
+    p.total.store(total as u64, Ordering::Relaxed);
+    run_watched(py, progress, &p, || {
         groups
             .iter()
-            .map(|(g, entries)| hashing::content_hash(ck, entries).map(|h| (g.clone(), h)))
+            .map(|(g, entries)| hashing::content_hash(ck, entries, &p).map(|h| (g.clone(), h)))
             .collect::<crate::Result<BTreeMap<_, _>>>()
     })
-    .map_err(to_py)
 }
 
 /// The model-toolkit statistic `sum(sigmoid(fp16(x)) - 0.5)` of each key.
 #[pyfunction]
-fn sigmoid_sums(py: Python<'_>, checkpoint: &Bound<'_, PyCheckpoint>, keys: Vec<String>) -> PyResult<Vec<f64>> {
+#[pyo3(signature = (checkpoint, keys, progress=None))]
+fn sigmoid_sums(
+    py: Python<'_>,
+    checkpoint: &Bound<'_, PyCheckpoint>,
+    keys: Vec<String>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Vec<f64>> {
     let ck = &checkpoint.get().0;
-    py.detach(|| hashing::sigmoid_sums(ck, &keys)).map_err(to_py)
+    let p = Progress::default();
+    let total: usize = keys.iter().filter_map(|k| ck.get(k).map(|t| t.end - t.begin)).sum();
+    p.total.store(total as u64, Ordering::Relaxed);
+    run_watched(py, progress, &p, || hashing::sigmoid_sums(ck, &keys, &p))
 }
 
 /// Per file `(sum (x - r)^2, sum r^2)` over `keys`; `r` = file `reference`, or the mean of all.

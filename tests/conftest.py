@@ -20,3 +20,9 @@ def rng():
 def leftovers(folder) -> list[str]:
     """Files in a folder, temporary ones included (for 'nothing left behind' checks)."""
     return sorted(os.listdir(folder))
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(monkeypatch, tmp_path_factory):
+    """Each test gets its own hash cache (never the user's ~/.cache), outside its tmp_path."""
+    monkeypatch.setenv("ASTOLFOMIX_CACHE", str(tmp_path_factory.mktemp("cache") / "hashes.json"))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from astolfomix_rs.cli import main
 from astolfomix_rs.commands import components as tk
+from astolfomix_rs.commands import pool
 from astolfomix_rs.commands.hashing import file_hashes
 from astolfomix_rs.commands.inspect import escape, nonfinite, position_ids_report  # noqa: F401
 from astolfomix_rs.core.save import save
@@ -237,14 +238,14 @@ def test_compare_groups_identical_text_encoders(tmp_path):
         shared = i in (3, 7, 8, 15, 20)
         seeds = {"clip_l": 1000, "clip_g": 1000} if shared else {}
         files.append(make_checkpoint(tmp_path / f"_x{i:02d}-m{i}.safetensors", "sdxl", factor=64, seed=i, seeds=seeds))
-    res = tk.compare(files)
+    res = pool.compare(files)
     for comp in ("te0", "te1"):
         groups = res["components"][comp]["groups"]
         assert len(groups) == 16
         big = [g for g in groups if len(g["files"]) > 1]
         assert len(big) == 1 and sorted(big[0]["files"]) == sorted(str(files[i - 1]) for i in (3, 7, 8, 15, 20))
     assert len(res["components"]["unet"]["groups"]) == 20
-    line = tk.selection_line(res, "te0", str(files[2]))
+    line = pool.selection_line(res, "te0", str(files[2]))
     assert line == "te0: 03,07,08,15,20=5"
     from astolfomix_rs.commands.recipe import parse_grid
 
@@ -254,7 +255,7 @@ def test_compare_groups_identical_text_encoders(tmp_path):
 def test_compare_distances(tmp_path):
     a = make_checkpoint(tmp_path / "_x01-a.safetensors", "sd1", factor=32, seed=1)
     b = make_checkpoint(tmp_path / "_x02-b.safetensors", "sd1", factor=32, seed=2)
-    res = tk.compare([a, b], distances=True, reference=0)
+    res = pool.compare([a, b], distances=True, reference=0)
     d = res["components"]["vae"]["relative_l2"]
     ca, cb = am.Checkpoint(a), am.Checkpoint(b)
     keys = [k for k in ca.keys() if k.startswith("first_stage_model.") and ca.info[k].is_float]

@@ -171,7 +171,7 @@ def test_an_input_truncated_after_opening_is_reported_by_the_engine(tmp_path, io
 
 def test_hash_compare_metric_and_tensor_reads_report_a_truncated_input(tmp_path):
     from astolfomix_rs import _core
-    from astolfomix_rs.commands.components import compare
+    from astolfomix_rs.commands.pool import compare
     from astolfomix_rs.errors import AstolfomixIOError
     from astolfomix_rs.tools.synth import make_checkpoint
 

@@ -70,3 +70,17 @@ def report_text(r) -> str:
         f"wrote {r.output} ({r.tensors} tensors, {human_bytes(r.bytes_written)}) in {r.seconds:.2f} s: "
         f"read {human_bytes(r.bytes_read)} at {r.gbps:.2f} GB/s on {r.device} ({r.threads} threads, {r.kernel})"
     )
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """The hash cache options of every command that hashes (see ``commands/hashcache.py``)."""
+    p.add_argument("--cache", metavar="FILE", help="hash cache (default: $ASTOLFOMIX_CACHE, else ~/.cache/astolfomix/hashes.json)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the hash cache")
+    p.add_argument("--webui-cache", metavar="FILE", help="also read and write the webui's cache.json")
+    p.add_argument("--webui-root", metavar="DIR", help="the webui's checkpoint folder (its cache.json names are relative to it)")
+
+
+def cache_from(args: argparse.Namespace):
+    from ..commands.hashcache import HashCache
+
+    return HashCache(args.cache, enabled=not args.no_cache, webui=args.webui_cache, webui_root=args.webui_root)

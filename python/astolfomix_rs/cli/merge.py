@@ -15,7 +15,7 @@ from ..commands import recipe as rc
 from ..commands.inspect import inspect_file
 from ..core.engine import execute
 from ..tools.synth import make_checkpoint
-from .common import command, emit, human_bytes, report_text, say, thread_count
+from .common import add_cache_args, cache_from, command, emit, human_bytes, report_text, say, thread_count
 
 DEMO_RECIPE = """\
 ```
@@ -80,7 +80,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if not args.json:
             say(f"note: {note}")
     plan, summary = rc.merge_plan(r, Path(args.models), output=args.output, base=args.base, dtype=args.dtype,
-                                  accumulate=args.accumulate, hash_inputs=args.hash_inputs)
+                                  accumulate=args.accumulate, hash_inputs=args.hash_inputs,
+                                  hash_cache=cache_from(args), progress=not args.json)
     out_dir = Path(args.out_dir or args.models)
     target = Path(args.o) if args.o else rc.safe_join(out_dir, summary["output_name"], "output")
     summary["output"] = str(target)
@@ -156,6 +157,7 @@ def add_parsers(sub) -> None:
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     m.add_argument("--threads", type=thread_count)
     m.add_argument("--hash-inputs", action="store_true", help="record each input's sha256 (webui sd_merge_models)")
+    add_cache_args(m)
     m.add_argument("--vote", choices=["count", "mass"],
                    help=".mecha recipes: TIES sign rule for every node (default: each node's vote_sgn, as sd-mecha 1.1)")
     m.add_argument("--dry-run", action="store_true", help="print the resolved plan, write nothing")

@@ -7,18 +7,22 @@ import json
 from pathlib import Path
 
 from .. import _core
-from ..commands.components import compare, component_hashes, export, import_component, selection_line, toolkit_metric
-from ..commands.hashing import files_hashes
+from ..commands.components import export, import_component
 from ..commands.inspect import inspect_file
-from ..core.reader import Checkpoint
+from ..commands.pool import compare, pool_hashes, selection_line
 from ..errors import PlanError
-from ..models.anatomy import detect
-from .common import command, emit, human_bytes, report_text, say
+from .common import add_cache_args, cache_from, command, emit, human_bytes, report_text, say
 
 
 @command("inspect")
 def cmd_inspect(args: argparse.Namespace) -> int:
-    infos = [inspect_file(f, nan=args.nan, metric=not args.no_metric) for f in args.files]
+    cache = cache_from(args)
+    infos = []
+    for f in args.files:
+        # Header-only by default; content hashes and the metric when cached or asked for (--hashes).
+        known = (pool_hashes([f], want=("content", "toolkit"), cache=cache, progress=not args.json) if args.hashes
+                 else cache.get(f) if Path(f).is_file() else {})
+        infos.append(inspect_file(f, nan=args.nan, metric=not args.no_metric, known=known, compute=False))
     if args.json:
         print(json.dumps([{k: v for k, v in i.items() if k != "text"} for i in infos], indent=2, default=str))
     else:
@@ -28,15 +32,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 @command("hash")
 def cmd_hash(args: argparse.Namespace) -> int:
-
+    res = pool_hashes(args.files, cache=cache_from(args), progress=not args.json)
     out, lines = [], []
-    for f in args.files:
-        ck = Checkpoint(f)  # opened once: every hash below reads this handle
-        h = files_hashes([ck])[0]
-        an = detect(ck)
-        comp = component_hashes(ck, an)
-        met = toolkit_metric(ck, an)
-        out.append({"file": f, **h, "components": comp, "toolkit": met["metric"], "names": met["names"]})
+    for f, h in zip(args.files, res):
+        met, comp = h["toolkit"], h["components"]
+        out.append({"file": f, **{k: h[k] for k in ("sha256", "autov1", "autov2", "autov3")}, "components": comp,
+                    "toolkit": met["metric"], "names": met["names"]})
         lines.append(f"{f}\n  AutoV1 {h['autov1']}  AutoV2 {h['autov2']}  AutoV3 {h['autov3'][:12]}  sha256 {h['sha256']}\n"
                      f"  toolkit {met['metric']}" + (f" ({'; '.join(met['names'])})" if met["names"] else "")
                      + "".join(f"\n  {n:5} {v[:16]}" for n, v in comp.items()))
@@ -77,7 +78,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
             raise PlanError(f"--reference {args.reference} is not one of the files")
         ref = args.files.index(args.reference) if args.reference in args.files else names.index(Path(args.reference).name)
-    res = compare(args.files, distances=args.distance, reference=ref)
+    res = compare(args.files, distances=args.distance, reference=ref, cache=cache_from(args), progress=not args.json)
     lines = []
     for n, c in res["components"].items():
         lines.append(f"{n}: {len(c['groups'])} distinct" + (f" (missing from {len(c['missing_from'])})" if c["missing_from"] else ""))
@@ -120,12 +121,16 @@ def add_parsers(sub) -> None:
     i = sub.add_parser("inspect", help="architecture, components, missing/junk keys, metric, hashes, metadata")
     i.add_argument("files", nargs="+")
     i.add_argument("--nan", action="store_true", help="count NaN/Inf values (reads every tensor)")
-    i.add_argument("--no-metric", action="store_true", help="skip the toolkit metric (reads the weights)")
+    i.add_argument("--hashes", action="store_true",
+                   help="compute content hashes and the toolkit metric (reads the weights; cached after)")
+    i.add_argument("--no-metric", action="store_true", help="do not show the toolkit metric")
     i.add_argument("--json", action="store_true")
+    add_cache_args(i)
 
     h = sub.add_parser("hash", help="AutoV1/V2/V3, component content hashes, toolkit metric")
     h.add_argument("files", nargs="+")
     h.add_argument("--json", action="store_true")
+    add_cache_args(h)
 
     e = sub.add_parser("export", help="write one component (unet, te0/clip, te1, vae, ema) to its own file")
     e.add_argument("file")
@@ -151,3 +156,4 @@ def add_parsers(sub) -> None:
     c.add_argument("--reference", help="one of the files (default: the mean)")
     c.add_argument("--select", metavar="COMP=FILE", help="print a recipe line of the models whose COMP equals FILE's")
     c.add_argument("--json", action="store_true")
+    add_cache_args(c)

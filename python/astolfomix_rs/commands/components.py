@@ -10,7 +10,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from ..models.anatomy import (
     detect,
     position_ids_status,
 )
-from ..models.registry import KNOWN, REFS, VIT_L_CONFIG, model_id
+from ..models.registry import KNOWN, REFS, VIT_L_CONFIG
 
 # ---------------------------------------------------------------------------------------------
 # The toolkit metric
@@ -94,9 +94,9 @@ def hash_entries(c: Component) -> list[tuple[str, str]]:
     return [(canonical_name(c, k), k) for k in c.keys if not k.endswith("position_ids")]
 
 
-def component_hashes(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
+def component_hashes(ck: Checkpoint, an: Anatomy, progress=None) -> dict[str, str]:
     groups = {n: hash_entries(c) for n, c in an.components.items()}
-    return dict(_core.content_hashes(ck._core, groups))
+    return dict(_core.content_hashes(ck._core, groups, progress))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,60 +308,4 @@ def import_component(target, source, component: str, output=None, *, in_place: b
     return ImportResult(rep, len(want), pid_status, ignored)
 
 
-# ---------------------------------------------------------------------------------------------
-# Compare
-
-def compare(paths: Sequence[str | os.PathLike[str]], *, distances: bool = False, reference: int | None = None) -> dict:
-    """Per component: groups of files whose content is identical, and (on request) the relative L2
-    distance of each file's component to a reference file or to the mean."""
-    cks = [Checkpoint(p) for p in paths]
-    ans = [detect(c) for c in cks]
-    comps: dict[str, list[int]] = {}
-    for i, a in enumerate(ans):
-        for n in a.components:
-            comps.setdefault(n, []).append(i)
-    result: dict[str, dict] = {}
-    for n, idxs in comps.items():
-        hashes = {}
-        for i in idxs:
-            c = ans[i].components[n]
-            hashes[i] = _core.content_hashes(cks[i]._core, {n: hash_entries(c)})[n]
-        groups: dict[str, list[int]] = {}
-        for i, h in hashes.items():
-            groups.setdefault(h, []).append(i)
-        entry = {
-            "groups": [{"hash": h[:16], "files": [os.fspath(cks[i].path) for i in g]} for h, g in
-                       sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))],
-            "missing_from": [os.fspath(cks[i].path) for i in range(len(cks)) if i not in idxs],
-        }
-        if distances and len(idxs) > 1:
-            keys = [k for k in ans[idxs[0]].components[n].keys if cks[idxs[0]].info[k].is_float]
-            ref = None if reference is None else (idxs.index(reference) if reference in idxs else None)
-            d = _core.l2_distances([cks[i]._core for i in idxs], keys, ref)
-            entry["relative_l2"] = {os.fspath(cks[i].path): (float(np.sqrt(a / b)) if b else 0.0) for i, (a, b) in zip(idxs, d)}
-            entry["relative_to"] = "mean" if ref is None else os.fspath(cks[reference].path)
-        result[n] = entry
-    return {"files": [os.fspath(c.path) for c in cks], "components": result}
-
-
-def selection_line(result: dict, component: str, same_as: str) -> str:
-    """A recipe line selecting the models whose ``component`` equals that of file ``same_as``."""
-    comp = result["components"].get(component)
-    if comp is None:
-        raise ArchitectureError(f"no file has a {component} component")
-    group = next((g["files"] for g in comp["groups"] if same_as in g["files"] or
-                  any(Path(f).name == Path(same_as).name for f in g["files"])), None)
-    if group is None:
-        raise ArchitectureError(f"{same_as} is not among the compared files")
-    ids = [model_id(f) for f in group]
-    ids = [i for i in ids if i is not None]
-    if not ids:
-        raise ArchitectureError("none of those files is named _xNN-... ; cannot write a recipe line")
-    ids.sort()
-    return f"{component}: {','.join(ids)}={len(ids)}"
-
-
-__all__ = [
-    "compare", "component_hashes", "export", "export_plan", "import_component",
-    "selection_line", "toolkit_metric",
-]
+__all__ = ["component_hashes", "export", "export_plan", "import_component", "toolkit_metric"]

@@ -11,18 +11,21 @@ from ..core.reader import Checkpoint
 
 Openable = str | os.PathLike[str] | Checkpoint
 
+FILE_KEYS = ("sha256", "autov1", "autov3")
+
 
 def _handle(f: Openable) -> _core.Checkpoint:
     return f._core if isinstance(f, Checkpoint) else _core.Checkpoint(os.fspath(f))
 
 
-def files_hashes(files: Sequence[Openable]) -> list[dict[str, str]]:
+def _shaped(h: dict[str, str]) -> dict[str, str]:
+    return {"sha256": h["sha256"], "autov1": h["autov1"], "autov2": h["sha256"][:10], "autov3": h["autov3"]}
+
+
+def files_hashes(files: Sequence[Openable], progress=None) -> list[dict[str, str]]:
     """For each file (a path, or a checkpoint already open): sha256, autov1 (8 hex), autov2 (10
     hex), autov3 (sha256 of the tensor data)."""
-    out = []
-    for h in _core.file_hashes([_handle(f) for f in files]):
-        out.append({"sha256": h["sha256"], "autov1": h["autov1"], "autov2": h["sha256"][:10], "autov3": h["autov3"]})
-    return out
+    return [_shaped(h) for h in _core.file_hashes([_handle(f) for f in files], progress)]
 
 
 def file_hashes(file: Openable) -> dict[str, str]:

@@ -52,8 +52,12 @@ def position_ids_report(ck: Checkpoint, an: Anatomy) -> dict[str, str]:
 PROVENANCE_KEYS = ("astolfomix.merge", "astolfomix.inputs", "astolfomix.files", "astolfomix.import", "astolfomix.export")
 
 
-def inspect_file(path, *, nan: bool = False, metric: bool = True, hashes: bool = True) -> dict:
-    """Everything ``inspect`` shows about one file, plus its text."""
+def inspect_file(path, *, nan: bool = False, metric: bool = True, hashes: bool = True,
+                 known: dict | None = None, compute: bool = True) -> dict:
+    """Everything ``inspect`` shows about one file, plus its text. ``known``: hashes already at
+    hand (from the hash cache); with ``compute=False`` the metric and content hashes are shown
+    only when known (the header alone answers everything else)."""
+    known = known or {}
 
     ck = Checkpoint(path)
     an = detect(ck)
@@ -66,16 +70,20 @@ def inspect_file(path, *, nan: bool = False, metric: bool = True, hashes: bool =
         "tensors": len(ck), "components": comps, "junk": an.junk, "buffers": len(an.buffers), "ema_tensors": an.ema,
         "vpred_keys": an.vpred, "position_ids": position_ids_report(ck, an), "notes": an.notes,
     }
-    if metric:
+    if metric and "toolkit" in known:
+        info["toolkit"] = known["toolkit"]
+    elif metric and compute:
         info["toolkit"] = toolkit_metric(ck, an)
-    if hashes:
+    if hashes and "components" in known:
+        info["component_hashes"] = known["components"]
+    elif hashes and compute:
         info["component_hashes"] = component_hashes(ck, an)
     if nan:
         info["nonfinite"] = {n: nonfinite(ck, c.keys) for n, c in an.components.items()}
     md = ck.metadata
     info["metadata"] = {escape(k, 80): escape(v) for k, v in md.items()}
     info["provenance"] = {k: md[k] for k in PROVENANCE_KEYS if k in md}
-    info["text"] = _inspect_text(info, ck, an, md, nan=nan, metric=metric, hashes=hashes)
+    info["text"] = _inspect_text(info, ck, an, md, nan=nan, metric="toolkit" in info, hashes="component_hashes" in info)
     return info
 
 
@@ -90,7 +98,7 @@ def _inspect_text(info: dict, ck: Checkpoint, an: Anatomy, md: dict[str, str], *
         lines.append(f"  {n:5} {cd['label']}: {cd['tensors']} tensors, {cd['params'] / 1e6:.1f} M params, {human_bytes(cd['bytes'])} ({dts})")
         if cd["missing"]:
             lines.append(f"        MISSING {len(cd['missing'])} keys: " + ", ".join(cd["missing"][:5]) + (" ..." if len(cd["missing"]) > 5 else ""))
-        if hashes:
+        if hashes and n in info["component_hashes"]:
             lines.append(f"        content hash {info['component_hashes'][n][:16]}")
     if metric:
         t = info["toolkit"]

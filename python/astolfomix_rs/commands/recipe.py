@@ -20,7 +20,8 @@ from ..core.reader import Checkpoint
 from ..errors import AstolfomixError, RecipeError
 from ..models.anatomy import Anatomy, detect
 from ..models.registry import MODELSPEC
-from .hashing import files_hashes
+from .hashcache import HashCache
+from .pool import pool_hashes
 
 COMPONENT_LINES = ("unet", "te0", "te1", "te", "vae")
 LINE_ALIASES = {"clip_l": "te0", "clip_g": "te1"}
@@ -460,11 +461,15 @@ def merge_plan(
     dtype: str | None = None,
     accumulate: str | None = None,
     hash_inputs: bool = False,
+    hash_cache: HashCache | None = None,
+    progress: bool = False,
 ):
     """Resolves the recipe and builds the one-pass plan of output ``output``. Returns
     (plan, summary); raises MergeProblems listing every problem at once. Each input is opened
     once: checked against the architecture here, then handed to the Rust resolver, which finds
-    every tensor-level problem (missing keys, shapes, dtypes)."""
+    every tensor-level problem (missing keys, shapes, dtypes). ``hash_inputs``: the inputs' file
+    hashes go into the metadata (from ``hash_cache`` when known, else hashed in parallel behind
+    one progress bar)."""
     models = Path(models)
     out_name, chosen = _choose(recipe, models, output)
     base_id = base or recipe.base or chosen.get("unet", next(iter(chosen.values())))[0]
@@ -480,7 +485,13 @@ def merge_plan(
     plan = Plan(inputs=list(inputs), outputs=_merge_outputs(base_ck, base_an, comp_files, idx, out_dtype, recipe.weights),
                 accumulate=accumulate or recipe.accumulate or "f32", notes={"recipe_notes": recipe.notes})
     resolver = plan.resolver()
-    hashes = _check_and_add(files, chosen, res.files, base_path, base_ck, base_an, idx, resolver, problems, hash_inputs)
+    kept = _check_and_add(files, chosen, res.files, base_path, base_ck, base_an, idx, resolver, problems, hash_inputs)
+    hashes: dict[Path, dict[str, str]] = {}
+    if hash_inputs and not problems:
+        paths = list(kept)
+        got = pool_hashes(paths, want=("file",), cache=hash_cache, progress=progress,
+                          opened={i: ck for i, ck in enumerate(kept.values()) if ck is not None})
+        hashes = dict(zip(paths, got))
     counts = {c: len(v) for c, v in chosen.items()}
     name = recipe.outputs.get(out_name or "", None) or convention_name(counts)
     meta: dict[str, str] = {}
@@ -559,13 +570,14 @@ def _open_base(base_path: Path | None, base_id: str, problems: list[str]) -> tup
 
 def _check_and_add(files, chosen, found, base_path, base_ck, base_an, idx, resolver, problems, hash_inputs):
     """Opens each input once (one parsed header held at a time): checks its architecture and
-    components, hands it to the resolver, hashes it if asked. Returns the hashes by path."""
+    components, hands it to the resolver. Returns the inputs by path, with their handles kept
+    when they are to be hashed."""
     uses: dict[Path, list[tuple[str, str]]] = {}
     for c, ids in chosen.items():
         for t in ids:
             if _key_of(t) in found:
                 uses.setdefault(found[_key_of(t)], []).append((c, t))
-    hashes: dict[Path, dict[str, str]] = {}
+    kept: dict[Path, Checkpoint | None] = {}
     for p in files:
         try:
             ck = base_ck if p == base_path else Checkpoint(p)
@@ -589,10 +601,9 @@ def _check_and_add(files, chosen, found, base_path, base_ck, base_an, idx, resol
                 problems.append(f"{c}: model {t} ({p.name}) lacks {len(comp.missing)} keys, e.g. {comp.missing[0]}")
         if fine:
             resolver.add(idx[p], ck._core)  # tensor-level problems are collected there
-            if hash_inputs:
-                hashes[p] = files_hashes([ck])[0]
+            kept[p] = ck if hash_inputs else None
         del ck, an
-    return hashes
+    return kept
 
 
 #: Longest recipe text stored whole in an output's metadata. Longer ones are stored truncated

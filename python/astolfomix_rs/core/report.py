@@ -67,3 +67,28 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Meter:
+    """One byte-progress bar for a command that makes several passes (file hashes, then content
+    hashes): each pass reports through :meth:`part`, then :meth:`advance` moves the base past it.
+    Shown only on a terminal, like :class:`ProgressBar`."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.bar = ProgressBar(enabled, desc)
+        self.total = total
+        self.base = 0
+
+    def part(self):
+        """The ``progress(done, total)`` callback for the next pass, or None when quiet."""
+        if self.bar.bar is None:
+            return None
+        base = self.base
+        return lambda done, _total: self.bar(base + done, self.total)
+
+    def advance(self, nbytes: int) -> None:
+        self.base += nbytes
+        self.bar(self.base, self.total)
+
+    def close(self) -> None:
+        self.bar.close()
