@@ -8,8 +8,10 @@ from pathlib import Path
 
 from .. import _core
 from ..commands.components import export, import_component
+from ..commands.hashing import pool_hashes
 from ..commands.inspect import inspect_file
-from ..commands.pool import compare, pool_hashes, selection_line
+from ..commands.pool import compare, init_pool, list_pool, selection_line
+from ..commands.recipe import POOL_TABLE
 from ..errors import PlanError
 from .common import add_cache_args, cache_from, command, emit, human_bytes, report_text, say
 
@@ -113,7 +115,47 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("pool")
+def cmd_pool(args: argparse.Namespace) -> int:
+    if args.pool_command == "init":
+        rows = init_pool(args.folder, rename=args.rename, dry_run=args.dry_run)
+        new = [r for r in rows if r["action"] != "kept"]
+        how = "would be " if args.dry_run else ""
+        lines = [f"  {r['id']:>4}  {r['file']}" + ("" if r["action"] == "kept" else f"  ({how}{r['action']})") for r in rows]
+        where = "renamed" if args.rename else f"recorded in {Path(args.folder) / POOL_TABLE}"
+        lines.append(f"{len(rows)} models, {len(new)} newly numbered" + (f" ({how}{where})" if new else ""))
+        emit(args, {"models": rows, "dry_run": args.dry_run}, "\n".join(lines))
+        return 0
+    res = list_pool(args.folder, cache=cache_from(args), compute=args.hash, progress=not args.json)
+    lines = [f"{'id':>4}  {'arch':12} {'size':>9}  {'dtype':5} {'AutoV2':10}  file"]
+    for r in res["models"]:
+        dup = f"  ({r['duplicates']} more files with this id)" if r["duplicates"] else ""
+        lines.append(f"{r['id']:>4}  {r['arch']:12} {human_bytes(r['size']):>9}  {r['dtype']:5} {r['autov2'] or '-':10}  {r['file']}{dup}")
+    for comp, groups in res["identical"].items():
+        for g in groups:
+            lines.append(f"identical {comp}: {', '.join(g)}")
+    if res["hashed"] < res["count"]:
+        lines.append(f"{res['count'] - res['hashed']} of {res['count']} models not hashed yet: "
+                     "`astolfomix pool list --hash` (or `astolfomix hash`) fills the cache")
+    emit(args, res, "\n".join(lines))
+    return 0
+
+
 def add_parsers(sub) -> None:
+    pl = sub.add_parser("pool", help="number a folder of downloads (_xNN-) and list what is in it")
+    psub = pl.add_subparsers(dest="pool_command", required=True)
+    pi = psub.add_parser("init", help="give every model of FOLDER an id, keeping the ones it has")
+    pi.add_argument("folder")
+    pi.add_argument("--rename", action="store_true", help="rename new files _xNN-NAME (default: record ids in "
+                    + "astolfomix-pool.toml, files untouched)")
+    pi.add_argument("--dry-run", action="store_true")
+    pi.add_argument("--json", action="store_true")
+    pls = psub.add_parser("list", help="id, architecture, size, dtype, AutoV2 and shared text encoders")
+    pls.add_argument("folder")
+    pls.add_argument("--hash", action="store_true", help="hash models the cache does not know yet (reads them)")
+    pls.add_argument("--json", action="store_true")
+    add_cache_args(pls)
+
     k = sub.add_parser("clean", help="remove temp files left in folders by runs that were killed")
     k.add_argument("folders", nargs="+")
     k.add_argument("--json", action="store_true")

@@ -4,72 +4,22 @@ identical components, and how far each is from a reference or the mean."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .. import _core
 from ..core.reader import Checkpoint
-from ..core.report import Meter
-from ..errors import ArchitectureError
+from ..errors import ArchitectureError, RecipeError
 from ..models.anatomy import detect
 from ..models.registry import model_id
-from .components import component_hashes, toolkit_metric
+from .components import _write_text
 from .hashcache import HashCache
-from .hashing import FILE_KEYS, files_hashes
-
-
-def pool_hashes(paths: Sequence[str | os.PathLike[str]], *, want: Iterable[str] = ("file", "content", "toolkit"),
-                cache: HashCache | None = None, progress: bool = True,
-                opened: dict[int, Checkpoint] | None = None) -> list[dict[str, Any]]:
-    """For each path, what ``want`` names: ``file`` (sha256, autov1/2/3), ``content``
-    (``components``: content hash per component) and ``toolkit`` (``toolkit``: the metric dict).
-    Cached values are used when the file is unchanged; the rest is computed (file hashes of all
-    files in one parallel pass) and cached. ``opened``: handles the caller already holds, by
-    index, so no file is opened twice."""
-    from ..models.anatomy import detect
-
-    want = set(want)
-    cache = cache or HashCache(enabled=False)
-    known = [cache.get(p) for p in paths]
-    need_file = [i for i, k in enumerate(known) if "file" in want and not all(x in k for x in FILE_KEYS)]
-    need_content = [i for i, k in enumerate(known) if "content" in want and "components" not in k]
-    need_toolkit = [i for i, k in enumerate(known) if "toolkit" in want and "toolkit" not in k]
-    opened = dict(opened or {})
-    for i in sorted(set(need_file) | set(need_content) | set(need_toolkit)):
-        if i not in opened:
-            opened[i] = Checkpoint(paths[i])
-    total = sum(opened[i].file_len for i in need_file)
-    total += sum(opened[i].file_len - opened[i].data_start for i in set(need_content))
-    meter = Meter(total, "hashing", enabled=progress and bool(total))
-    try:
-        if need_file:
-            cks = [opened[i] for i in need_file]
-            for i, h in zip(need_file, files_hashes(cks, meter.part())):
-                known[i].update(h)
-                cache.put(paths[i], {k: h[k] for k in FILE_KEYS})
-            meter.advance(sum(c.file_len for c in cks))
-        for i in sorted(set(need_content) | set(need_toolkit)):
-            ck = opened[i]
-            an = detect(ck)
-            new: dict[str, Any] = {}
-            if i in need_content:
-                new["components"] = component_hashes(ck, an, meter.part())
-                meter.advance(ck.file_len - ck.data_start)
-            if i in need_toolkit:
-                met = toolkit_metric(ck, an)
-                new["toolkit"] = {"metric": met["metric"], "names": met["names"]}
-            known[i].update(new)
-            cache.put(paths[i], new)
-    finally:
-        meter.close()
-        cache.flush()
-    for k in known:
-        if "sha256" in k:
-            k["autov2"] = k["sha256"][:10]
-    return known
+from .hashing import pool_hashes
+from .recipe import _INTER_FILE, _POOL, POOL_TABLE, ModelId, _inside, pool_table, scan_pool
 
 
 def compare(paths: Sequence[str | os.PathLike[str]], *, distances: bool = False, reference: int | None = None,
@@ -122,3 +72,115 @@ def selection_line(result: dict, component: str, same_as: str) -> str:
         raise ArchitectureError("none of those files is named _xNN-... ; cannot write a recipe line")
     ids.sort()
     return f"{component}: {','.join(ids)}={len(ids)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# pool init / pool list
+
+
+def _models_in(folder: Path) -> list[Path]:
+    """The checkpoints of a folder: visible ``.safetensors`` regular files (links that stay inside)."""
+    out = []
+    for p in sorted(folder.iterdir(), key=lambda p: (p.name.casefold(), p.name)):
+        if p.name.startswith(".") or p.suffix.lower() != ".safetensors":
+            continue
+        if p.is_symlink():
+            _inside(folder, p, f"pool file '{p.name}'")
+        if p.is_file():
+            out.append(p)
+    return out
+
+
+def init_pool(folder: str | os.PathLike[str], *, rename: bool = False, dry_run: bool = False) -> list[dict[str, str]]:
+    """Numbers the models of ``folder`` into the ``_xNN-`` convention, in a stable order (by
+    name), keeping every number already given (``_xNN-`` names, ``xNNa-`` intermediates and the
+    folder's ``astolfomix-pool.toml``). New files get the next free numbers: with ``rename`` they
+    are renamed ``_xNN-NAME``, otherwise the table records them and no file is touched.
+    Returns ``[{"id", "file", "action"}]`` ("kept", "renamed" or "added")."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RecipeError(f"models folder {folder} does not exist")
+    table = pool_table(folder)
+    rows: list[dict[str, str]] = []
+    taken: set[int] = set()
+    in_table = set(table.values())
+    for k, name in table.items():
+        taken.add(ModelId.parse(k).number)
+        rows.append({"id": str(ModelId.parse(k)), "file": name, "action": "kept"})
+    new = []
+    for p in _models_in(folder):
+        m, mi = _POOL.match(p.name), _INTER_FILE.match(p.name)
+        if m:
+            taken.add(int(m.group(1)))
+            rows.append({"id": str(ModelId(int(m.group(1)))), "file": p.name, "action": "kept"})
+        elif mi:
+            rows.append({"id": str(ModelId(int(mi.group(1)), mi.group(2).lower())), "file": p.name, "action": "kept"})
+        elif p.name not in in_table:
+            new.append(p)
+    nxt = max(taken, default=0) + 1
+    width = 3 if nxt + len(new) > 100 else 2
+    added: dict[str, str] = {}
+    for p in new:
+        mid = f"{nxt:0{width}d}"
+        nxt += 1
+        if rename:
+            target = p.with_name(f"_x{mid}-{p.name}")
+            if not dry_run:
+                try:
+                    os.link(p, target)  # fails if the name is taken: never replaces a file
+                    os.unlink(p)
+                except FileExistsError:
+                    raise RecipeError(f"{target}: already exists; not renamed") from None
+                except OSError:
+                    if target.exists():
+                        raise RecipeError(f"{target}: already exists; not renamed") from None
+                    os.rename(p, target)  # a file system without hard links
+            rows.append({"id": mid, "file": target.name, "action": "renamed"})
+        else:
+            added[mid] = p.name
+            rows.append({"id": mid, "file": p.name, "action": "added"})
+    if added and not dry_run:
+        merged = {**table, **added}
+        lines = ["# Written by `astolfomix pool init`: model ids of files in this folder that keep their names.",
+                 "# Grid recipes over this folder use these ids like _xNN- names; edit freely.", "[models]"]
+        lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in
+                  sorted(merged.items(), key=lambda kv: (ModelId.parse(kv[0]).number, kv[0]))]
+        _write_text(folder / POOL_TABLE, "\n".join(lines) + "\n", overwrite=True)
+    return sorted(rows, key=lambda r: (ModelId.parse(r["id"]).number, ModelId.parse(r["id"]).suffix))
+
+
+def list_pool(folder: str | os.PathLike[str], *, cache: HashCache | None = None, compute: bool = False,
+              progress: bool = False) -> dict[str, Any]:
+    """Each model of the folder by id: architecture, size, dtype, AutoV2 (from the hash cache, or
+    computed with ``compute``), and which files share a text encoder (from cached content hashes)."""
+    folder = Path(folder)
+    pool = scan_pool(folder)
+    ids = sorted(pool, key=lambda m: (m.number, m.suffix))
+    paths = [pool[m][0] for m in ids]
+    cache = cache or HashCache()
+    known = (pool_hashes(paths, want=("file", "content"), cache=cache, progress=progress) if compute
+             else [cache.get(p) for p in paths])
+    models = []
+    for m, p, k in zip(ids, paths, known):
+        ck = Checkpoint(p)
+        an = detect(ck)
+        dts: dict[str, int] = {}
+        for t in ck.info.values():
+            if t.is_float:
+                dts[t.dtype] = dts.get(t.dtype, 0) + t.nbytes
+        models.append({"id": str(m), "file": p.name, "arch": an.arch, "size": ck.file_len,
+                       "dtype": max(dts, key=lambda d: dts[d]) if dts else "-",
+                       "autov2": k["sha256"][:10] if "sha256" in k else None,
+                       "components": k.get("components", {}), "duplicates": len(pool[m]) - 1})
+    shared: dict[str, list[list[str]]] = {}
+    for comp in ("te0", "te1", "te", "vae", "unet"):
+        groups: dict[str, list[str]] = {}
+        for row in models:
+            h = row["components"].get(comp)
+            if h:
+                groups.setdefault(h, []).append(row["id"])
+        same = [g for g in groups.values() if len(g) > 1]
+        if same:
+            shared[comp] = same
+    return {"folder": str(folder), "models": models, "identical": shared,
+            "hashed": sum(1 for r in models if r["components"]), "count": len(models)}

@@ -21,7 +21,7 @@ from ..errors import AstolfomixError, RecipeError
 from ..models.anatomy import Anatomy, detect
 from ..models.registry import MODELSPEC
 from .hashcache import HashCache
-from .pool import pool_hashes
+from .hashing import pool_hashes
 
 COMPONENT_LINES = ("unet", "te0", "te1", "te", "vae")
 LINE_ALIASES = {"clip_l": "te0", "clip_g": "te1"}
@@ -328,11 +328,37 @@ _POOL = re.compile(r"^_x(\d+)-.*\.safetensors$", re.IGNORECASE)
 _INTER_FILE = re.compile(r"^x(\d+)([A-Za-z]+)-.*\.safetensors$", re.IGNORECASE)
 
 
+#: The table ``astolfomix pool init`` writes into a models folder: ids for files it leaves untouched.
+POOL_TABLE = "astolfomix-pool.toml"
+
+
+def pool_table(models: Path) -> dict[str, str]:
+    """The folder's ``astolfomix-pool.toml`` models table (id -> file name), if it has one."""
+    p = models / POOL_TABLE
+    if not p.is_file():
+        return {}
+    try:
+        d = load_toml(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{p}: cannot read: {e}") from None
+    t = d.get("models", {})
+    if not isinstance(t, dict) or not all(isinstance(v, str) for v in t.values()):
+        raise RecipeError(f"{p}: [models] must map ids to file names")
+    return {str(k): v for k, v in t.items()}
+
+
 def scan_pool(models: Path) -> dict[ModelId, list[Path]]:
-    """Files of the models folder by id: ``_x07-name`` is raw 07, ``x05a-name`` intermediate 05a."""
+    """Files of the models folder by id: ``_x07-name`` is raw 07, ``x05a-name`` intermediate 05a,
+    and the ids its ``astolfomix-pool.toml`` table gives to files it left untouched."""
     found: dict[ModelId, list[Path]] = {}
     if not models.is_dir():
         raise RecipeError(f"models folder {models} does not exist")
+    for k, name in pool_table(models).items():
+        try:
+            mid = ModelId.parse(k)
+        except ValueError:
+            raise RecipeError(f"{models / POOL_TABLE}: '{_short(k, 40)}' is not a model number") from None
+        found.setdefault(mid, []).append(safe_join(models, name, f"pool table entry {k}"))
     for p in sorted(models.iterdir()):
         m = _POOL.match(p.name)
         mi = None if m else _INTER_FILE.match(p.name)
@@ -342,7 +368,7 @@ def scan_pool(models: Path) -> dict[ModelId, list[Path]]:
             found.setdefault(ModelId(int(m.group(1))), []).append(p)
         elif mi:
             found.setdefault(ModelId(int(mi.group(1)), mi.group(2).lower()), []).append(p)
-    return found
+    return {k: list(dict.fromkeys(v)) for k, v in found.items()}  # a numbered file also in the table once
 
 
 def safe_join(folder: Path, name: str, what: str) -> Path:

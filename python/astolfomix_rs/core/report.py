@@ -56,7 +56,12 @@ class ProgressBar:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=0, unit="B", unit_scale=True, desc=escape(desc, 60), leave=False, file=sys.stderr)
+            try:  # a terminal that reports no size (a fresh pty) would get no bar at all
+                sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
+            except OSError:
+                sized = False
+            self.bar = tqdm(total=0, unit="B", unit_scale=True, desc=escape(desc, 60), leave=False, file=sys.stderr,
+                            **({} if sized else {"ncols": 80, "nrows": 24}))
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is not None:
