@@ -286,7 +286,9 @@ fn mean_chunk(c: &Chunk<'_>, sources: &[SrcRef], weights: Option<&[f64]>, via: A
     let mut read = 0u64;
     if via == Accumulate::F64 {
         acc64.clear();
-        acc64.resize(n, 0.0);
+        // -0.0 is addition's identity (+0.0 is not: +0 + -0 = +0), so a mean of one file, or of
+        // files that all hold -0.0, keeps the sign of zero; every other sum is unchanged.
+        acc64.resize(n, -0.0);
         for (k, r) in sources.iter().enumerate() {
             let (b, en) = range(r, s, e);
             let src = src_bytes(&layout.inputs, io, r.input, b, en, buf)?;
@@ -298,7 +300,7 @@ fn mean_chunk(c: &Chunk<'_>, sources: &[SrcRef], weights: Option<&[f64]>, via: A
         return Ok(read);
     }
     acc.clear();
-    acc.resize(n, 0.0);
+    acc.resize(n, -0.0); // the identity of addition (see above)
     for (k, r) in sources.iter().enumerate() {
         let (b, en) = range(r, s, e);
         let src = src_bytes(&layout.inputs, io, r.input, b, en, buf)?;

@@ -81,14 +81,14 @@ def emulate_mean(raws: list[tuple[np.ndarray, str]], out_dtype: str, weights=Non
     xs = [decode(r, d) for r, d in raws]
     n = len(xs)
     if accumulate == "f32":
-        acc = np.zeros(xs[0].shape, np.float32)
+        acc = np.full(xs[0].shape, -0.0, np.float32)  # -0.0: addition's identity, as the engine
         for i, x in enumerate(xs):
             x32 = x.astype(np.float32)
             acc = acc + x32 if weights is None else acc + np.float32(weights[i]) * x32
         if weights is None:
             acc = acc / np.float32(n)
         return encode(acc, out_dtype)
-    acc = np.zeros(xs[0].shape, np.float64)
+    acc = np.full(xs[0].shape, -0.0, np.float64)
     for i, x in enumerate(xs):
         acc = acc + x if weights is None else acc + np.float64(weights[i]) * x
     if weights is None:

@@ -93,8 +93,9 @@ def test_uniform_mean_exact_small(tmp_path):
         save(tmp_path / f"{i}.safetensors", {"t": x})
     am.mean([tmp_path / "0.safetensors", tmp_path / "1.safetensors"], tmp_path / "o.safetensors", progress=False)
     got = am.Checkpoint(tmp_path / "o.safetensors").tensor("t")
-    # 0 + -0 + -0 = +0 in IEEE; the sum 131008 overflows f16 but not the f32 accumulator.
-    np.testing.assert_array_equal(got.view(np.uint16), np.array([1.5, 2.0, 0.0, 65504.0], np.float16).view(np.uint16))
+    # The sum starts at -0.0 (addition's identity): -0 + -0 stays -0; the sum 131008 overflows
+    # f16 but not the f32 accumulator.
+    np.testing.assert_array_equal(got.view(np.uint16), np.array([1.5, 2.0, -0.0, 65504.0], np.float16).view(np.uint16))
 
 
 def test_nan_stays_nan(tmp_path):
@@ -138,9 +139,11 @@ def test_every_kernel_gives_same_file(tmp_path, rng, kernel, io):
         p = tmp_path / f"{i}.safetensors"
         write_input(p, "w", random_raw(rng, d, (1000, 3), 0), d, (1000, 3), i)
         paths.append(p)
-    ref = tmp_path / "ref.safetensors"
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "o").mkdir()
+    ref = tmp_path / "ref" / "m.safetensors"  # the same name: the title in the metadata is its stem
     am.mean(paths, ref, kernel="scalar", progress=False, durable=False)
-    o = tmp_path / "o.safetensors"
+    o = tmp_path / "o" / "m.safetensors"
     am.mean(paths, o, kernel=kernel, io=io, progress=False, durable=False)
     assert o.read_bytes() == ref.read_bytes()
 
@@ -245,3 +248,26 @@ def test_save_keeps_scalars_and_empty_shapes(tmp_path):
     assert ck.info["s"].shape == () and float(ck.tensor("s")) == 2.5
     assert ck.info["e"].shape == (0, 3) and ck.info["t"].shape == (3, 2)
     np.testing.assert_array_equal(ck.tensor("t"), np.arange(6, dtype=np.float32).reshape(2, 3).T)
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch-cpu"])
+@pytest.mark.parametrize("accumulate", ["f32", "f64"])
+def test_the_sign_of_zero_is_kept(tmp_path, device, accumulate):
+    """A mean of one file (a conversion) and a mean of files that all hold -0.0 keep -0.0; a
+    mixed -0.0/+0.0 sum is +0.0 (IEEE), on every executor."""
+    if device != "cpu":
+        pytest.importorskip("torch")
+    a = np.array([-0.0, 0.0, -0.0, 1.5, -2.0], np.float16)
+    b = np.array([-0.0, -0.0, 0.0, 1.5, -2.0], np.float16)
+    save(tmp_path / "a.safetensors", {"w": a})
+    save(tmp_path / "b.safetensors", {"w": b})
+    cases = [([tmp_path / "a.safetensors"], None, a.astype(np.float32)),
+             ([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], None, np.array([-0.0, 0.0, 0.0, 1.5, -2.0])),
+             ([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], [0.25, 0.75],
+              np.array([-0.0, 0.0, 0.0, 1.5, -2.0]))]
+    for k, (files, w, want) in enumerate(cases):
+        out = tmp_path / f"o{k}.safetensors"
+        am.mean(files, out, weights=w, dtype="f32", accumulate=accumulate, device=device, progress=False)
+        got = am.Checkpoint(out).tensor("w")
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+        assert list(np.signbit(got)) == list(np.signbit(want)), (k, got)

@@ -11,6 +11,26 @@ from .core.reader import Checkpoint
 from .errors import PlanError
 
 
+def webui_metadata(checkpoints: Sequence[Checkpoint], output: str | os.PathLike[str], meta: dict[str, str],
+                   weights: Sequence[float] | None) -> dict[str, str]:
+    """The keys the webui shows for a merge (as ``merge`` writes them): ``sd_merge_recipe`` and
+    ``modelspec.*``; the architecture from the first input."""
+    import json
+    from pathlib import Path
+
+    from ._core import __version__
+    from .models.anatomy import detect
+    from .models.registry import MODELSPEC
+
+    arch = detect(checkpoints[0]).arch if checkpoints else "unknown"
+    recipe = {"type": "astolfomix-mean", "inputs": [Path(c.path).name for c in checkpoints],
+              "weights": None if weights is None else [float(w) for w in weights],
+              "dtype": meta.get("astolfomix.dtype"), "accumulate": meta.get("astolfomix.accumulate"),
+              "tool": f"astolfomix_rs {__version__}"}
+    return {"sd_merge_recipe": json.dumps(recipe), "modelspec.architecture": MODELSPEC.get(arch, arch),
+            "modelspec.title": Path(output).stem}
+
+
 def mean(
     inputs: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
@@ -49,6 +69,7 @@ def mean(
 
             raise PlanError(f"metadata keys and values must be strings: {bad[:3]}")
         plan.metadata = {**metadata, **plan.metadata}
+    plan.metadata = {**webui_metadata(checkpoints, output, plan.metadata, weights), **plan.metadata}
     return execute(
         plan, output, device=device, threads=threads, progress=progress, overwrite=overwrite,
         durable=durable, **engine_options,

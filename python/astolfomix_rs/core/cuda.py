@@ -193,7 +193,8 @@ class _Executor:
                         i, d, off = srcs[0]
                         acc = self._load(hosts[i], off + s * ITEMSIZE[d], m * ITEMSIZE[d], d, m, f64)
                     else:
-                        acc = torch.zeros(m, dtype=acc_dt, device=self.dev)
+                        # -0.0, addition's identity, as the engine starts: the sign of zero is kept.
+                        acc = torch.full((m,), -0.0, dtype=acc_dt, device=self.dev)
                         for k, (i, d, off) in enumerate(srcs):
                             x = self._load(hosts[i], off + s * ITEMSIZE[d], m * ITEMSIZE[d], d, m, f64)
                             if wdev is None:
