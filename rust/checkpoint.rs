@@ -212,7 +212,7 @@ mod tests {
         std::fs::write(&p, b"\x80\x02}q\x00.").unwrap();
         let e = Checkpoint::open(&p).err().unwrap();
         assert!(matches!(e, Error::Pickle { .. }), "{e}");
-        assert!(e.to_string().contains("save_file"));
+        assert!(e.to_string().contains("astolfomix convert"));
     }
 
     #[test]

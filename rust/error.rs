@@ -23,9 +23,8 @@ pub enum Error {
     },
     /// A pickle checkpoint (`.ckpt`/`.pt`) was given where safetensors is required.
     #[error(
-        "{path}: this is a pickle checkpoint (.ckpt/.pt), not safetensors; convert it first, e.g. \
-         `python -c \"import torch, safetensors.torch as s; sd=torch.load('IN.ckpt', map_location='cpu', weights_only=True); \
-         s.save_file({{k: v.contiguous() for k, v in sd.get('state_dict', sd).items()}}, 'OUT.safetensors')\"`"
+        "{path}: this is a pickle checkpoint (.ckpt/.pt), not safetensors; convert it first (its pickle is read, \
+         never run): `astolfomix convert {path} OUT.safetensors`"
     )]
     Pickle { path: PathBuf },
     /// The safetensors container is malformed.

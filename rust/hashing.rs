@@ -7,8 +7,8 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
 use crate::engine::Progress;
+use crate::error::{Error, Result};
 use crate::kernels;
 use std::sync::atomic::Ordering;
 

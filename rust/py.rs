@@ -716,7 +716,9 @@ fn file_hashes(
     let p = Progress::default();
     p.total.store(cks.iter().map(|c| c.file.file_len).sum(), Ordering::Relaxed);
     let res = run_watched(py, progress, &p, || {
-        cks.par_iter().map(|c| hashing::file_hashes(c, &p)).collect::<crate::Result<Vec<_>>>()
+        cks.par_iter()
+            .map(|c| hashing::file_hashes(c, &p))
+            .collect::<crate::Result<Vec<_>>>()
     })?;
     Ok(res
         .into_iter()

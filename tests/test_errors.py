@@ -115,7 +115,7 @@ def test_pickle_checkpoint(tmp_path):
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(pickle.dumps({"state_dict": {}}, protocol=2))
     msg = check_bad(tmp_path, bad, InvalidFileError, "pickle")
-    assert "safetensors" in msg and "save_file" in msg  # says how to convert
+    assert "safetensors" in msg and "astolfomix convert" in msg  # says how to convert
     zipped = tmp_path / "model.pt"
     zipped.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     check_bad(tmp_path, zipped, InvalidFileError, "pickle")

@@ -76,12 +76,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if mc.is_robust_recipe(args.recipe):
         return _merge_mecha(args)
     r = rc.load(args.recipe)
-    for note in r.notes:
-        if not args.json:
-            say(f"note: {note}")
     plan, summary = rc.merge_plan(r, Path(args.models), output=args.output, base=args.base, dtype=args.dtype,
                                   accumulate=args.accumulate, hash_inputs=args.hash_inputs,
                                   hash_cache=cache_from(args), progress=not args.json)
+    for note in r.notes:
+        if not args.json:
+            say(f"note: {note}")
     out_dir = Path(args.out_dir or args.models)
     target = Path(args.o) if args.o else rc.safe_join(out_dir, summary["output_name"], "output")
     summary["output"] = str(target)
@@ -89,7 +89,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.dry_run:
         lines = [f"{summary['arch']} merge -> {target}", f"base: {summary['base']}"]
         for c, files in summary["components"].items():
-            lines.append(f"{c}: mean of {len(files)}: " + ", ".join(Path(f).name for f in files))
+            w = summary["weights"].get(c)
+            lines.append(f"{c}: {'weighted ' if w else ''}mean of {len(files)}: " + ", ".join(Path(f).name for f in files)
+                         + (f" (weights {', '.join(f'{x:g}' for x in w)}, normalised to sum 1)" if w else ""))
         lines.append(f"reads {human_bytes(summary['bytes_to_read'])}, writes about {human_bytes(summary['output_bytes'])}, "
                      f"about {summary['estimated_seconds']} s on the CPU")
         emit(args, summary, "\n".join(lines))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import _core
 from ..commands.components import export, import_component
+from ..commands.convert import convert
 from ..commands.hashing import pool_hashes
 from ..commands.inspect import inspect_file
 from ..commands.pool import compare, init_pool, list_pool, selection_line
@@ -115,6 +116,23 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("convert")
+def cmd_convert(args: argparse.Namespace) -> int:
+    r = convert(args.file, args.output, dtype=args.dtype, prune=args.prune, fix_position_ids=args.fix_position_ids,
+                bake_vae=args.bake_vae, overwrite=args.overwrite, progress=not args.json)
+    text = report_text(r.report)
+    if r.pruned:
+        text += f"\npruned {len(r.pruned)} keys (EMA and junk)"
+    for n, st in r.position_ids.items():
+        text += f"\n{n} position_ids: {st}"
+    if r.vae_from:
+        text += f"\nVAE from {r.vae_from}"
+    if r.skipped:
+        text += f"\nleft out {len(r.skipped)} non-tensor entries of the pickle: {', '.join(r.skipped[:8])}"
+    emit(args, r.as_dict(), text)
+    return 0
+
+
 @command("pool")
 def cmd_pool(args: argparse.Namespace) -> int:
     if args.pool_command == "init":
@@ -142,6 +160,16 @@ def cmd_pool(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
+    cv = sub.add_parser("convert", help="dtype, pruning, position_ids, baked VAE; .ckpt to safetensors (pickle not run)")
+    cv.add_argument("file", help="a .safetensors file, or a pickled .ckpt/.pt (read without running it)")
+    cv.add_argument("output")
+    cv.add_argument("--dtype", help="f16, bf16, f32 (default: keep each tensor's)")
+    cv.add_argument("--prune", action="store_true", help="drop EMA weights and junk keys")
+    cv.add_argument("--fix-position-ids", action="store_true", help="write the text encoders' position_ids as int64 0..76")
+    cv.add_argument("--bake-vae", metavar="FILE", help="replace the VAE with FILE's (a checkpoint or an exported VAE)")
+    cv.add_argument("--overwrite", action="store_true")
+    cv.add_argument("--json", action="store_true")
+
     pl = sub.add_parser("pool", help="number a folder of downloads (_xNN-) and list what is in it")
     psub = pl.add_subparsers(dest="pool_command", required=True)
     pi = psub.add_parser("init", help="give every model of FOLDER an id, keeping the ones it has")

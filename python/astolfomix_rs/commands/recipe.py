@@ -541,6 +541,7 @@ def merge_plan(
         "base": str(base_path),
         "components": {c: [str(p) for p in v] for c, v in comp_files.items()},
         "counts": counts,
+        "weights": {c: recipe.weights[c] for c in comp_files if c in recipe.weights},
         "inputs": [str(p) for p in inputs],
         "bytes_to_read": plan.resolved.bytes_read,
         "output_bytes": plan.resolved.data_len + len(plan.resolved.header),
@@ -558,9 +559,9 @@ def _key_of(t: str) -> str:
 
 def _choose(recipe: Recipe, models: Path, output: str | None) -> tuple[str | None, dict[str, list[str]]]:
     """The output line to build and, per component, the model ids (or TOML file names) it averages."""
-    if output is None and len(recipe.outputs) > 1:
-        raise RecipeError(f"the recipe defines outputs {', '.join(recipe.outputs)}: choose one with --output")
     out_name = output or (next(iter(recipe.outputs)) if recipe.outputs else None)
+    if output is None and len(recipe.outputs) > 1:
+        recipe.notes.append(f"building output '{out_name}', the first of {', '.join(recipe.outputs)} (--output picks another)")
     if out_name is not None and recipe.outputs and out_name not in recipe.outputs and out_name not in recipe.selections:
         raise RecipeError(f"output '{out_name}' is not defined (outputs: {', '.join(recipe.outputs) or 'none'})")
     comps = recipe.components(out_name)
