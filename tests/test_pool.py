@@ -136,6 +136,8 @@ def test_long_commands_show_a_byte_progress_bar_on_a_terminal_only(tmp_path, cmd
     r = subprocess.run([sys.executable, "-c", PTY, *cmd, *files], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout
     assert "hashing" in r.stdout and "B/s" in r.stdout, r.stdout[-2000:]
+    if cmd[0] == "inspect":
+        assert "content hash" in r.stdout and "toolkit metric" in r.stdout
     # In a pipe: no bar.
     r = subprocess.run([sys.executable, "-m", "astolfomix_rs.cli", *cmd, "--no-cache", *files], capture_output=True,
                        text=True, timeout=300)

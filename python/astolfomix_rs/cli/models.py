@@ -23,7 +23,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     infos = []
     for f in args.files:
         # Header-only by default; content hashes and the metric when cached or asked for (--hashes).
-        known = (pool_hashes([f], want=("content", "toolkit"), cache=cache, progress=not args.json) if args.hashes
+        known = (pool_hashes([f], want=("content", "toolkit"), cache=cache, progress=not args.json)[0] if args.hashes
                  else cache.get(f) if Path(f).is_file() else {})
         infos.append(inspect_file(f, nan=args.nan, metric=not args.no_metric, known=known, compute=False))
     if args.json:

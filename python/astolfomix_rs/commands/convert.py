@@ -113,7 +113,9 @@ def convert_plan(ck: Checkpoint, *, dtype: str | None = None, prune: bool = Fals
     meta.pop("astolfomix.from_pickle", None)
     meta["astolfomix.convert"] = json.dumps({"from": source_name or Path(ck.path).name, "dtype": out_dtype or "same", "pruned": len(pruned),
                                              "position_ids": fixed, "vae": Path(vae.path).name if vae else None})
-    inputs = [ck] + ([vae] if vae is not None else [])
+    inputs: list[Path | Checkpoint] = [ck]
+    if vae is not None:
+        inputs.append(vae)
     return Plan(inputs, outputs, metadata=meta), {"pruned": pruned, "position_ids": fixed}
 
 

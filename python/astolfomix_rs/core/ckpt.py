@@ -52,6 +52,10 @@ class Placeholder:
     empty class per name, so the pickle can build, call and fill "instances" of it. It records
     what it is given; its module is never imported and none of its code exists here."""
 
+    args: tuple
+    state: Any
+    items: dict
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
         obj = object.__new__(cls)
         obj.args, obj.state, obj.items = args, None, {}
