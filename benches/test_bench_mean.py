@@ -36,8 +36,10 @@ def test_bench_engine_mean(benchmark, sd1_inputs, tmp_path, threads):
 
 def test_bench_torch_executor_cpu(benchmark, sd1_inputs, tmp_path):
     pytest.importorskip("torch")
-    out = tmp_path / "o.safetensors"
-    ref = tmp_path / "r.safetensors"
+    (tmp_path / "o").mkdir()
+    (tmp_path / "r").mkdir()
+    out = tmp_path / "o" / "m.safetensors"  # one name: the metadata's title is the file name
+    ref = tmp_path / "r" / "m.safetensors"
     am.mean(sd1_inputs, ref, durable=False, progress=False)
     benchmark(lambda: am.mean(sd1_inputs, out, durable=False, overwrite=True, progress=False, device="torch-cpu"))
     assert out.read_bytes() == ref.read_bytes()

@@ -37,9 +37,12 @@ def make_inputs(tmp, rng, dtypes, shape=(1003,), extra=True):
 def test_torch_cpu_uniform_is_byte_identical(tmp_path_factory, dtypes, out, seed, chunk):
     tmp = tmp_path_factory.mktemp("t")
     paths = make_inputs(tmp, np.random.default_rng(seed), dtypes)
-    am.mean(paths, tmp / "rust.safetensors", dtype=out, progress=False, durable=False)
-    am.mean(paths, tmp / "torch.safetensors", dtype=out, progress=False, durable=False, device="torch-cpu", chunk=chunk)
-    assert (tmp / "rust.safetensors").read_bytes() == (tmp / "torch.safetensors").read_bytes()
+    (tmp / "rust").mkdir()
+    (tmp / "torch").mkdir()  # one file name in two folders: the metadata's title is the name
+    am.mean(paths, tmp / "rust" / "m.safetensors", dtype=out, progress=False, durable=False)
+    am.mean(paths, tmp / "torch" / "m.safetensors", dtype=out, progress=False, durable=False, device="torch-cpu",
+            chunk=chunk)
+    assert (tmp / "rust" / "m.safetensors").read_bytes() == (tmp / "torch" / "m.safetensors").read_bytes()
 
 
 @given(st.lists(st.sampled_from(["F16", "BF16", "F32"]), min_size=2, max_size=6),
@@ -96,10 +99,12 @@ def test_cuda_without_gpu_says_so(tmp_path, rng):
 @pytest.mark.gpu
 def test_cuda_uniform_byte_identical_and_memory_bounded(tmp_path, rng):
     paths = make_inputs(tmp_path, rng, ["F16", "BF16", "F32", "F16", "F16", "BF16"], shape=(3_000_001,))
-    am.mean(paths, tmp_path / "r.safetensors", progress=False)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "c").mkdir()  # one file name in two folders: the metadata's title is the name
+    am.mean(paths, tmp_path / "r" / "m.safetensors", progress=False)
     bound = 64 << 20
-    r = am.mean(paths, tmp_path / "c.safetensors", progress=False, device="cuda", gpu_memory=bound)
-    assert (tmp_path / "r.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    r = am.mean(paths, tmp_path / "c" / "m.safetensors", progress=False, device="cuda", gpu_memory=bound)
+    assert (tmp_path / "r" / "m.safetensors").read_bytes() == (tmp_path / "c" / "m.safetensors").read_bytes()
     assert r.notes["peak_gpu_bytes"] <= bound
 
 

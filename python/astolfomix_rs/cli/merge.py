@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from ..commands import mecha as mc
 from ..commands import recipe as rc
 from ..commands.inspect import inspect_file
 from ..core.engine import execute
+from ..core.reader import Checkpoint
 from ..tools.synth import make_checkpoint
 from .common import add_cache_args, cache_from, command, emit, human_bytes, report_text, say, thread_count
 
@@ -133,16 +132,22 @@ def run_demo(folder: Path, n_models: int = 8, factor: int = 16, log=say) -> dict
 
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
-    tmp = None
-    folder = Path(args.folder) if args.folder else Path(tmp := tempfile.mkdtemp(prefix="astolfomix-demo-"))
-    try:
-        res = run_demo(folder, n_models=args.models, factor=args.factor,
-                       log=(lambda *a: None) if args.json else say)
-        if args.json:
-            print(json.dumps(res, indent=2))
-    finally:
-        if tmp and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+    folder = Path(args.folder)
+    res = run_demo(folder, n_models=args.models, factor=args.factor, log=(lambda *a: None) if args.json else say)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        say(f"the pool, its recipe and the merge stay in {folder}/ (the README's examples use them)")
+    return 0
+
+
+@command("synth")
+def cmd_synth(args: argparse.Namespace) -> int:
+    p = make_checkpoint(args.output, args.arch, factor=args.factor, seed=args.seed, dtype=args.dtype.upper(),
+                        ema=args.ema, overwrite=args.overwrite)
+    ck = Checkpoint(p)
+    emit(args, {"output": str(p), "arch": args.arch, "tensors": len(ck), "bytes": ck.file_len},
+         f"wrote {p}: synthetic {args.arch} ({len(ck)} tensors, {human_bytes(ck.file_len)}, dimensions / {args.factor})")
     return 0
 
 
@@ -168,8 +173,17 @@ def add_parsers(sub) -> None:
     m.add_argument("--json", action="store_true")
 
     d = sub.add_parser("demo", help="merge a pool of synthetic SDXL models from a grid recipe, then inspect")
-    d.add_argument("folder", nargs="?", help="where to write the pool (default: a temporary folder)")
+    d.add_argument("folder", nargs="?", default="astolfomix-demo", help="where the pool goes (default: ./astolfomix-demo)")
     d.add_argument("--models", type=int, default=8)
     d.add_argument("--factor", type=int, default=16, help="shrink large dimensions by this (1 = full size)")
-    d.add_argument("--keep", action="store_true", help="keep the temporary folder")
     d.add_argument("--json", action="store_true")
+
+    y = sub.add_parser("synth", help="write one synthetic checkpoint (real key layout, shrunk dimensions) to try commands on")
+    y.add_argument("output")
+    y.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1")
+    y.add_argument("--factor", type=int, default=16, help="shrink large dimensions by this (1 = full size)")
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--dtype", choices=["f16", "f32"], default="f16")
+    y.add_argument("--ema", action="store_true", help="include EMA weights")
+    y.add_argument("--overwrite", action="store_true")
+    y.add_argument("--json", action="store_true")

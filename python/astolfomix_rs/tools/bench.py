@@ -42,7 +42,7 @@ class Result:
 class BenchReport:
     n: int
     arch: str
-    factor: int
+    factor: int | None  # None: the user's own files
     input_bytes: int
     output_bytes: int
     cpus: int
@@ -57,7 +57,8 @@ class BenchReport:
 
     def table(self) -> str:
         lines = [
-            f"N={self.n} {self.arch} inputs (factor {self.factor}), {self.input_bytes / 1e9:.2f} GB in, "
+            f"N={self.n} {self.arch} inputs ({'your files' if self.factor is None else f'synthetic, factor {self.factor}'}), "
+            f"{self.input_bytes / 1e9:.2f} GB in, "
             f"{self.output_bytes / 1e9:.2f} GB out, {self.cpus} CPUs",
             f"floor: read {self.floor.get('read_s', 0):.3f} s + write {self.floor.get('write_s', 0):.3f} s"
             f" = {self.floor.get('total_s', 0):.3f} s ({self.input_bytes / max(self.floor.get('total_s', 1e-9), 1e-9) / 1e9:.2f} GB/s)",
@@ -173,7 +174,11 @@ def run(
     ck = Checkpoint(inputs[0])
     out_bytes = sum(t.numel * (2 if t.is_float else t.nbytes // max(t.numel, 1)) for t in ck.info.values())
     cpus = os.cpu_count() or 1
-    report = BenchReport(len(inputs), arch, factor, in_bytes, out_bytes, cpus)
+    if files:
+        from ..models.anatomy import detect
+
+        arch = detect(ck).arch  # what the files are, not the synthetic default
+    report = BenchReport(len(inputs), arch, None if files else factor, in_bytes, out_bytes, cpus)
     log(f"warming {len(inputs)} inputs ({in_bytes / 1e9:.2f} GB) ...")
     subprocess.run(["cat", *map(str, inputs)], stdout=subprocess.DEVNULL, check=True)
     report.floor = measure_floor(inputs, folder, out_bytes, repeat)
@@ -218,6 +223,11 @@ def run(
         contender("sd-mecha n_average", "sd-mecha")
     if out.exists():
         out.unlink()
+    left = [p for p in folder.iterdir() if p.is_file()]
+    if left:
+        size = sum(p.stat().st_size for p in left)
+        log(f"left in {folder}: {len(left)} files, {size / 1e9:.2f} GB"
+            + ("" if files else " of synthetic inputs (reused by the next bench; remove the folder to free the space)"))
     return report
 
 
