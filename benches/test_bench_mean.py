@@ -53,11 +53,24 @@ def test_bench_cli_small(tmp_path, capsys):
 
     assert main(["bench", "-n", "2", "--factor", "16", "--folder", str(tmp_path), "--repeat", "1", "--json",
                  "--no-naive", "--threads", "1,2"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    rep = json.loads(out.out)
+    assert f"left in {tmp_path}: 2 files" in out.err  # it says what stays on disk, and where
     names = [r["name"] for r in rep["results"]]
     assert names[:2] == ["astolfomix cpu, 1 threads", "astolfomix cpu, 2 threads"]
     assert all(r["seconds"] > 0 and r["ratio_to_floor"] > 0 and r["peak_anon_mb"] > 0 for r in rep["results"])
     assert rep["floor"]["total_s"] > 0 and rep["input_bytes"] > 0
+
+
+def test_bench_on_your_files_is_labelled_by_their_architecture(tmp_path, capsys):
+    from astolfomix_rs.cli import main
+    from astolfomix_rs.tools.synth import make_checkpoint
+
+    files = [str(make_checkpoint(tmp_path / f"{i}.safetensors", "sdxl", factor=32, seed=i)) for i in range(2)]
+    assert main(["bench", "--files", *files, "--folder", str(tmp_path / "b"), "--repeat", "1", "--no-naive",
+                 "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "N=2 sdxl inputs (your files)" in text and "factor" not in text.split("\n")[1]
 
 
 def test_bench_plot_png(tmp_path):

@@ -256,3 +256,17 @@ def test_dry_run_cli(tmp_path, capsys):
     assert (tmp_path / d["output_name"]).exists()
     assert main(["merge", str(tmp_path / "r.txt"), "--models", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_dry_run_shows_toml_weights_and_output_defaults_to_the_first(tmp_path, capsys):
+    from astolfomix_rs.cli import main
+    from astolfomix_rs.tools.synth import make_checkpoint
+
+    for i in (1, 2, 3):
+        make_checkpoint(tmp_path / f"_x0{i}-m.safetensors", "sdxl", factor=32, seed=i)
+    (tmp_path / "r.toml").write_text('[outputs]\nmain = "a.safetensors"\nother = "b.safetensors"\n'
+                                     '[components.unet]\nmodels = ["01", "02", "03"]\nweights = [1, 1, 2]\n')
+    assert main(["merge", str(tmp_path / "r.toml"), "--models", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "unet: weighted mean of 3:" in out and "(weights 1, 1, 2, normalised to sum 1)" in out
+    assert "a.safetensors" in out and "building output 'main', the first of main, other" in out
