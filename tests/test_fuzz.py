@@ -163,6 +163,9 @@ def test_every_command_over_mutated_headers_prints_a_result_or_an_error_line(tmp
         ["merge", str(tmp_path / "r.txt"), "--models", str(tmp_path), "--overwrite"],
         ["export", str(a), "te0", str(tmp_path / "e.safetensors"), "--overwrite"],
         ["import", str(b), str(a), "te0", str(tmp_path / "i.safetensors"), "--overwrite"],
+        ["convert", str(a), str(tmp_path / "c.safetensors"), "--dtype", "bf16", "--prune", "--fix-position-ids",
+         "--overwrite"],
+        ["pool", "list", "--hash", str(tmp_path)],
     ]
     for cmd in commands:
         t0 = time.perf_counter()

@@ -322,6 +322,9 @@ def test_a_unet_key_of_the_wrong_rank_is_an_error_line(tmp_path, capsys, shape):
     for cmd in (["inspect", str(p)], ["hash", str(p)], ["compare", str(p), str(p)]):
         assert main(cmd) == 2, cmd
         assert "non-empty matrix" in capsys.readouterr().err
+    # A mean takes any safetensors file: the odd key only leaves the architecture unknown.
+    am.mean([p], tmp_path / "o.safetensors", progress=False)
+    assert am.Checkpoint(tmp_path / "o.safetensors").metadata["modelspec.architecture"] == "unknown"
 
 
 def test_long_recipes_are_stored_truncated_with_their_sha256(tmp_path):

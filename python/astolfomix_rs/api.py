@@ -22,7 +22,12 @@ def webui_metadata(checkpoints: Sequence[Checkpoint], output: str | os.PathLike[
     from .models.anatomy import detect
     from .models.registry import MODELSPEC
 
-    arch = detect(checkpoints[0]).arch if checkpoints else "unknown"
+    from .errors import AstolfomixError
+
+    try:
+        arch = detect(checkpoints[0]).arch if checkpoints else "unknown"
+    except AstolfomixError:
+        arch = "unknown"  # a mean takes any safetensors files, odd ones included
     recipe = {"type": "astolfomix-mean", "inputs": [Path(c.path).name for c in checkpoints],
               "weights": None if weights is None else [float(w) for w in weights],
               "dtype": meta.get("astolfomix.dtype"), "accumulate": meta.get("astolfomix.accumulate"),
