@@ -165,6 +165,8 @@ def _tokenize(line: str, n: int) -> list[str]:
             cur.append(ch)
     if inside:
         raise RecipeError(f"line {n}: unmatched quote\n    {line}")
+    if escape:
+        raise RecipeError(f"line {n}: ends with a backslash")
     if cur:
         tokens.append("".join(cur))
     return tokens
@@ -210,6 +212,8 @@ def parse_mecha(text: str) -> MechaRecipe:
             continue
         try:
             toks = _tokenize(line, n)
+            if not toks:
+                raise RecipeError(f"line {n}: nothing to read")
             cmd, rest = toks[0], toks[1:]
             pos, kw = [], {}
             for t in rest:
