@@ -19,10 +19,9 @@ def webui_metadata(checkpoints: Sequence[Checkpoint], output: str | os.PathLike[
     from pathlib import Path
 
     from ._core import __version__
+    from .errors import AstolfomixError
     from .models.anatomy import detect
     from .models.registry import MODELSPEC
-
-    from .errors import AstolfomixError
 
     try:
         arch = detect(checkpoints[0]).arch if checkpoints else "unknown"
