@@ -212,7 +212,12 @@ pub fn sigmoid_sums(ck: &Checkpoint, keys: &[String], progress: &Progress) -> Re
 /// For `compare`: per file, `(sum (x - r)^2, sum r^2)` over `keys`, where `r` is the file
 /// `reference` or, with `None`, the mean of all files. Streams blocks of elements: memory is a
 /// block of every file per thread (about 32 MB), never whole tensors, whatever N is.
-pub fn l2_distances(files: &[&Checkpoint], keys: &[String], reference: Option<usize>) -> Result<Vec<(f64, f64)>> {
+pub fn l2_distances(
+    files: &[&Checkpoint],
+    keys: &[String],
+    reference: Option<usize>,
+    progress: &Progress,
+) -> Result<Vec<(f64, f64)>> {
     let n = files.len();
     if n == 0 {
         return Ok(Vec::new());
@@ -254,11 +259,13 @@ pub fn l2_distances(files: &[&Checkpoint], keys: &[String], reference: Option<us
     let partials: Vec<Vec<(f64, f64)>> = items
         .par_iter()
         .map(|&(key, s, e)| {
+            check_cancel(progress)?;
             let mut vals = vec![0f64; n * (e - s)];
             for (ck, v) in files.iter().zip(vals.chunks_mut(e - s)) {
                 let t = ck.get(key).expect("checked above");
                 let w = t.dtype.size();
                 kernels::load_f64_slice(v, &ck.data(t)[s * w..e * w], t.dtype);
+                progress.done.fetch_add(((e - s) * w) as u64, Ordering::Relaxed);
             }
             let len = e - s;
             let r: Vec<f64> = match reference {
@@ -331,9 +338,10 @@ mod tests {
         write_file(&b, &[("w", Dtype::F16, vec![2], f16_bytes(&[1.0, 4.0]))]);
         let cks = [Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap()];
         let cks: Vec<&Checkpoint> = cks.iter().collect();
-        let r = l2_distances(&cks, &["w".to_string()], Some(0)).unwrap();
+        let p = Progress::default();
+        let r = l2_distances(&cks, &["w".to_string()], Some(0), &p).unwrap();
         assert_eq!(r, vec![(0.0, 5.0), (4.0, 5.0)]);
-        let m = l2_distances(&cks, &["w".to_string()], None).unwrap();
+        let m = l2_distances(&cks, &["w".to_string()], None, &p).unwrap();
         assert_eq!(m[0], (1.0, 1.0 + 9.0));
     }
 }

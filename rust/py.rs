@@ -769,18 +769,25 @@ fn sigmoid_sums(
 
 /// Per file `(sum (x - r)^2, sum r^2)` over `keys`; `r` = file `reference`, or the mean of all.
 #[pyfunction]
-#[pyo3(signature = (checkpoints, keys, reference=None))]
+#[pyo3(signature = (checkpoints, keys, reference=None, progress=None))]
 fn l2_distances(
     py: Python<'_>,
     checkpoints: Vec<Bound<'_, PyCheckpoint>>,
     keys: Vec<String>,
     reference: Option<usize>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<Vec<(f64, f64)>> {
     if reference.is_some_and(|r| r >= checkpoints.len()) {
         return Err(plan_err("reference index out of range"));
     }
     let cks = handles(&checkpoints);
-    py.detach(|| hashing::l2_distances(&cks, &keys, reference)).map_err(to_py)
+    let p = Progress::default();
+    let total: usize = cks
+        .iter()
+        .map(|c| keys.iter().filter_map(|k| c.get(k).map(|t| t.end - t.begin)).sum::<usize>())
+        .sum();
+    p.total.store(total as u64, Ordering::Relaxed);
+    run_watched(py, progress, &p, || hashing::l2_distances(&cks, &keys, reference, &p))
 }
 
 /// The robust executors' shared steps, so the torch path cuts the same blocks and takes the same

@@ -129,14 +129,16 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-@pytest.mark.parametrize("cmd", [["hash"], ["inspect", "--hashes"], ["compare"]])
+@pytest.mark.parametrize("cmd", [["hash"], ["inspect", "--hashes"], ["compare"], ["inspect", "--nan"],
+                                 ["compare", "--distance", "--no-cache"]])
 def test_long_commands_show_a_byte_progress_bar_on_a_terminal_only(tmp_path, cmd):
     big = [make_checkpoint(tmp_path / f"b{i}.safetensors", "sdxl", factor=4, seed=i, fast=True) for i in range(2)]
-    files = [str(b) for b in big][: 2 if cmd == ["compare"] else 1]
+    files = [str(b) for b in big][: 2 if cmd[0] == "compare" else 1]
     r = subprocess.run([sys.executable, "-c", PTY, *cmd, *files], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout
-    assert "hashing" in r.stdout and "B/s" in r.stdout, r.stdout[-2000:]
-    if cmd[0] == "inspect":
+    assert ("NaN/Inf scan" if "--nan" in cmd else "distances" if "--distance" in cmd else "hashing") in r.stdout
+    assert "B/s" in r.stdout, r.stdout[-2000:]
+    if "--hashes" in cmd:
         assert "content hash" in r.stdout and "toolkit metric" in r.stdout
     # In a pipe: no bar.
     r = subprocess.run([sys.executable, "-m", "astolfomix_rs.cli", *cmd, "--no-cache", *files], capture_output=True,

@@ -25,7 +25,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         # Header-only by default; content hashes and the metric when cached or asked for (--hashes).
         known = (pool_hashes([f], want=("content", "toolkit"), cache=cache, progress=not args.json)[0] if args.hashes
                  else cache.get(f) if Path(f).is_file() else {})
-        infos.append(inspect_file(f, nan=args.nan, metric=not args.no_metric, known=known, compute=False))
+        infos.append(inspect_file(f, nan=args.nan, metric=not args.no_metric, known=known, compute=False,
+                                  progress=not args.json))
     if args.json:
         print(json.dumps([{k: v for k, v in i.items() if k != "text"} for i in infos], indent=2, default=str))
     else:

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ..core.reader import Checkpoint
-from ..core.report import escape
+from ..core.report import Meter, escape
 from ..models.anatomy import Anatomy, detect, position_ids_status
 from .components import component_hashes, toolkit_metric
 
@@ -23,7 +23,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-def nonfinite(ck: Checkpoint, keys: Sequence[str]) -> dict[str, int]:
+def nonfinite(ck: Checkpoint, keys: Sequence[str], meter: Meter | None = None) -> dict[str, int]:
     nan = inf = 0
     for k in keys:
         t = ck.info[k]
@@ -32,6 +32,8 @@ def nonfinite(ck: Checkpoint, keys: Sequence[str]) -> dict[str, int]:
         v = ck.tensor(k)
         nan += int(np.isnan(v).sum())
         inf += int(np.isinf(v).sum())
+        if meter is not None:
+            meter.advance(t.nbytes)
     return {"nan": nan, "inf": inf}
 
 
@@ -53,7 +55,7 @@ PROVENANCE_KEYS = ("astolfomix.merge", "astolfomix.inputs", "astolfomix.files", 
 
 
 def inspect_file(path, *, nan: bool = False, metric: bool = True, hashes: bool = True,
-                 known: dict | None = None, compute: bool = True) -> dict:
+                 known: dict | None = None, compute: bool = True, progress: bool = False) -> dict:
     """Everything ``inspect`` shows about one file, plus its text. ``known``: hashes already at
     hand (from the hash cache); with ``compute=False`` the metric and content hashes are shown
     only when known (the header alone answers everything else)."""
@@ -78,8 +80,13 @@ def inspect_file(path, *, nan: bool = False, metric: bool = True, hashes: bool =
         info["component_hashes"] = known["components"]
     elif hashes and compute:
         info["component_hashes"] = component_hashes(ck, an)
-    if nan:
-        info["nonfinite"] = {n: nonfinite(ck, c.keys) for n, c in an.components.items()}
+    if nan:  # reads every weight: a byte bar on a terminal
+        total = sum(ck.info[k].nbytes for c in an.components.values() for k in c.keys if ck.info[k].is_float)
+        meter = Meter(total, "NaN/Inf scan", enabled=progress and bool(total))
+        try:
+            info["nonfinite"] = {n: nonfinite(ck, c.keys, meter) for n, c in an.components.items()}
+        finally:
+            meter.close()
     md = ck.metadata
     info["metadata"] = {escape(k, 80): escape(v) for k, v in md.items()}
     info["provenance"] = {k: md[k] for k in PROVENANCE_KEYS if k in md}

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import _core
 from ..core.reader import Checkpoint
+from ..core.report import Meter
 from ..errors import ArchitectureError, RecipeError
 from ..models.anatomy import detect
 from ..models.registry import model_id
@@ -35,6 +36,21 @@ def compare(paths: Sequence[str | os.PathLike[str]], *, distances: bool = False,
         for n in a.components:
             comps.setdefault(n, []).append(i)
     result: dict[str, dict] = {}
+    work = 0
+    if distances:  # bytes the distance passes read: one bar for all components
+        for n, idxs in comps.items():
+            if len(idxs) > 1:
+                work += sum(cks[i].info[k].nbytes for i in idxs for k in ans[i].components[n].keys
+                            if k in cks[i].info and cks[i].info[k].is_float)
+    meter = Meter(work, "distances", enabled=progress and bool(work))
+    try:
+        _groups_and_distances(comps, cks, ans, content, distances, reference, meter, result)
+    finally:
+        meter.close()
+    return {"files": [os.fspath(c.path) for c in cks], "components": result}
+
+
+def _groups_and_distances(comps, cks, ans, content, distances, reference, meter, result) -> None:
     for n, idxs in comps.items():
         hashes = {}
         for i in idxs:
@@ -50,11 +66,11 @@ def compare(paths: Sequence[str | os.PathLike[str]], *, distances: bool = False,
         if distances and len(idxs) > 1:
             keys = [k for k in ans[idxs[0]].components[n].keys if cks[idxs[0]].info[k].is_float]
             ref = None if reference is None else (idxs.index(reference) if reference in idxs else None)
-            d = _core.l2_distances([cks[i]._core for i in idxs], keys, ref)
+            d = _core.l2_distances([cks[i]._core for i in idxs], keys, ref, meter.part())
+            meter.advance(sum(cks[i].info[k].nbytes for i in idxs for k in keys))
             entry["relative_l2"] = {os.fspath(cks[i].path): (float(np.sqrt(a / b)) if b else 0.0) for i, (a, b) in zip(idxs, d)}
             entry["relative_to"] = "mean" if ref is None else os.fspath(cks[reference].path)
         result[n] = entry
-    return {"files": [os.fspath(c.path) for c in cks], "components": result}
 
 
 def selection_line(result: dict, component: str, same_as: str) -> str:

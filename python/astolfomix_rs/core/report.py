@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class ProgressBar:
 
     def __init__(self, enabled: bool, desc: str):
         self.bar = None
+        self._shown = 0.0
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -67,7 +69,10 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.total = total
             self.bar.n = done
-            self.bar.refresh()
+            now = time.monotonic()
+            if now - self._shown >= 0.1 or done >= total:  # many small steps: redraw ten times a second
+                self._shown = now
+                self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
