@@ -58,7 +58,7 @@ def _groups_and_distances(comps, cks, ans, content, distances, reference, meter,
         groups: dict[str, list[int]] = {}
         for i, h in hashes.items():
             groups.setdefault(h, []).append(i)
-        entry = {
+        entry: dict[str, Any] = {
             "groups": [{"hash": h[:16], "files": [os.fspath(cks[i].path) for i in g]} for h, g in
                        sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))],
             "missing_from": [os.fspath(cks[i].path) for i in range(len(cks)) if i not in idxs],
