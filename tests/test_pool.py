@@ -215,3 +215,16 @@ def test_pool_init_numbers_forty_downloads_and_a_grid_recipe_merges_over_them(tm
     assert main(["pool", "list", "--hash", str(folder)]) == 0
     text = capsys.readouterr().out
     assert text.count("sd1") == 41 and "not hashed" not in text
+
+
+def test_clean_forgets_cache_entries_of_files_that_are_gone(tmp_path, capsys):
+    files = _pool(tmp_path / "p")
+    assert main(["hash", "--json", *map(str, files)]) == 0
+    capsys.readouterr()
+    files[0].unlink()
+    files[1].write_bytes(files[1].read_bytes() + b"")  # same bytes, new mtime: the entry no longer applies
+    os.utime(files[1], ns=(time.time_ns() + 10**9,) * 2)
+    assert main(["clean", "--cache-entries", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache_entries_forgotten"] == 2
+    c = HashCache()
+    assert "sha256" in c.get(files[2]) and c.get(files[1]) == {}

@@ -113,7 +113,14 @@ def cmd_clean(args: argparse.Namespace) -> int:
     total = sum(n for _, n in removed)
     text = "\n".join(f"removed {p} ({human_bytes(n)})" for p, n in removed)
     text += ("\n" if text else "") + f"{len(removed)} leftover temp files of stopped runs removed, {human_bytes(total)} freed"
-    emit(args, {"removed": [{"path": str(p), "bytes": n} for p, n in removed], "bytes": total}, text)
+    forgot = None
+    if args.cache_entries:
+        from ..commands.hashcache import HashCache
+
+        forgot = HashCache(args.cache).prune()
+        text += f"\n{forgot} hash cache entries of files that are gone or changed forgotten"
+    emit(args, {"removed": [{"path": str(p), "bytes": n} for p, n in removed], "bytes": total,
+                "cache_entries_forgotten": forgot}, text)
     return 0
 
 
@@ -186,7 +193,10 @@ def add_parsers(sub) -> None:
     add_cache_args(pls)
 
     k = sub.add_parser("clean", help="remove temp files left in folders by runs that were killed")
-    k.add_argument("folders", nargs="+")
+    k.add_argument("folders", nargs="*")
+    k.add_argument("--cache-entries", action="store_true",
+                   help="also forget hash cache entries of files that are gone or changed")
+    k.add_argument("--cache", metavar="FILE", help="the hash cache (default: $ASTOLFOMIX_CACHE or ~/.cache/astolfomix/hashes.json)")
     k.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="architecture, components, missing/junk keys, metric, hashes, metadata")

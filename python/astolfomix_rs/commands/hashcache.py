@@ -119,6 +119,23 @@ class HashCache:
             self._webui_hashes[self._title(path)] = {"mtime": os.path.getmtime(path), "sha256": data["sha256"]}
             self._webui_dirty = True
 
+    def prune(self) -> int:
+        """Forgets the entries of files that are gone or changed (under the lock); returns how many."""
+        with _locked(self.path):
+            d = _read_json(self.path)
+            files = d.get("files") if isinstance(d.get("files"), dict) else {}
+            keep = {}
+            for key, e in files.items():
+                try:
+                    _, ident = _identity(Path(key))
+                except OSError:
+                    continue
+                if isinstance(e, dict) and e.get("v") == VERSION and all(e.get(k) == v for k, v in ident.items()):
+                    keep[key] = e
+            _write_json(self.path, {"version": VERSION, "files": keep})
+        self._entries = dict(keep)
+        return len(files) - len(keep)
+
     def flush(self) -> None:
         """Merges this run's entries into the files on disk (under their locks)."""
         if self.enabled and self._dirty:
