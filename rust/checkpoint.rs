@@ -75,11 +75,16 @@ impl InputFile {
     }
 
     fn changed(&self) -> Error {
-        Error::Changed {
-            path: self.path.clone(),
-            now: self.file.metadata().map(|m| m.len()).unwrap_or(0),
-            expected: self.file_len,
-        }
+        changed(&self.path, &self.file, self.file_len)
+    }
+}
+
+/// `path` (open as `file`) is no longer `expected` bytes long: says how long it is now.
+fn changed(path: &Path, file: &File, expected: u64) -> Error {
+    Error::Changed {
+        path: path.to_path_buf(),
+        now: file.metadata().map(|m| m.len()).unwrap_or(0),
+        expected,
     }
 }
 
@@ -155,11 +160,7 @@ impl Checkpoint {
             Err(e) => return Err(e),
         };
         if guard.tripped() {
-            return Err(Error::Changed {
-                path: path.to_path_buf(),
-                now: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
-                expected: file_len,
-            });
+            return Err(changed(path, &file, file_len));
         }
         let mut index: Vec<u32> = (0..header.tensors.len() as u32).collect();
         index.sort_by(|&a, &b| header.tensors[a as usize].name.cmp(&header.tensors[b as usize].name));

@@ -696,6 +696,21 @@ fn committed() -> Vec<PathBuf> {
     crate::writer::committed()
 }
 
+/// A temp path beside `target`, named as the writer names its own (owner pid included).
+#[pyfunction]
+fn temp_path(target: PathBuf) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    target.with_file_name(crate::writer::tmp_name(&name))
+}
+
+/// Bytes stored for `keys` of `ck` (the total a progress bar counts toward); unknown keys count 0.
+fn key_bytes<'a>(ck: &Checkpoint, keys: impl Iterator<Item = &'a String>) -> u64 {
+    keys.filter_map(|k| ck.get(k).map(|t| (t.end - t.begin) as u64)).sum()
+}
+
 /// Removes temp files in `folder` left by runs whose process is gone; returns `[(path, bytes)]`.
 #[pyfunction]
 fn clean_stale(py: Python<'_>, folder: PathBuf) -> PyResult<Vec<(PathBuf, u64)>> {
@@ -737,12 +752,8 @@ fn content_hashes(
 ) -> PyResult<BTreeMap<String, String>> {
     let ck = &checkpoint.get().0;
     let p = Progress::default();
-    let total: usize = groups
-        .values()
-        .flatten()
-        .filter_map(|(_, k)| ck.get(k).map(|t| t.end - t.begin))
-        .sum();
-    p.total.store(total as u64, Ordering::Relaxed);
+    p.total
+        .store(key_bytes(ck, groups.values().flatten().map(|(_, k)| k)), Ordering::Relaxed);
     run_watched(py, progress, &p, || {
         groups
             .iter()
@@ -762,8 +773,7 @@ fn sigmoid_sums(
 ) -> PyResult<Vec<f64>> {
     let ck = &checkpoint.get().0;
     let p = Progress::default();
-    let total: usize = keys.iter().filter_map(|k| ck.get(k).map(|t| t.end - t.begin)).sum();
-    p.total.store(total as u64, Ordering::Relaxed);
+    p.total.store(key_bytes(ck, keys.iter()), Ordering::Relaxed);
     run_watched(py, progress, &p, || hashing::sigmoid_sums(ck, &keys, &p))
 }
 
@@ -782,11 +792,8 @@ fn l2_distances(
     }
     let cks = handles(&checkpoints);
     let p = Progress::default();
-    let total: usize = cks
-        .iter()
-        .map(|c| keys.iter().filter_map(|k| c.get(k).map(|t| t.end - t.begin)).sum::<usize>())
-        .sum();
-    p.total.store(total as u64, Ordering::Relaxed);
+    p.total
+        .store(cks.iter().map(|c| key_bytes(c, keys.iter())).sum(), Ordering::Relaxed);
     run_watched(py, progress, &p, || hashing::l2_distances(&cks, &keys, reference, &p))
 }
 
@@ -944,6 +951,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(file_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(committed, m)?)?;
     m.add_function(wrap_pyfunction!(clean_stale, m)?)?;
+    m.add_function(wrap_pyfunction!(temp_path, m)?)?;
     m.add_function(wrap_pyfunction!(content_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(sigmoid_sums, m)?)?;
     m.add_function(wrap_pyfunction!(l2_distances, m)?)?;

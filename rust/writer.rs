@@ -60,8 +60,9 @@ pub fn committed() -> Vec<PathBuf> {
 /// Marks our temp files: `.NAME.astolfomix-PID-NONCE.tmp` (NAME cut to fit the 255-byte limit).
 const TMP_TAG: &str = ".astolfomix-";
 
-/// The temp file name for `name`, owned by this process.
-fn tmp_name(name: &str) -> String {
+/// The temp file name for `name`, owned by this process (the Python side's temp files and
+/// folders take theirs from here too, through `_core.temp_path`, so `clean_stale` knows them).
+pub fn tmp_name(name: &str) -> String {
     let mut cut = name.len().min(200);
     while !name.is_char_boundary(cut) {
         cut -= 1;

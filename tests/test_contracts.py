@@ -56,7 +56,8 @@ def test_mean_opens_each_input_once(pool, tmp_path):
     assert opens(lambda: am.mean(files(pool), tmp_path / "m.safetensors", progress=False)) == 4
 
 
-@pytest.mark.parametrize("cmd", [["hash"], ["inspect", "--nan"], ["compare", "--distance"]])
+@pytest.mark.parametrize("cmd", [["hash"], ["inspect", "--nan"], ["inspect", "--hashes", "--no-cache"],
+                                 ["compare", "--distance"]])
 def test_reading_commands_open_each_file_once(pool, cmd, capsys):
     fs = files(pool)
     assert opens(lambda: main([cmd[0], *fs, *cmd[1:], "--json"])) == len(fs)

@@ -281,7 +281,7 @@ def test_a_transformers_export_that_fails_leaves_no_folder(tmp_path, monkeypatch
     def full(path, text, overwrite):
         raise DiskFullError(f"{path}: No space left on device")
 
-    monkeypatch.setattr(tk, "_write_text", full)
+    monkeypatch.setattr(tk, "save_text", full)
     with pytest.raises(DiskFullError):
         tk.export(src, "te0", tmp_path / "hf", layout="transformers")
     assert sorted(os.listdir(tmp_path)) == ["sd.safetensors"]

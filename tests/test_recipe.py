@@ -270,3 +270,14 @@ def test_dry_run_shows_toml_weights_and_output_defaults_to_the_first(tmp_path, c
     out = capsys.readouterr().out
     assert "unet: weighted mean of 3:" in out and "(weights 1, 1, 2, normalised to sum 1)" in out
     assert "a.safetensors" in out and "building output 'main', the first of main, other" in out
+
+
+def test_a_many_line_error_prints_one_problem_per_line(tmp_path, capsys):
+    from astolfomix_rs.cli import main
+
+    (tmp_path / "r.txt").write_text("unet: 01,02\nmain=o.safetensors\n")
+    assert main(["merge", str(tmp_path / "r.txt"), "--models", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("astolfomix merge: error: cannot merge"), err
+    assert any(line.strip().startswith("model 01: no file _x01-") for line in err[1:]), err
+    assert not any("\\n" in line for line in err), err  # lines, not escaped newlines

@@ -13,7 +13,6 @@ from typing import Any
 from .. import _core
 from .._core import __version__
 from ..api import mean
-from ..core.report import escape
 from ..errors import AstolfomixError
 from ..tools import bench, bench_robust
 from . import merge as recipe_cli
@@ -151,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except AstolfomixError as e:
-        # Messages quote files, tensor names and recipe text: escape what a terminal would obey.
-        err_say(f"astolfomix {args.command}: error: {escape(str(e), 8000)}")
+        # Messages quote files, tensor names and recipe text: err_say escapes each of their lines.
+        err_say(f"astolfomix {args.command}: error: {e}", limit=4000)
         return 2
     except KeyboardInterrupt:
         # The interrupt can land after the rename (Python sees it once the engine returns): say

@@ -45,16 +45,17 @@ def weight_list(text: str) -> list[float]:
     return w
 
 
-def say(*parts: object, file: Any = None) -> None:
+def say(*parts: object, file: Any = None, limit: int = 100_000) -> None:
     """Every line a command prints goes through here: file names, tensor names, recipe text and
-    metadata come from strangers, so control characters are escaped (a name cannot retitle or
-    clear the terminal). JSON needs no help: ``json.dumps`` escapes them itself."""
+    metadata come from strangers, so control characters are escaped line by line (a name cannot
+    retitle or clear the terminal), each line cut at ``limit`` characters. JSON needs no help:
+    ``json.dumps`` escapes them itself."""
     text = " ".join(str(p) for p in parts)
-    print("\n".join(escape(line, 100_000) for line in text.split("\n")), file=file or sys.stdout)
+    print("\n".join(escape(line, limit) for line in text.split("\n")), file=file or sys.stdout)
 
 
-def err_say(*parts: object) -> None:
-    say(*parts, file=sys.stderr)
+def err_say(*parts: object, limit: int = 100_000) -> None:
+    say(*parts, file=sys.stderr, limit=limit)
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:

@@ -13,6 +13,7 @@ from ..commands.hashing import pool_hashes
 from ..commands.inspect import inspect_file
 from ..commands.pool import compare, init_pool, list_pool, selection_line
 from ..commands.recipe import POOL_TABLE
+from ..core.reader import Checkpoint
 from ..errors import PlanError
 from .common import add_cache_args, cache_from, command, emit, human_bytes, report_text, say
 
@@ -22,10 +23,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     cache = cache_from(args)
     infos = []
     for f in args.files:
+        ck = Checkpoint(f)  # opened once: the hashes below read this handle
         # Header-only by default; content hashes and the metric when cached or asked for (--hashes).
-        known = (pool_hashes([f], want=("content", "toolkit"), cache=cache, progress=not args.json)[0] if args.hashes
-                 else cache.get(f) if Path(f).is_file() else {})
-        infos.append(inspect_file(f, nan=args.nan, metric=not args.no_metric, known=known, compute=False,
+        known = (pool_hashes([f], want=("content", "toolkit"), cache=cache, progress=not args.json, opened={0: ck})[0]
+                 if args.hashes else cache.get(f))
+        infos.append(inspect_file(ck, nan=args.nan, metric=not args.no_metric, known=known, compute=False,
                                   progress=not args.json))
     if args.json:
         print(json.dumps([{k: v for k, v in i.items() if k != "text"} for i in infos], indent=2, default=str))

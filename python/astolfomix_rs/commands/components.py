@@ -3,10 +3,8 @@ hashes, export and import of components (as plans run by the engine), and compar
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,8 @@ from ..core.engine import execute
 from ..core.plan import Output, Plan, parse_dtype
 from ..core.reader import Checkpoint
 from ..core.report import Report
-from ..errors import ArchitectureError, AstolfomixIOError, DiskFullError, OutputError, PlanError
+from ..core.save import save_text
+from ..errors import ArchitectureError, OutputError, PlanError
 from ..models.anatomy import (
     ALIASES,
     Anatomy,
@@ -171,7 +170,7 @@ def _export_folder(plan: Plan, folder: Path, overwrite: bool, progress: bool) ->
         had_model = (folder / "model.safetensors").exists()
         rep = execute(plan, folder / "model.safetensors", overwrite=overwrite, progress=progress)
         try:
-            _write_text(folder / "config.json", _transformers_config(folder / "model.safetensors"), overwrite)
+            save_text(folder / "config.json", _transformers_config(folder / "model.safetensors"), overwrite)
         except BaseException:
             if not had_model:
                 (folder / "model.safetensors").unlink(missing_ok=True)
@@ -179,11 +178,11 @@ def _export_folder(plan: Plan, folder: Path, overwrite: bool, progress: bool) ->
         return rep
     if not folder.parent.is_dir():
         raise OutputError(f"{folder}: folder {folder.parent} does not exist")
-    tmp = folder.with_name(f".{folder.name[:200]}.astolfomix-{os.getpid()}-{secrets.token_hex(8)}.tmp")
+    tmp = _core.temp_path(folder)
     tmp.mkdir()
     try:
         rep = execute(plan, tmp / "model.safetensors", progress=progress)
-        _write_text(tmp / "config.json", _transformers_config(tmp / "model.safetensors"), False)
+        save_text(tmp / "config.json", _transformers_config(tmp / "model.safetensors"), False)
         try:
             os.rename(tmp, folder)  # fails if a non-empty folder appeared there meanwhile
         except OSError as e:
@@ -201,28 +200,6 @@ def _transformers_config(weights: Path) -> str:
     first = next((i.dtype for i in written.info.values() if i.is_float), "F32")
     torch_dtype = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(first, "float32")
     return json.dumps({**VIT_L_CONFIG, "torch_dtype": torch_dtype}, indent=2) + "\n"
-
-
-def _write_text(path: Path, text: str, overwrite: bool) -> None:
-    """Writes a small text file whole or not at all: a temp file beside it, then a rename (or,
-    without ``overwrite``, a link that fails if something appeared there meanwhile)."""
-    tmp = path.with_name(f".{path.name[:200]}.astolfomix-{os.getpid()}-{secrets.token_hex(8)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    except FileExistsError:
-        raise OutputError(f"{path}: already exists (pass overwrite=True / --overwrite)") from None
-    except OSError as e:
-        cls = DiskFullError if e.errno in (errno.ENOSPC, errno.EDQUOT) else AstolfomixIOError
-        raise cls(f"{path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _source_component(ck: Checkpoint, want_kind: str, slot: str) -> Component:

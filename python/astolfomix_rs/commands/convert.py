@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import _core
 from ..core.ckpt import read_ckpt
 from ..core.engine import execute
 from ..core.plan import Output, Plan, parse_dtype
@@ -36,21 +36,6 @@ class ConvertResult:
     def as_dict(self) -> dict[str, Any]:
         return {"report": self.report.as_dict(), "pruned": len(self.pruned), "position_ids": self.position_ids,
                 "vae_from": self.vae_from, "skipped": self.skipped}
-
-
-def is_pickle(path: str | os.PathLike[str]) -> bool:
-    """A torch pickle checkpoint (a zip, or a bare pickle) rather than safetensors: a file that
-    does not open as safetensors and starts like one (a safetensors header length may start
-    with 0x80 too, so the magic alone decides nothing)."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head != b"PK" and head[:1] != b"\x80":
-        return False
-    try:
-        Checkpoint(path)
-        return False
-    except InvalidFileError:
-        return True
 
 
 def convert_plan(ck: Checkpoint, *, dtype: str | None = None, prune: bool = False, fix_position_ids: bool = False,
@@ -130,17 +115,25 @@ def convert(path: str | os.PathLike[str], output: str | os.PathLike[str], *, dty
     if not src.is_file():
         raise PlanError(f"{src}: no such file")
     try:
-        if is_pickle(src):
+        try:
+            ck = Checkpoint(src)
+        except InvalidFileError:
+            # Not safetensors: a torch pickle (zip or bare) is read without running it. A
+            # safetensors header length may start with 0x80 too, so the magic is only consulted
+            # once the file has failed to open.
+            with open(src, "rb") as f:
+                head = f.read(2)
+            if head != b"PK" and head[:1] != b"\x80":
+                raise
             pk = read_ckpt(src)
             skipped = pk.skipped
             if not pk.tensors:
                 raise PlanError(f"{src}: no tensors in its state dict")
             # The pickle's tensors as they are (mapped, not read), saved beside the output; the
             # conversion below is then the same plan as for any safetensors input.
-            tmp = output.with_name(f".{output.name[:200]}.astolfomix-{os.getpid()}-{secrets.token_hex(8)}.tmp")
+            tmp = _core.temp_path(output)
             save(tmp, pk.tensors, {"astolfomix.from_pickle": src.name}, durable=False)
-            src = tmp
-        ck = Checkpoint(src)
+            ck = Checkpoint(tmp)
         vae = Checkpoint(bake_vae) if bake_vae else None
         plan, notes = convert_plan(ck, dtype=dtype, prune=prune, fix_position_ids=fix_position_ids, vae=vae,
                                    source_name=Path(path).name)

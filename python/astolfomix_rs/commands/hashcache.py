@@ -18,9 +18,10 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Iterator
+
+from ..core.save import save_text
 
 #: Bump when what an entry means changes (a new canonical form, a new metric): old entries are ignored.
 VERSION = 1
@@ -56,18 +57,23 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict, indent: int | None = None) -> None:
-    tmp = path.with_name(f".{path.name[:200]}.astolfomix-{os.getpid()}-{secrets.token_hex(8)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_text(path, json.dumps(data, indent=indent), overwrite=True)
+
+
+def _files(path: Path) -> dict:
+    """The entries of the cache file at ``path`` as they are on disk now."""
+    files = _read_json(path).get("files")
+    return dict(files) if isinstance(files, dict) else {}
 
 
 def _identity(path: Path) -> tuple[str, dict[str, int]]:
     st = os.stat(path)
     return os.path.realpath(path), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "dev": st.st_dev}
+
+
+def _valid(entry: Any, ident: dict[str, int]) -> bool:
+    """Whether a cache entry describes the file as it is now (same version, size, mtime, inode)."""
+    return isinstance(entry, dict) and entry.get("v") == VERSION and all(entry.get(k) == v for k, v in ident.items())
 
 
 class HashCache:
@@ -79,13 +85,13 @@ class HashCache:
         self.enabled = enabled
         self.webui = Path(webui) if webui else None
         self.webui_root = Path(webui_root) if webui_root else None
-        self._entries: dict[str, dict] = {}
+        self._entries: dict[str, dict] = _files(self.path) if enabled else {}
         self._dirty: dict[str, dict] = {}
-        if enabled:
-            self._entries = dict(_read_json(self.path).get("files", {}))
         self._webui_hashes: dict[str, Any] = {}
+        self._webui_dirty = False
         if self.webui is not None:
-            self._webui_hashes = dict(_read_json(self.webui).get("hashes", {}))
+            hashes = _read_json(self.webui).get("hashes")
+            self._webui_hashes = dict(hashes) if isinstance(hashes, dict) else {}
 
     def _title(self, path: Path) -> str:
         if self.webui_root is not None:
@@ -99,7 +105,7 @@ class HashCache:
         key, ident = _identity(path)
         out: dict[str, Any] = {}
         e = self._entries.get(key)
-        if isinstance(e, dict) and e.get("v") == VERSION and all(e.get(k) == v for k, v in ident.items()):
+        if _valid(e, ident):
             out.update(e.get("data", {}))
         w = self._webui_hashes.get(self._title(path))
         if "sha256" not in out and isinstance(w, dict) and isinstance(w.get("sha256"), str):
@@ -122,15 +128,14 @@ class HashCache:
     def prune(self) -> int:
         """Forgets the entries of files that are gone or changed (under the lock); returns how many."""
         with _locked(self.path):
-            d = _read_json(self.path)
-            files = d.get("files") if isinstance(d.get("files"), dict) else {}
+            files = _files(self.path)
             keep = {}
             for key, e in files.items():
                 try:
                     _, ident = _identity(Path(key))
                 except OSError:
                     continue
-                if isinstance(e, dict) and e.get("v") == VERSION and all(e.get(k) == v for k, v in ident.items()):
+                if _valid(e, ident):
                     keep[key] = e
             _write_json(self.path, {"version": VERSION, "files": keep})
         self._entries = dict(keep)
@@ -140,12 +145,11 @@ class HashCache:
         """Merges this run's entries into the files on disk (under their locks)."""
         if self.enabled and self._dirty:
             with _locked(self.path):
-                d = _read_json(self.path)
-                files = d.get("files") if isinstance(d.get("files"), dict) else {}
+                files = _files(self.path)
                 files.update(self._dirty)
                 _write_json(self.path, {"version": VERSION, "files": files})
             self._dirty = {}
-        if self.webui is not None and getattr(self, "_webui_dirty", False):
+        if self.webui is not None and self._webui_dirty:
             with _locked(self.webui):
                 d = _read_json(self.webui)
                 hashes = d.get("hashes") if isinstance(d.get("hashes"), dict) else {}

@@ -58,10 +58,11 @@ def inspect_file(path, *, nan: bool = False, metric: bool = True, hashes: bool =
                  known: dict | None = None, compute: bool = True, progress: bool = False) -> dict:
     """Everything ``inspect`` shows about one file, plus its text. ``known``: hashes already at
     hand (from the hash cache); with ``compute=False`` the metric and content hashes are shown
-    only when known (the header alone answers everything else)."""
+    only when known (the header alone answers everything else). ``path`` may be a checkpoint
+    already open."""
     known = known or {}
 
-    ck = Checkpoint(path)
+    ck = path if isinstance(path, Checkpoint) else Checkpoint(path)
     an = detect(ck)
     comps: dict[str, dict] = {}
     for n, c in an.components.items():

@@ -14,10 +14,10 @@ import numpy as np
 from .. import _core
 from ..core.reader import Checkpoint
 from ..core.report import Meter
+from ..core.save import save_text
 from ..errors import ArchitectureError, RecipeError
 from ..models.anatomy import detect
 from ..models.registry import model_id
-from .components import _write_text
 from .hashcache import HashCache
 from .hashing import pool_hashes
 from .recipe import _INTER_FILE, _POOL, POOL_TABLE, ModelId, _inside, pool_table, scan_pool
@@ -161,7 +161,7 @@ def init_pool(folder: str | os.PathLike[str], *, rename: bool = False, dry_run: 
                  "# Grid recipes over this folder use these ids like _xNN- names; edit freely.", "[models]"]
         lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in
                   sorted(merged.items(), key=lambda kv: (ModelId.parse(kv[0]).number, kv[0]))]
-        _write_text(folder / POOL_TABLE, "\n".join(lines) + "\n", overwrite=True)
+        save_text(folder / POOL_TABLE, "\n".join(lines) + "\n", overwrite=True)
     return sorted(rows, key=lambda r: (ModelId.parse(r["id"]).number, ModelId.parse(r["id"]).suffix))
 
 

@@ -3,12 +3,15 @@ the same engine and streaming writer as every other output."""
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from ..errors import PlanError
+from .. import _core
+from ..errors import AstolfomixIOError, DiskFullError, OutputError, PlanError
 from .engine import execute
 from .plan import Output, Plan
 
@@ -50,3 +53,27 @@ def save(
     outputs = [Output.constant(n, *_entry(n, t)) for n, t in tensors.items()]
     execute(Plan([], outputs, metadata=dict(metadata or {})), path, overwrite=overwrite, durable=durable,
             progress=False)
+
+
+def save_text(path: str | os.PathLike[str], text: str, overwrite: bool) -> None:
+    """Writes a small text file (a config, a table, a cache) whole or not at all: a temp file
+    beside it, then a rename (or, without ``overwrite``, a link that fails if something appeared
+    there meanwhile)."""
+    path = Path(path)
+    tmp = _core.temp_path(path)  # named like the writer's, so `clean_stale` knows it
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(f"{path}: already exists (pass overwrite=True / --overwrite)") from None
+    except OSError as e:
+        cls = DiskFullError if e.errno in (errno.ENOSPC, errno.EDQUOT) else AstolfomixIOError
+        raise cls(f"{path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
