@@ -462,17 +462,15 @@ pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
 /// `x` rounded to f32 with round-to-odd: exact values stay, inexact ones become the truncation
 /// toward zero with its lowest bit set. Rounding that to a format at least two bits narrower
 /// (f16) with round-to-nearest-even gives the correctly rounded result of `x` (no double rounding).
-#[inline]
+/// Branch-free (selects only), so the caller's loop vectorizes.
+#[inline(always)]
 fn f32_round_to_odd(x: f64) -> f32 {
     let r = x as f32;
-    if !r.is_finite() || r as f64 == x || x.is_nan() {
-        return r;
-    }
-    let mut b = r.to_bits();
-    if (r as f64).abs() > x.abs() {
-        b -= 1; // rounded away from zero: step back toward zero (same sign)
-    }
-    f32::from_bits(b | 1)
+    let back = r as f64;
+    // rounded away from zero: step back toward zero (same sign), then set the lowest bit
+    let odd = (r.to_bits() - (back.abs() > x.abs()) as u32) | 1;
+    let inexact = r.is_finite() & (back != x);
+    f32::from_bits(if inexact { odd } else { r.to_bits() })
 }
 
 /// `out = f16(acc)` correctly rounded, as [`finish_f64`] writes it, but through F16C where the

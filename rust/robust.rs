@@ -709,7 +709,7 @@ fn drop_points(r: &Robust, p: &Prepared, pts: &mut [f64], s: usize, len: usize, 
     let Some(d) = &r.dropout else { return };
     for (i, pt) in pts.chunks_exact_mut(len.max(1)).enumerate() {
         match p.bits.get(i) {
-            Some(bits) => pt.iter_mut().enumerate().for_each(|(e, v)| *v *= bit(bits, s + e)),
+            Some(bits) => times_bits(pt, bits, s),
             None => {
                 dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, row));
                 pt.iter_mut().zip(mask.iter()).for_each(|(v, m)| *v *= m);
@@ -718,9 +718,22 @@ fn drop_points(r: &Robust, p: &Prepared, pts: &mut [f64], s: usize, len: usize, 
     }
 }
 
+dispatch!(times_bits, times_bits_avx2, times_bits_impl, (v: &mut [f64], bits: &[u64], s: usize));
+
+/// `v[e] *= bit s + e` (1.0 or 0.0): a word at a time, the inner loop a variable shift and a
+/// select, which vectorize.
 #[inline(always)]
-fn bit(bits: &[u64], j: usize) -> f64 {
-    ((bits[j / 64] >> (j % 64)) & 1) as f64
+fn times_bits_impl(v: &mut [f64], bits: &[u64], s: usize) {
+    let mut e = 0;
+    while e < v.len() {
+        let j = s + e;
+        let (word, off) = (bits[j / 64], j % 64);
+        let take = (64 - off).min(v.len() - e);
+        for (k, x) in v[e..e + take].iter_mut().enumerate() {
+            *x *= if (word >> (off + k)) & 1 != 0 { 1.0 } else { 0.0 };
+        }
+        e += take;
+    }
 }
 
 /// Ranks drawn on the fly (tensor-wide ranks come as precomputed bits instead).
@@ -904,12 +917,12 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
         // as bits (numel / 8 bytes per point) for the other passes.
         let bits = table.map(|d| {
             let tab = RankTable::build(&all, d.della_eps);
-            mask_bits(&all, blocks, dropout::stream(d.seed, ctx.key, i), &d, &tab)
+            dropout::table_bits(&all, dropout::stream(d.seed, ctx.key, i), &d, &tab)
         });
         let mut thr = 0.0;
         if let Some(k) = k {
             match (&bits, &r.dropout) {
-                (Some(b), _) => all.iter_mut().enumerate().for_each(|(j, v)| *v *= bit(b, j)),
+                (Some(b), _) => times_bits(&mut all, b, 0),
                 (None, Some(d)) => apply_mask_whole(&mut all, blocks, dropout::stream(d.seed, ctx.key, i), d, ranks(d, ctx.row)),
                 (None, None) => {}
             }
@@ -943,20 +956,6 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
         prep.thresholds = Some(thr);
     }
     Ok(read)
-}
-
-/// A whole point tensor's DELLA mask as bits (bit j of word j / 64), drawn block by block.
-fn mask_bits(all: &[f64], blocks: &[(usize, usize)], key: [u32; 3], d: &Dropout, tab: &RankTable) -> Vec<u64> {
-    let mut bits = vec![0u64; all.len().div_ceil(64)];
-    let mut m = Vec::new();
-    for &(s, e) in blocks {
-        dropout::mask(&mut m, &all[s..e], s, key, d, Ranks::Table(tab));
-        for (o, &k) in m.iter().enumerate() {
-            let j = s + o;
-            bits[j / 64] |= ((k != 0.0) as u64) << (j % 64);
-        }
-    }
-    bits
 }
 
 /// Masks a whole point tensor block by block (rows-mode ranks need the block's whole rows).
