@@ -320,15 +320,16 @@ const SINGLE: u32 = 1 << 31;
 /// Approximate ordinal ranks of `(|v_j|, j)` within one tensor of one model, built from the
 /// whole tensor and then queried element by element.
 ///
-/// Keys are the bits of `|v|` (monotone for non-negative floats). The first level buckets them
-/// by their top bits (zero alone in bucket 0, at most 65536 buckets over the non-zero range). A
-/// bucket of at most `T` elements is answered by its midpoint. A heavier bucket that holds a
-/// single key (fp16 deltas repeat values: the common case) keeps the positions of its elements
-/// 0, T, 2T, ... (ties rank by position, so a binary search among them places an element); these
-/// and the counts come from one pass over the tensor. A heavier bucket of several keys is split
-/// by the next 8 bits, level by level (a counting pass over just its elements), until every part
-/// is light or holds one key. Errors are at most `T / 2` ranks with `T <= 1.8e-4 n / |eps|` (a
-/// power of two), so the keep probability is within 0.9e-4 of the exact one.
+/// Keys are the bits of `|v|` (monotone for non-negative floats). A first counting pass buckets
+/// them by their top bits (zero alone in bucket 0, at most 65536 buckets over the non-zero
+/// range). A bucket of at most `T` elements is answered by its midpoint. A second counting pass
+/// splits every heavier bucket by the next 8 bits and notes, per sub-bucket, whether it holds
+/// more than one key and the positions of its elements 0, T, 2T, ...: a heavy sub-bucket of one
+/// key (fp16 deltas repeat values: the common case) is answered from those positions (ties rank
+/// by position, so a binary search places an element). A heavy sub-bucket of several keys (rare)
+/// has its (key, position) pairs gathered and split further, level by level, until every part is
+/// light or holds one key. No sort. Errors are at most `T / 2` ranks with `T <= 1.8e-4 n / |eps|`
+/// (a power of two), so the keep probability is within 0.9e-4 of the exact one.
 #[derive(Debug, Clone)]
 pub struct RankTable {
     n: u64,
