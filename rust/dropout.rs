@@ -17,6 +17,8 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::real::Real;
+
 /// The generator's name and version, recorded in the output's metadata.
 pub const GENERATOR: &str = "astolfomix-mask-v1: stream = sha256(seed, key, model)[0:12]; u = lowbias32^3(element) / 2^32";
 
@@ -96,20 +98,20 @@ fn draw(key: [u32; 3], k1: u32, lo: u32, e: u32) -> u32 {
     lowbias32(x ^ key[2])
 }
 
-/// `out[e]` = the draw of element `j = start + e` in stream `key` (see [`draw`]), as `T`.
-/// Computed over runs of equal high counter word with a 32-bit counter, so the loop vectorizes
-/// (AVX2 where present).
-fn draws<T: Copy + FromDraw>(out: &mut [T], key: [u32; 3], start: u64) {
+/// `out[e]` = the draw of element `j = start + e` in stream `key` (see [`draw`]). Computed over
+/// runs of equal high counter word with a 32-bit counter, so the loop vectorizes (AVX2 where
+/// present).
+fn draws(out: &mut [u32], key: [u32; 3], start: u64) {
     #[inline(always)]
-    fn run<T: FromDraw>(out: &mut [T], key: [u32; 3], lo: u32, hi: u32) {
+    fn run(out: &mut [u32], key: [u32; 3], lo: u32, hi: u32) {
         let k1 = hi ^ key[1];
         for (e, m) in out.iter_mut().enumerate() {
-            *m = T::from_draw(draw(key, k1, lo, e as u32));
+            *m = draw(key, k1, lo, e as u32);
         }
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn run_avx2<T: FromDraw>(out: &mut [T], key: [u32; 3], lo: u32, hi: u32) {
+    fn run_avx2(out: &mut [u32], key: [u32; 3], lo: u32, hi: u32) {
         run(out, key, lo, hi)
     }
     let mut done = 0usize;
@@ -131,23 +133,9 @@ fn draws<T: Copy + FromDraw>(out: &mut [T], key: [u32; 3], start: u64) {
     }
 }
 
-/// A draw as the type a caller keeps it in.
-trait FromDraw {
-    fn from_draw(u: u32) -> Self;
-}
-
-impl FromDraw for f64 {
-    #[inline(always)]
-    fn from_draw(u: u32) -> f64 {
-        u as f64
-    }
-}
-
-impl FromDraw for u32 {
-    #[inline(always)]
-    fn from_draw(u: u32) -> u32 {
-        u
-    }
+thread_local! {
+    /// Per thread: the draws of [`mask`], kept between calls.
+    static DRAWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// How a point's ranks are known.
@@ -191,60 +179,64 @@ impl<'a> Band<'a> {
 
     /// Whether element `j` (value `v`, draw `u`) inside the band is kept.
     #[inline]
-    fn keep_in_band(&self, u: u32, v: f64, j: u64) -> bool {
+    fn keep_in_band<T: Real>(&self, u: u32, v: T, j: u64) -> bool {
         (u as f64) < self.d.q(self.t.rank(v, j), self.n) * TWO32
     }
 }
 
-/// The keep mask (1.0 / 0.0) of one point's elements `start..start + vals.len()` into `out`.
-pub fn mask(out: &mut Vec<f64>, vals: &[f64], start: usize, key: [u32; 3], d: &Dropout, ranks: Ranks<'_>) {
+/// The keep mask (1 / 0) of one point's elements `start..start + vals.len()` into `out`.
+pub fn mask<T: Real>(out: &mut Vec<T>, vals: &[T], start: usize, key: [u32; 3], d: &Dropout, ranks: Ranks<'_>) {
     out.clear();
-    out.resize(vals.len(), 0.0);
-    let q0 = (1.0 - d.p).clamp(0.0, 1.0) * TWO32;
+    out.resize(vals.len(), T::ZERO);
+    let one = |keep: bool| if keep { T::ONE } else { T::ZERO };
+    let q0 = ceil_u64((1.0 - d.p).clamp(0.0, 1.0) * TWO32);
     let ranks = match ranks {
         _ if d.della_eps == 0.0 => Ranks::None,
         Ranks::Table(t) if t.nan => Ranks::None,
         r => r,
     };
-    draws(out, key, start as u64);
+    let mut u = DRAWS.with(|u| std::mem::take(&mut *u.borrow_mut()));
+    u.clear();
+    u.resize(vals.len(), 0);
+    draws(&mut u, key, start as u64);
     match ranks {
-        Ranks::None => out.iter_mut().for_each(|m| *m = if *m < q0 { 1.0 } else { 0.0 }),
+        Ranks::None => out.iter_mut().zip(&u).for_each(|(m, &x)| *m = one((x as u64) < q0)),
         Ranks::Table(t) => {
             let band = Band::new(d, t);
-            for (e, (m, &v)) in out.iter_mut().zip(vals).enumerate() {
-                let u = *m as u64;
-                let keep = u < band.lo || (u < band.hi && band.keep_in_band(u as u32, v, (start + e) as u64));
-                *m = if keep { 1.0 } else { 0.0 };
+            for (e, ((m, &v), &x)) in out.iter_mut().zip(vals).zip(&u).enumerate() {
+                let x64 = x as u64;
+                *m = one(x64 < band.lo || (x64 < band.hi && band.keep_in_band(x, v, (start + e) as u64)));
             }
         }
         Ranks::Rows(row) => {
             let row = row.max(1);
             let mut order: Vec<(u64, u32)> = Vec::with_capacity(row);
             let mut rank = vec![0f64; row];
-            for (ms, vs) in out.chunks_mut(row).zip(vals.chunks(row)) {
+            for ((ms, vs), us) in out.chunks_mut(row).zip(vals.chunks(row)).zip(u.chunks(row)) {
                 let nan = vs.iter().any(|v| v.is_nan());
                 if !nan {
                     order.clear();
-                    order.extend(vs.iter().enumerate().map(|(i, v)| (v.abs().to_bits(), i as u32)));
+                    order.extend(vs.iter().enumerate().map(|(i, v)| (v.rank_key(), i as u32)));
                     order.sort_unstable();
                     for (pos, &(_, i)) in order.iter().enumerate() {
                         rank[i as usize] = (pos + 1) as f64;
                     }
                 }
                 let n = vs.len() as f64;
-                for (i, m) in ms.iter_mut().enumerate() {
+                for (i, (m, &x)) in ms.iter_mut().zip(us).enumerate() {
                     let q = if nan { (1.0 - d.p).clamp(0.0, 1.0) } else { d.q(rank[i], n) };
-                    *m = if *m < q * TWO32 { 1.0 } else { 0.0 };
+                    *m = one((x as f64) < q * TWO32);
                 }
             }
         }
     }
+    DRAWS.with(|d| *d.borrow_mut() = u);
 }
 
 /// A whole tensor's mask with tensor-wide ranks, as bits (bit `j % 64` of word `j / 64` is
 /// element `j`): the same decisions as [`mask`] with `Ranks::Table`, but drawn as integers, 64 at
 /// a time, with a rank looked up only for draws inside the band.
-pub fn table_bits(vals: &[f64], key: [u32; 3], d: &Dropout, t: &RankTable) -> Vec<u64> {
+pub fn table_bits<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout, t: &RankTable) -> Vec<u64> {
     const STEP: usize = 4096; // a multiple of 64: words never straddle steps
     let mut bits = vec![0u64; vals.len().div_ceil(64)];
     let plain = d.della_eps == 0.0 || t.nan;
@@ -379,7 +371,7 @@ impl Node {
 
 impl RankTable {
     /// The table of one tensor's values (one model's points), for a DELLA weight `della_eps`.
-    pub fn build(vals: &[f64], della_eps: f64) -> RankTable {
+    pub fn build<T: Real>(vals: &[T], della_eps: f64) -> RankTable {
         let n = vals.len();
         let q = ((1.8 * TOL * n as f64 / della_eps.abs().max(1e-300)).floor() as u64).max(1);
         // A power of two: the sampling test is a mask.
@@ -392,7 +384,7 @@ impl RankTable {
             samples: Vec::new(),
             spans: Vec::new(),
         };
-        let key = |v: f64| v.abs().to_bits();
+        let key = |v: T| v.rank_key();
         // Zero (common: untouched weights) gets a bucket of its own, so the others span only the
         // range of the non-zero magnitudes.
         let (mut kmin, mut kmax, mut nan) = (u64::MAX, 0u64, false);
@@ -598,8 +590,8 @@ impl RankTable {
     }
 
     /// The estimated ordinal rank (1..n) of element `j`, whose value is `v`.
-    pub fn rank(&self, v: f64, j: u64) -> f64 {
-        let k = v.abs().to_bits();
+    pub fn rank<T: Real>(&self, v: T, j: u64) -> f64 {
+        let k = v.rank_key();
         let mut node = &self.nodes[0];
         let mut r = 0.0;
         loop {

@@ -373,8 +373,8 @@ pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Pro
         layout.inputs.iter().for_each(|f| f.advise_sequential());
     }
     for t in &layout.tensors {
-        if let Kind::Expr { sources, expr } = &t.kind {
-            bytes_read += pool.install(|| crate::robust::run_expr(layout, t, sources, expr, opts.io, &writer, progress))?;
+        if let Kind::Expr { sources, expr, via } = &t.kind {
+            bytes_read += pool.install(|| crate::robust::run_expr(layout, t, sources, expr, *via, opts.io, &writer, progress))?;
         }
     }
     // A read through the map past the end of an input truncated meanwhile got zeros: refuse to
@@ -442,6 +442,7 @@ mod tests {
                 })
                 .collect(),
             accumulate: Accumulate::F32,
+            precision: Accumulate::F64,
             metadata: Default::default(),
         }
     }
@@ -609,6 +610,7 @@ mod tests {
                 },
             ],
             accumulate: Accumulate::F32,
+            precision: Accumulate::F64,
             metadata: Default::default(),
         };
         let out = d.path().join("o.safetensors");

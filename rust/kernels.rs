@@ -459,6 +459,35 @@ pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
     }
 }
 
+/// Sets `acc[i] = f32(src[i])` (exact, except an f64 source, which is rounded to nearest): the
+/// robust merges' f32 precision. F16 goes through `half`'s slice conversion (F16C where present).
+pub fn load_f32_slice(acc: &mut [f32], src: &[u8], dtype: Dtype) {
+    assert_eq!(
+        src.len(),
+        acc.len() * dtype.size(),
+        "load_f32_slice: source length does not match"
+    );
+    match dtype {
+        Dtype::F16 => {
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            // Inputs may start at any byte: copy the bits into an aligned buffer, in pieces.
+            let mut bits = [0u16; 4096];
+            for (a, c) in acc.chunks_mut(4096).zip(src.chunks(8192)) {
+                let b = &mut bits[..a.len()];
+                b.iter_mut()
+                    .zip(c.chunks_exact(2))
+                    .for_each(|(x, y)| *x = u16::from_le_bytes([y[0], y[1]]));
+                b.reinterpret_cast::<half::f16>().convert_to_f32_slice(a);
+            }
+        }
+        Dtype::F32 => acc
+            .iter_mut()
+            .zip(src.chunks_exact(4))
+            .for_each(|(a, c)| *a = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        _ => load(acc, src, dtype),
+    }
+}
+
 /// `x` rounded to f32 with round-to-odd: exact values stay, inexact ones become the truncation
 /// toward zero with its lowest bit set. Rounding that to a format at least two bits narrower
 /// (f16) with round-to-nearest-even gives the correctly rounded result of `x` (no double rounding).

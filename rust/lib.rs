@@ -18,6 +18,7 @@ pub mod header;
 pub mod iso;
 pub mod kernels;
 pub mod plan;
+pub mod real;
 pub mod robust;
 pub mod writer;
 

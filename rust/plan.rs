@@ -59,7 +59,8 @@ pub enum Op {
         /// `None`: uniform.
         weights: Option<Vec<f64>>,
     },
-    /// A robust merge expression over `sources` (see [`crate::robust`]), computed in f64.
+    /// A robust merge expression over `sources` (see [`crate::robust`]), computed in the plan's
+    /// `precision`.
     Expr {
         /// The inputs the expression reads.
         sources: Vec<Source>,
@@ -107,6 +108,8 @@ pub struct Plan {
     pub outputs: Vec<OutputTensor>,
     /// Working precision of means.
     pub accumulate: Accumulate,
+    /// Working precision of robust merge expressions (f64 unless asked).
+    pub precision: Accumulate,
     /// The output's `__metadata__`.
     pub metadata: BTreeMap<String, String>,
 }
@@ -145,12 +148,14 @@ pub enum Kind {
     },
     /// Bytes carried by the plan.
     Constant(Bytes),
-    /// A robust merge expression, computed in f64 and rounded once.
+    /// A robust merge expression, computed in `via` and rounded once.
     Expr {
         /// The sources, as the expression numbers them.
         sources: Vec<SrcRef>,
         /// The expression.
         expr: Arc<Expr>,
+        /// Working precision.
+        via: Accumulate,
     },
 }
 
@@ -252,6 +257,7 @@ fn decide(
     refs: Vec<SrcRef>,
     shape: Option<(Vec<usize>, usize)>,
     accumulate: Accumulate,
+    precision: Accumulate,
 ) -> Result<(Kind, Vec<usize>, Dtype)> {
     let mismatch = |reason: String| Error::Mismatch {
         tensor: o.name.clone(),
@@ -279,6 +285,7 @@ fn decide(
                 Op::Expr { expr, .. } => Kind::Expr {
                     sources: refs,
                     expr: expr.clone(),
+                    via: precision,
                 },
                 _ if !converting => Kind::Copy(first),
                 // f32 holds every value of the other float types exactly, so only f64 on
@@ -505,7 +512,7 @@ impl Resolver {
                 .into_iter()
                 .collect::<Option<_>>()
                 .ok_or_else(|| Error::Plan(format!("'{}' reads an input that was never opened", o.name)))?;
-            let (kind, shape, dtype) = decide(o, refs, shape, accumulate)?;
+            let (kind, shape, dtype) = decide(o, refs, shape, accumulate, self.plan.precision)?;
             let numel = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
             let out_len = numel
                 .and_then(|n| dtype.byte_len(n))
@@ -624,6 +631,7 @@ mod tests {
         Plan {
             outputs,
             accumulate: Accumulate::F32,
+            precision: Accumulate::F64,
             metadata: Default::default(),
         }
     }

@@ -170,8 +170,15 @@ impl AsRef<[u8]> for Lent {
 /// weights|None, data|None, shape|None)` with op `copy`, `cast`, `mean` or `constant` (see
 /// `astolfomix_rs.core.plan.Output.as_core`). Key names are interned: a merge of N models names
 /// each key N times, and this keeps one copy.
-fn plan_from_py(outputs: &Bound<'_, PyList>, accumulate: &str, metadata: BTreeMap<String, String>) -> PyResult<Plan> {
+fn plan_from_py(
+    outputs: &Bound<'_, PyList>,
+    accumulate: &str,
+    precision: &str,
+    metadata: BTreeMap<String, String>,
+) -> PyResult<Plan> {
     let accumulate = parse_accumulate(accumulate)?;
+    let precision =
+        parse_accumulate(precision).map_err(|_| plan_err(format!("precision must be 'f32' or 'f64', not '{precision}'")))?;
     let mut names: HashMap<String, Arc<str>> = HashMap::new();
     let outputs = outputs
         .iter()
@@ -180,6 +187,7 @@ fn plan_from_py(outputs: &Bound<'_, PyList>, accumulate: &str, metadata: BTreeMa
     Ok(Plan {
         outputs,
         accumulate,
+        precision,
         metadata,
     })
 }
@@ -371,9 +379,9 @@ struct PyResolver(Mutex<Option<Resolver>>);
 #[pymethods]
 impl PyResolver {
     #[new]
-    #[pyo3(signature = (outputs, n_inputs, *, accumulate="f32"))]
-    fn new(outputs: &Bound<'_, PyList>, n_inputs: usize, accumulate: &str) -> PyResult<Self> {
-        let plan = plan_from_py(outputs, accumulate, BTreeMap::new())?;
+    #[pyo3(signature = (outputs, n_inputs, *, accumulate="f32", precision="f64"))]
+    fn new(outputs: &Bound<'_, PyList>, n_inputs: usize, accumulate: &str, precision: &str) -> PyResult<Self> {
+        let plan = plan_from_py(outputs, accumulate, precision, BTreeMap::new())?;
         Resolver::new(plan, n_inputs)
             .map(|r| PyResolver(Mutex::new(Some(r))))
             .map_err(to_py)
@@ -442,7 +450,7 @@ impl PyLayout {
 
     /// `[(name, dtype, shape, numel, out_offset, out_len, op, [(input, dtype, offset)], weights,
     /// via)]`: op is `copy` (the stored bytes), `cast`, `mean` or `constant` (see `constant(i)`);
-    /// via is the working precision (`f32`/`f64`) of casts and means.
+    /// via is the working precision (`f32`/`f64`) of casts, means and robust expressions.
     #[allow(clippy::type_complexity)]
     fn tensors(
         &self,
@@ -465,7 +473,7 @@ impl PyLayout {
                 let srcs = t.kind.sources().iter().map(|r| (r.input, r.dtype.name(), r.offset)).collect();
                 let (weights, via) = match &t.kind {
                     Kind::Mean { weights, via, .. } => (weights.clone(), Some(via.name())),
-                    Kind::Cast { via, .. } => (None, Some(via.name())),
+                    Kind::Cast { via, .. } | Kind::Expr { via, .. } => (None, Some(via.name())),
                     _ => (None, None),
                 };
                 (
@@ -820,11 +828,18 @@ fn robust_weiszfeld(gram: Vec<f64>, eps: f64, maxiter: usize, ftol: f64) -> PyRe
     Ok(crate::robust::weiszfeld(&gram, n, Median { eps, maxiter, ftol }))
 }
 
-/// The whole-tensor model stock factor from an n x n Gram matrix (row-major).
+/// The whole-tensor model stock factor from an n x n Gram matrix (row-major) summed from
+/// products in `precision`.
 #[pyfunction]
-fn robust_whole_stock(gram: Vec<f64>, cos_eps: f64) -> PyResult<f64> {
+#[pyo3(signature = (gram, cos_eps, precision="f64"))]
+fn robust_whole_stock(gram: Vec<f64>, cos_eps: f64, precision: &str) -> PyResult<f64> {
+    use crate::real::Real;
     let n = gram_side(&gram)?;
-    Ok(crate::robust::whole_stock(&gram, n, cos_eps))
+    let singular = match parse_accumulate(precision)? {
+        Accumulate::F64 => f64::SINGULAR,
+        Accumulate::F32 => f32::SINGULAR,
+    };
+    Ok(crate::robust::whole_stock(&gram, n, cos_eps, singular))
 }
 
 /// A DELLA rank table of one tensor of one point (`rust/dropout.rs`), for the torch path.

@@ -11,7 +11,8 @@
 //! engine's chunk option and of the thread count; each block's Gram partial is summed in block
 //! order. So every thread count and chunk size gives the same bits.
 //!
-//! Numbers: everything in f64. A robust term whose value is NaN or infinite at an element
+//! Numbers: the element-wise loops run in the plan's precision (f64 by default, f32 on request;
+//! see [`crate::real`]); Gram sums across blocks, Weiszfeld and the stock factors in f64. A robust term whose value is NaN or infinite at an element
 //! contributes 0 there (sd-mecha's `nan_to_num` for its TIES methods). Model stock rows where
 //! `|1 + (N-1) c| < 1e-9` get `t = 0` (sd-mecha divides by zero there); with one point, `t = 1`.
 //! A Gram matrix that is not finite (NaN/Inf inputs) gives the uniform mean's weights.
@@ -23,7 +24,8 @@ use crate::engine::{read_source, Io, Progress};
 use crate::error::{Error, Result};
 use crate::iso::Iso;
 use crate::kernels;
-use crate::plan::{Layout, Resolved, SrcRef};
+use crate::plan::{Accumulate, Layout, Resolved, SrcRef};
+use crate::real::Real;
 use crate::writer::Writer;
 
 /// Values per block, all points together: a block's points then stay in the L2 cache across the
@@ -248,26 +250,29 @@ impl Expr {
 }
 
 /// What a robust term needs before the output pass.
-struct Prepared {
+struct Prepared<T> {
     /// Per point: its mask stream, and (DELLA, tensor-wide ranks) its whole mask as bits, drawn
     /// once in the statistics pass where the rank table is at hand.
     streams: Vec<[u32; 3]>,
     bits: Vec<Vec<u64>>,
     /// Per point: keep |p| >= thr (TIES with k < 1).
-    thresholds: Option<Vec<f64>>,
-    /// Median weights (unnormalised), or the whole-tensor model stock factor in `stock`.
-    weights: Option<Vec<f64>>,
-    stock: Option<f64>,
+    thresholds: Option<Vec<T>>,
+    /// Median weights (unnormalised, computed in f64), or the whole-tensor model stock factor
+    /// in `stock`.
+    weights: Option<Vec<T>>,
+    stock: Option<T>,
 }
 
-/// Runs one expression tensor: each isotropic term's inner expression into a whole tensor (its
-/// own passes, then the SVD step), the statistics passes the robust terms need, then the output
-/// pass. Returns the input bytes read.
+/// Runs one expression tensor in the working precision `via`: each isotropic term's inner
+/// expression into a whole tensor (its own passes, then the SVD step), the statistics passes the
+/// robust terms need, then the output pass. Returns the input bytes read.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_expr(
     layout: &Layout,
     t: &Resolved,
     sources: &[SrcRef],
     expr: &Expr,
+    via: Accumulate,
     io: Io,
     writer: &Writer,
     progress: &Progress,
@@ -281,47 +286,53 @@ pub(crate) fn run_expr(
         key: &t.name,
         row,
     };
+    match via {
+        Accumulate::F64 => run_expr_in::<f64>(&ctx, t, expr, writer),
+        Accumulate::F32 => run_expr_in::<f32>(&ctx, t, expr, writer),
+    }
+}
+
+fn run_expr_in<T: Work>(ctx: &Ctx<'_>, t: &Resolved, expr: &Expr, writer: &Writer) -> Result<u64> {
     let mut read = 0u64;
-    let mut iso_vals = Vec::with_capacity(expr.iso.len());
+    let mut iso_vals: Vec<Vec<T>> = Vec::with_capacity(expr.iso.len());
     for term in &expr.iso {
-        let mut buf = vec![0f64; t.numel];
-        let blocks = blocks_of(&term.inner, t.numel, row);
-        let (prepared, n) = prepare_all(&ctx, &term.inner, &blocks, t.numel)?;
+        let mut buf = vec![T::ZERO; t.numel];
+        let blocks = blocks_of(&term.inner, t.numel, ctx.row);
+        let (prepared, n) = prepare_all::<T>(ctx, &term.inner, &blocks, t.numel)?;
         read += n;
         let block = blocks.first().map_or(1, |b| b.1 - b.0).max(1);
         let parts: Vec<u64> = buf
             .par_chunks_mut(block)
             .zip(blocks.par_iter())
             .map(|(dst, &(s, e))| {
-                with_scratch(|sc| -> Result<u64> {
-                    let n = block_value(&ctx, &term.inner, &prepared, &[], s, e, sc)?;
+                T::with_scratch(|sc| -> Result<u64> {
+                    let n = block_value(ctx, &term.inner, &prepared, &[], s, e, sc)?;
                     dst.copy_from_slice(&sc.acc);
                     Ok(n)
                 })
             })
             .collect::<Result<_>>()?;
         read += parts.iter().sum::<u64>();
-        term.iso.apply(&mut buf, &t.shape).map_err(|reason| Error::Mismatch {
+        // The SVD step runs in f64 whatever the precision.
+        let mut whole: Vec<f64> = buf.iter().map(|v| v.to_f64()).collect();
+        drop(buf);
+        term.iso.apply(&mut whole, &t.shape).map_err(|reason| Error::Mismatch {
             tensor: t.name.clone(),
             reason,
         })?;
-        iso_vals.push(buf);
+        iso_vals.push(whole.into_iter().map(T::from_f64).collect());
     }
-    let blocks = blocks_of(expr, t.numel, row);
-    let (prepared, n) = prepare_all(&ctx, expr, &blocks, t.numel)?;
+    let blocks = blocks_of(expr, t.numel, ctx.row);
+    let (prepared, n) = prepare_all::<T>(ctx, expr, &blocks, t.numel)?;
     read += n;
     let osz = t.dtype.size();
     let out_read: Vec<u64> = blocks
         .par_iter()
         .map(|&(s, e)| -> Result<u64> {
-            with_scratch(|sc| {
-                let n = block_value(&ctx, expr, &prepared, &iso_vals, s, e, sc)?;
+            T::with_scratch(|sc| {
+                let n = block_value(ctx, expr, &prepared, &iso_vals, s, e, sc)?;
                 sc.out.resize((e - s) * osz, 0);
-                if t.dtype == crate::dtype::Dtype::F16 {
-                    kernels::finish_f64_to_f16(&sc.acc, &mut sc.out);
-                } else {
-                    kernels::finish_f64(&sc.acc, None, &mut sc.out, t.dtype);
-                }
+                T::finish(&mut sc.acc, &mut sc.out, t.dtype);
                 writer.write_at((t.out_offset + s * osz) as u64, &sc.out)?;
                 Ok(n)
             })
@@ -339,7 +350,7 @@ fn blocks_of(expr: &Expr, numel: usize, row: usize) -> Vec<(usize, usize)> {
 }
 
 /// The statistics passes of every robust term of `expr`.
-fn prepare_all(ctx: &Ctx<'_>, expr: &Expr, blocks: &[(usize, usize)], numel: usize) -> Result<(Vec<Prepared>, u64)> {
+fn prepare_all<T: Work>(ctx: &Ctx<'_>, expr: &Expr, blocks: &[(usize, usize)], numel: usize) -> Result<(Vec<Prepared<T>>, u64)> {
     let mut read = 0u64;
     let mut prepared = Vec::with_capacity(expr.robust.len());
     for (_, r) in &expr.robust {
@@ -352,57 +363,65 @@ fn prepare_all(ctx: &Ctx<'_>, expr: &Expr, blocks: &[(usize, usize)], numel: usi
 
 /// The expression's value at elements `[s, e)` (isotropic terms read from their whole tensors),
 /// into `sc.acc`. Returns the bytes read.
-fn block_value(
+fn block_value<T: Work>(
     ctx: &Ctx<'_>,
     expr: &Expr,
-    prepared: &[Prepared],
-    iso_vals: &[Vec<f64>],
+    prepared: &[Prepared<T>],
+    iso_vals: &[Vec<T>],
     s: usize,
     e: usize,
-    sc: &mut Scratch,
+    sc: &mut Scratch<T>,
 ) -> Result<u64> {
     ctx.check_cancel()?;
     let n = ctx.load(s, e, sc)?;
     let len = e - s;
     let mut acc = std::mem::take(&mut sc.acc);
     acc.clear();
-    acc.resize(len, 0.0);
+    acc.resize(len, T::ZERO);
     for &(j, c) in &expr.linear {
-        acc.iter_mut().zip(&sc.x[j]).for_each(|(a, v)| *a += c * v);
+        let c = T::from_f64(c);
+        acc.iter_mut().zip(&sc.x[j]).for_each(|(a, &v)| *a += c * v);
     }
     for ((a, r), p) in expr.robust.iter().zip(prepared) {
         evaluate(r, p, s, len, ctx.row, sc);
-        acc.iter_mut().zip(sc.vals.iter()).for_each(|(o, v)| *o += a * v);
+        let a = T::from_f64(*a);
+        acc.iter_mut().zip(sc.vals.iter()).for_each(|(o, &v)| *o += a * v);
     }
     for (term, vals) in expr.iso.iter().zip(iso_vals) {
-        acc.iter_mut().zip(&vals[s..e]).for_each(|(o, v)| *o += term.coef * v);
+        let c = T::from_f64(term.coef);
+        acc.iter_mut().zip(&vals[s..e]).for_each(|(o, &v)| *o += c * v);
     }
     sc.acc = acc;
     Ok(n)
 }
 
 /// Per-thread buffers, reused across blocks (fresh 512 KB vectors per block cost page faults).
-#[derive(Default)]
-struct Scratch {
-    x: Vec<Vec<f64>>,
+struct Scratch<T> {
+    x: Vec<Vec<T>>,
     buf: Vec<u8>,
-    pts: Vec<f64>,
-    count: Vec<f64>,
-    vals: Vec<f64>,
-    mask: Vec<f64>,
-    acc: Vec<f64>,
+    pts: Vec<T>,
+    count: Vec<T>,
+    vals: Vec<T>,
+    mask: Vec<T>,
+    acc: Vec<T>,
     out: Vec<u8>,
-    votes: Votes,
+    votes: Votes<T>,
 }
 
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
-
-/// Runs `f` with this thread's scratch buffers: kept for the thread's life, because freeing and
-/// re-allocating them per block made glibc return and re-fault the pages (a third of the time).
-fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
-    SCRATCH.with(|sc| f(&mut sc.borrow_mut()))
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            x: Vec::new(),
+            buf: Vec::new(),
+            pts: Vec::new(),
+            count: Vec::new(),
+            vals: Vec::new(),
+            mask: Vec::new(),
+            acc: Vec::new(),
+            out: Vec::new(),
+            votes: Votes::default(),
+        }
+    }
 }
 
 struct Ctx<'a> {
@@ -424,20 +443,25 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Elements `[s, e)` of every source, as f64, into `sc.x`; returns the bytes read.
-    fn load(&self, s: usize, e: usize, sc: &mut Scratch) -> Result<u64> {
+    /// Elements `[s, e)` of every source, in the working precision, into `sc.x`; returns the
+    /// bytes read.
+    fn load<T: Real>(&self, s: usize, e: usize, sc: &mut Scratch<T>) -> Result<u64> {
         self.load_some(0..self.sources.len(), s, e, sc)
     }
 
     /// Elements `[s, e)` of the sources `which` names, in that order, into `sc.x`.
-    fn load_some(&self, which: impl ExactSizeIterator<Item = usize>, s: usize, e: usize, sc: &mut Scratch) -> Result<u64> {
+    fn load_some<T: Real>(
+        &self,
+        which: impl ExactSizeIterator<Item = usize>,
+        s: usize,
+        e: usize,
+        sc: &mut Scratch<T>,
+    ) -> Result<u64> {
         let mut n = 0u64;
         sc.x.resize_with(which.len(), Vec::new);
         for (r, v) in which.map(|j| &self.sources[j]).zip(sc.x.iter_mut()) {
-            v.resize(e - s, 0.0);
-            n += read_source(self.layout, r, s, e, self.io, &mut sc.buf, |bytes| {
-                kernels::load_f64_slice(v, bytes, r.dtype)
-            })?;
+            v.resize(e - s, T::ZERO);
+            n += read_source(self.layout, r, s, e, self.io, &mut sc.buf, |bytes| T::load(v, bytes, r.dtype))?;
         }
         self.progress.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         Ok(n)
@@ -447,23 +471,25 @@ impl Ctx<'_> {
 /// All points of a block, point-major (`pts[i * len + e]`): every element-wise step below is a
 /// loop over contiguous elements that the compiler vectorizes. The sum per point is in term order.
 #[inline(always)]
-fn points_impl(r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>) {
+fn points_impl<T: Work>(r: &Robust, x: &[Vec<T>], len: usize, pts: &mut Vec<T>) {
     let n = r.points.len();
-    pts.resize(len * n, 0.0);
+    pts.resize(len * n, T::ZERO);
     pts.truncate(len * n);
     for (terms, p) in r.points.iter().zip(pts.chunks_exact_mut(len.max(1))) {
         match terms.as_slice() {
             // The common shape, a delta `m - b`: one pass, the same bits as the general loop.
             [(a, ca), (b, cb)] => {
                 let (xa, xb) = (&x[*a][..len], &x[*b][..len]);
-                for ((o, va), vb) in p.iter_mut().zip(xa).zip(xb) {
-                    *o = 0.0 + ca * va + cb * vb;
+                let (ca, cb) = (T::from_f64(*ca), T::from_f64(*cb));
+                for ((o, &va), &vb) in p.iter_mut().zip(xa).zip(xb) {
+                    *o = T::ZERO + ca * va + cb * vb;
                 }
             }
             _ => {
-                p.iter_mut().for_each(|v| *v = 0.0);
+                p.iter_mut().for_each(|v| *v = T::ZERO);
                 for &(j, c) in terms {
-                    p.iter_mut().zip(&x[j][..len]).for_each(|(o, v)| *o += c * v);
+                    let c = T::from_f64(c);
+                    p.iter_mut().zip(&x[j][..len]).for_each(|(o, &v)| *o += c * v);
                 }
             }
         }
@@ -482,11 +508,11 @@ macro_rules! dispatch {
     ($name:ident, $avx:ident, $imp:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
-        fn $avx($($arg: $ty),*) {
+        fn $avx<T: Work>($($arg: $ty),*) {
             $imp($($arg),*)
         }
 
-        fn $name($($arg: $ty),*) {
+        fn $name<T: Work>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             if avx2() {
                 // SAFETY: AVX2 was detected on this CPU.
@@ -497,27 +523,38 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(points, points_avx2, points_impl, (r: &Robust, x: &[Vec<f64>], len: usize, pts: &mut Vec<f64>));
-dispatch!(ties_filter, ties_filter_avx2, ties_filter_impl, (pts: &mut [f64], len: usize, ties: Ties, thr: Option<&[f64]>, want_count: bool, count: &mut Vec<f64>, v: &mut Votes));
-dispatch!(ties_vote, ties_vote_avx2, ties_vote_impl, (pts: &mut [f64], len: usize, ties: Ties, thr: Option<&[f64]>, v: &mut Votes));
-dispatch!(weighted_sum, weighted_sum_avx2, weighted_sum_impl, (pts: &[f64], len: usize, w: Option<&[f64]>, vals: &mut Vec<f64>));
+dispatch!(points, points_avx2, points_impl, (r: &Robust, x: &[Vec<T>], len: usize, pts: &mut Vec<T>));
+dispatch!(ties_filter, ties_filter_avx2, ties_filter_impl, (pts: &mut [T], len: usize, ties: Ties, thr: Option<&[T]>, want_count: bool, count: &mut Vec<T>, v: &mut Votes<T>));
+dispatch!(ties_vote, ties_vote_avx2, ties_vote_impl, (pts: &mut [T], len: usize, ties: Ties, thr: Option<&[T]>, v: &mut Votes<T>));
+dispatch!(weighted_sum, weighted_sum_avx2, weighted_sum_impl, (pts: &[T], len: usize, w: Option<&[T]>, vals: &mut Vec<T>));
 
 /// Per-element vote buffers for [`ties_filter`].
-#[derive(Default)]
-struct Votes {
-    vote: Vec<f64>,
-    bad: Vec<f64>,
+struct Votes<T> {
+    vote: Vec<T>,
+    bad: Vec<T>,
+}
+
+impl<T> Default for Votes<T> {
+    fn default() -> Self {
+        Votes {
+            vote: Vec::new(),
+            bad: Vec::new(),
+        }
+    }
 }
 
 #[inline(always)]
-fn isign(x: f64) -> f64 {
+fn isign<T: Real>(x: T) -> T {
     // Selects, not integer casts: they compile to compare-and-mask vector code.
-    (if x > 0.0 { 1.0 } else { 0.0 }) - (if x < 0.0 { 1.0 } else { 0.0 })
+    (if x > T::ZERO { T::ONE } else { T::ZERO }) - (if x < T::ZERO { T::ONE } else { T::ZERO })
 }
 
 /// The elected sign of an element that agrees with nothing (a NaN point or a NaN mass vote):
 /// no `isign` equals it.
-const NO_SIGN: f64 = 2.0;
+#[inline(always)]
+fn no_sign<T: Real>() -> T {
+    T::ONE + T::ONE
+}
 
 /// TIES on point-major points, in place: trim (|d| below the point's threshold becomes 0, NaN
 /// too), elect the sign (count or mass; sign(0) = 0), zero the points that disagree. A NaN point or
@@ -525,36 +562,36 @@ const NO_SIGN: f64 = 2.0;
 /// agreeing points per element (only the TIES means divide by it).
 /// Branch-free: signs are random, and mispredicted branches dominated this step.
 #[inline(always)]
-fn ties_filter_impl(
-    pts: &mut [f64],
+fn ties_filter_impl<T: Work>(
+    pts: &mut [T],
     len: usize,
     ties: Ties,
-    thr: Option<&[f64]>,
+    thr: Option<&[T]>,
     want_count: bool,
-    count: &mut Vec<f64>,
-    v: &mut Votes,
+    count: &mut Vec<T>,
+    v: &mut Votes<T>,
 ) {
     ties_vote_impl(pts, len, ties, thr, v);
     if want_count {
         count.clear();
-        count.resize(len, 0.0);
+        count.resize(len, T::ZERO);
     }
     for p in pts.chunks_exact_mut(len.max(1)) {
-        keep_agreeing(p, &v.vote, want_count.then_some(&mut count[..]), None);
+        T::keep_agreeing(p, &v.vote, want_count.then_some(&mut count[..]), None);
     }
 }
 
 /// TIES trim (in place) and sign election into `v.vote`: per element the elected sign, or
 /// [`NO_SIGN`] where nothing agrees.
 #[inline(always)]
-fn ties_vote_impl(pts: &mut [f64], len: usize, ties: Ties, thr: Option<&[f64]>, v: &mut Votes) {
+fn ties_vote_impl<T: Work>(pts: &mut [T], len: usize, ties: Ties, thr: Option<&[T]>, v: &mut Votes<T>) {
     if let Some(thr) = thr {
         for (p, &t) in pts.chunks_exact_mut(len.max(1)).zip(thr) {
-            p.iter_mut().for_each(|d| *d = if d.abs() >= t { *d } else { 0.0 });
+            p.iter_mut().for_each(|d| *d = if d.abs() >= t { *d } else { T::ZERO });
         }
     }
     v.vote.clear();
-    v.vote.resize(len, 0.0);
+    v.vote.resize(len, T::ZERO);
     // Loops over contiguous elements with no branches, so they vectorize. A mass vote is NaN when
     // any point is; a count vote needs its own NaN tally.
     if ties.vote_mass {
@@ -563,20 +600,20 @@ fn ties_vote_impl(pts: &mut [f64], len: usize, ties: Ties, thr: Option<&[f64]>, 
         }
         v.vote
             .iter_mut()
-            .for_each(|s| *s = if s.is_nan() { NO_SIGN } else { isign(*s) });
+            .for_each(|s| *s = if s.is_nan() { no_sign() } else { isign(*s) });
     } else {
         v.bad.clear();
-        v.bad.resize(len, 0.0);
+        v.bad.resize(len, T::ZERO);
         for p in pts.chunks_exact(len.max(1)) {
             v.vote.iter_mut().zip(v.bad.iter_mut()).zip(p).for_each(|((vote, bad), &d)| {
                 *vote += isign(d);
-                *bad += if d.is_nan() { 1.0 } else { 0.0 };
+                *bad += if d.is_nan() { T::ONE } else { T::ZERO };
             });
         }
         v.vote
             .iter_mut()
             .zip(&v.bad)
-            .for_each(|(s, &bad)| *s = if bad != 0.0 { NO_SIGN } else { isign(*s) });
+            .for_each(|(s, &bad)| *s = if bad != T::ZERO { no_sign() } else { isign(*s) });
     }
 }
 
@@ -584,13 +621,13 @@ fn ties_vote_impl(pts: &mut [f64], len: usize, ties: Ties, thr: Option<&[f64]>, 
 /// -0.0 stays), written back to `p`, or with `sum = (w, vals)` added as `vals += d * w` instead
 /// (`p` untouched: the output pass needs no filtered copy). With `count`, adds 1 per kept element.
 #[inline(always)]
-fn keep_agreeing_portable(p: &mut [f64], s: &[f64], mut count: Option<&mut [f64]>, mut sum: Option<(f64, &mut [f64])>) {
+fn keep_agreeing_portable<T: Real>(p: &mut [T], s: &[T], mut count: Option<&mut [T]>, mut sum: Option<(T, &mut [T])>) {
     for (e, (d, &s)) in p.iter_mut().zip(s).enumerate() {
         let keep = isign(*d) == s;
         if let Some(c) = count.as_deref_mut() {
-            c[e] += if keep { 1.0 } else { 0.0 };
+            c[e] += if keep { T::ONE } else { T::ZERO };
         }
-        let kept = if keep { *d } else { 0.0 };
+        let kept = if keep { *d } else { T::ZERO };
         match sum.as_mut() {
             Some((w, vals)) => vals[e] += kept * *w,
             None => *d = kept,
@@ -598,92 +635,176 @@ fn keep_agreeing_portable(p: &mut [f64], s: &[f64], mut count: Option<&mut [f64]
     }
 }
 
-/// [`keep_agreeing_portable`] with AVX2 where present. Written with intrinsics because the
-/// compiler turns the in-place select into masked stores (`vmaskmovpd`), which are microcoded on
-/// AMD and took half of this step's time; the same compare-and-mask gives the same bits.
-fn keep_agreeing(p: &mut [f64], s: &[f64], count: Option<&mut [f64]>, sum: Option<(f64, &mut [f64])>) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: AVX2 was detected on this CPU.
-        return unsafe { keep_agreeing_avx2(p, s, count, sum) };
+/// The working precision of the loops here: [`Real`] plus this thread's scratch buffers and the
+/// agreeing step.
+trait Work: Real {
+    /// Runs `f` with this thread's scratch buffers of this precision: kept for the thread's life,
+    /// because freeing and re-allocating them per block made glibc return and re-fault the pages
+    /// (a third of the time).
+    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<Self>) -> R) -> R;
+
+    /// [`keep_agreeing_portable`] with AVX2 where present. Written with intrinsics because the
+    /// compiler turns the in-place select into masked stores (`vmaskmovpd`), which are microcoded
+    /// on AMD and took half of this step's time; the same compare-and-mask gives the same bits.
+    fn keep_agreeing(p: &mut [Self], s: &[Self], count: Option<&mut [Self]>, sum: Option<(Self, &mut [Self])>);
+}
+
+thread_local! {
+    static SCRATCH64: std::cell::RefCell<Scratch<f64>> = std::cell::RefCell::new(Scratch::default());
+    static SCRATCH32: std::cell::RefCell<Scratch<f32>> = std::cell::RefCell::new(Scratch::default());
+}
+
+impl Work for f64 {
+    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<f64>) -> R) -> R {
+        SCRATCH64.with(|sc| f(&mut sc.borrow_mut()))
     }
-    keep_agreeing_portable(p, s, count, sum)
+
+    fn keep_agreeing(p: &mut [f64], s: &[f64], count: Option<&mut [f64]>, sum: Option<(f64, &mut [f64])>) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: AVX2 was detected on this CPU.
+            return unsafe { x86::keep_agreeing_f64(p, s, count, sum) };
+        }
+        keep_agreeing_portable(p, s, count, sum)
+    }
+}
+
+impl Work for f32 {
+    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<f32>) -> R) -> R {
+        SCRATCH32.with(|sc| f(&mut sc.borrow_mut()))
+    }
+
+    fn keep_agreeing(p: &mut [f32], s: &[f32], count: Option<&mut [f32]>, sum: Option<(f32, &mut [f32])>) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: AVX2 was detected on this CPU.
+            return unsafe { x86::keep_agreeing_f32(p, s, count, sum) };
+        }
+        keep_agreeing_portable(p, s, count, sum)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn keep_agreeing_avx2(p: &mut [f64], s: &[f64], mut count: Option<&mut [f64]>, mut sum: Option<(f64, &mut [f64])>) {
+mod x86 {
     use std::arch::x86_64::*;
-    let n = p.len().min(s.len()).min(count.as_deref().map_or(usize::MAX, |c| c.len()));
-    let n = n.min(sum.as_ref().map_or(usize::MAX, |(_, v)| v.len()));
-    let w = _mm256_set1_pd(sum.as_ref().map_or(1.0, |(w, _)| *w));
-    let full = n / 4 * 4;
-    let (one, zero) = (_mm256_set1_pd(1.0), _mm256_setzero_pd());
-    for i in (0..full).step_by(4) {
-        // SAFETY: i + 4 <= n, and n is within every slice read or written.
-        unsafe {
-            let d = _mm256_loadu_pd(p.as_ptr().add(i));
-            let sv = _mm256_loadu_pd(s.as_ptr().add(i));
-            let pos = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(d, zero), one);
-            let neg = _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(d, zero), one);
-            let keep = _mm256_cmp_pd::<_CMP_EQ_OQ>(_mm256_sub_pd(pos, neg), sv);
-            let kept = _mm256_and_pd(d, keep);
-            match sum.as_mut() {
-                Some((_, vals)) => {
-                    let vp = vals.as_mut_ptr().add(i);
-                    _mm256_storeu_pd(vp, _mm256_add_pd(_mm256_loadu_pd(vp), _mm256_mul_pd(kept, w)));
+
+    use super::keep_agreeing_portable;
+
+    /// One AVX2 agreeing step per lane width: `$w` lanes of `$t`.
+    macro_rules! keep_agreeing_avx2 {
+        ($name:ident, $t:ty, $w:expr, $set1:ident, $zero:ident, $load:ident, $store:ident, $and:ident, $cmp:ident, $sub:ident, $add:ident, $mul:ident) => {
+            #[target_feature(enable = "avx2")]
+            pub(super) fn $name(p: &mut [$t], s: &[$t], mut count: Option<&mut [$t]>, mut sum: Option<($t, &mut [$t])>) {
+                let n = p
+                    .len()
+                    .min(s.len())
+                    .min(count.as_deref().map_or(usize::MAX, |c| c.len()));
+                let n = n.min(sum.as_ref().map_or(usize::MAX, |(_, v)| v.len()));
+                let w = $set1(sum.as_ref().map_or(1.0, |(w, _)| *w));
+                let full = n / $w * $w;
+                let (one, zero) = ($set1(1.0), $zero());
+                for i in (0..full).step_by($w) {
+                    // SAFETY: i + $w <= n, and n is within every slice read or written.
+                    unsafe {
+                        let d = $load(p.as_ptr().add(i));
+                        let sv = $load(s.as_ptr().add(i));
+                        let pos = $and($cmp::<_CMP_GT_OQ>(d, zero), one);
+                        let neg = $and($cmp::<_CMP_LT_OQ>(d, zero), one);
+                        let keep = $cmp::<_CMP_EQ_OQ>($sub(pos, neg), sv);
+                        let kept = $and(d, keep);
+                        match sum.as_mut() {
+                            Some((_, vals)) => {
+                                let vp = vals.as_mut_ptr().add(i);
+                                $store(vp, $add($load(vp), $mul(kept, w)));
+                            }
+                            None => $store(p.as_mut_ptr().add(i), kept),
+                        }
+                        if let Some(c) = count.as_deref_mut() {
+                            let cp = c.as_mut_ptr().add(i);
+                            $store(cp, $add($load(cp), $and(keep, one)));
+                        }
+                    }
                 }
-                None => _mm256_storeu_pd(p.as_mut_ptr().add(i), kept),
+                keep_agreeing_portable(
+                    &mut p[full..n],
+                    &s[full..n],
+                    count.map(|c| &mut c[full..n]),
+                    sum.map(|(w, v)| (w, &mut v[full..n])),
+                );
             }
-            if let Some(c) = count.as_deref_mut() {
-                let cp = c.as_mut_ptr().add(i);
-                _mm256_storeu_pd(cp, _mm256_add_pd(_mm256_loadu_pd(cp), _mm256_and_pd(keep, one)));
-            }
-        }
+        };
     }
-    keep_agreeing_portable(
-        &mut p[full..n],
-        &s[full..n],
-        count.map(|c| &mut c[full..n]),
-        sum.map(|(w, v)| (w, &mut v[full..n])),
+
+    keep_agreeing_avx2!(
+        keep_agreeing_f64,
+        f64,
+        4,
+        _mm256_set1_pd,
+        _mm256_setzero_pd,
+        _mm256_loadu_pd,
+        _mm256_storeu_pd,
+        _mm256_and_pd,
+        _mm256_cmp_pd,
+        _mm256_sub_pd,
+        _mm256_add_pd,
+        _mm256_mul_pd
+    );
+    keep_agreeing_avx2!(
+        keep_agreeing_f32,
+        f32,
+        8,
+        _mm256_set1_ps,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_and_ps,
+        _mm256_cmp_ps,
+        _mm256_sub_ps,
+        _mm256_add_ps,
+        _mm256_mul_ps
     );
 }
 
-fn finite_or_zero(v: f64) -> f64 {
+fn finite_or_zero<T: Real>(v: T) -> T {
     if v.is_finite() {
         v
     } else {
-        0.0
+        T::ZERO
     }
 }
 
-/// Model stock factor per row of point-major points (adjacent pairs, cosines along the row).
-fn stock_rows(pts: &[f64], n: usize, len: usize, row: usize, cos_eps: f64) -> Vec<f64> {
+/// Model stock factor per row of point-major points (adjacent pairs, cosines along the row), in
+/// f64 whatever the precision: the factor is singular where the mean cosine is -1/(N-1) (two
+/// opposite points), and f32 sums would miss the exact singular case.
+fn stock_rows<T: Work>(pts: &[T], n: usize, len: usize, row: usize, cos_eps: f64) -> Vec<T> {
     (0..len / row)
         .map(|k| {
             if n == 1 {
-                return 1.0;
+                return T::ONE;
             }
             let rng = k * row..(k + 1) * row;
             let mut c = 0.0;
             for i in 0..n - 1 {
                 let (a, b) = (&pts[i * len..][rng.clone()], &pts[(i + 1) * len..][rng.clone()]);
                 let (mut dot, mut na, mut nb) = (0.0, 0.0, 0.0);
-                for (x, y) in a.iter().zip(b) {
+                for (&x, &y) in a.iter().zip(b) {
+                    let (x, y) = (x.to_f64(), y.to_f64());
                     dot += x * y;
                     na += x * x;
                     nb += y * y;
                 }
                 c += dot / (na.sqrt().max(cos_eps) * nb.sqrt().max(cos_eps));
             }
-            stock_factor(n, c / (n - 1) as f64)
+            T::from_f64(stock_factor(n, c / (n - 1) as f64, f64::SINGULAR))
         })
         .collect()
 }
 
-fn stock_factor(n: usize, c: f64) -> f64 {
+/// `N c / (1 + (N-1) c)`, or 0 where the denominator is below `singular` (sd-mecha divides by
+/// zero there).
+fn stock_factor(n: usize, c: f64, singular: f64) -> f64 {
     let den = 1.0 + (n as f64 - 1.0) * c;
-    if den.abs() < 1e-9 {
+    if den.abs() < singular {
         0.0
     } else {
         n as f64 * c / den
@@ -692,45 +813,45 @@ fn stock_factor(n: usize, c: f64) -> f64 {
 
 /// `vals[e] = sum_i w_i * pts[i][e]` (w = 1 when None), summed in point order.
 #[inline(always)]
-fn weighted_sum_impl(pts: &[f64], len: usize, w: Option<&[f64]>, vals: &mut Vec<f64>) {
+fn weighted_sum_impl<T: Work>(pts: &[T], len: usize, w: Option<&[T]>, vals: &mut Vec<T>) {
     vals.clear();
-    vals.resize(len, 0.0);
+    vals.resize(len, T::ZERO);
     for (i, p) in pts.chunks_exact(len.max(1)).enumerate() {
         match w {
-            Some(w) => vals.iter_mut().zip(p).for_each(|(o, y)| *o += y * w[i]),
-            None => vals.iter_mut().zip(p).for_each(|(o, y)| *o += y),
+            Some(w) => vals.iter_mut().zip(p).for_each(|(o, &y)| *o += y * w[i]),
+            None => vals.iter_mut().zip(p).for_each(|(o, &y)| *o += y),
         }
     }
 }
 
 /// Multiplies each point's block (elements `s..s + len`) by its dropout mask, as sd-mecha
 /// multiplies (a dropped NaN stays NaN).
-fn drop_points(r: &Robust, p: &Prepared, pts: &mut [f64], s: usize, len: usize, row: usize, mask: &mut Vec<f64>) {
+fn drop_points<T: Work>(r: &Robust, p: &Prepared<T>, pts: &mut [T], s: usize, len: usize, row: usize, mask: &mut Vec<T>) {
     let Some(d) = &r.dropout else { return };
     for (i, pt) in pts.chunks_exact_mut(len.max(1)).enumerate() {
         match p.bits.get(i) {
             Some(bits) => times_bits(pt, bits, s),
             None => {
                 dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, row));
-                pt.iter_mut().zip(mask.iter()).for_each(|(v, m)| *v *= m);
+                pt.iter_mut().zip(mask.iter()).for_each(|(v, &m)| *v *= m);
             }
         }
     }
 }
 
-dispatch!(times_bits, times_bits_avx2, times_bits_impl, (v: &mut [f64], bits: &[u64], s: usize));
+dispatch!(times_bits, times_bits_avx2, times_bits_impl, (v: &mut [T], bits: &[u64], s: usize));
 
-/// `v[e] *= bit s + e` (1.0 or 0.0): a word at a time, the inner loop a variable shift and a
-/// select, which vectorize.
+/// `v[e] *= bit s + e` (1 or 0): a word at a time, the inner loop a variable shift and a
+/// multiply, which vectorize.
 #[inline(always)]
-fn times_bits_impl(v: &mut [f64], bits: &[u64], s: usize) {
+fn times_bits_impl<T: Work>(v: &mut [T], bits: &[u64], s: usize) {
     let mut e = 0;
     while e < v.len() {
         let j = s + e;
         let (word, off) = (bits[j / 64], j % 64);
         let take = (64 - off).min(v.len() - e);
         for (k, x) in v[e..e + take].iter_mut().enumerate() {
-            *x *= if (word >> (off + k)) & 1 != 0 { 1.0 } else { 0.0 };
+            *x *= T::one_if((word >> (off + k)) & 1);
         }
         e += take;
     }
@@ -746,7 +867,7 @@ fn ranks(d: &Dropout, row: usize) -> Ranks<'static> {
 }
 
 /// The robust term's value at each element of a block, into `sc.vals`.
-fn evaluate(r: &Robust, p: &Prepared, s: usize, len: usize, row: usize, sc: &mut Scratch) {
+fn evaluate<T: Work>(r: &Robust, p: &Prepared<T>, s: usize, len: usize, row: usize, sc: &mut Scratch<T>) {
     let Scratch {
         x,
         pts,
@@ -761,17 +882,19 @@ fn evaluate(r: &Robust, p: &Prepared, s: usize, len: usize, row: usize, sc: &mut
         // sd-mecha's `dropout`: kept values summed (a dropped NaN does not count), over the kept count.
         let d = r.dropout.as_ref().expect("checked");
         vals.clear();
-        vals.resize(len, 0.0);
+        vals.resize(len, T::ZERO);
         count.clear();
-        count.resize(len, 0.0);
+        count.resize(len, T::ZERO);
         for (i, pt) in pts.chunks_exact(len.max(1)).enumerate() {
             dropout::mask(mask, pt, s, p.streams[i], d, ranks(d, row));
             for (((v, c), &y), &m) in vals.iter_mut().zip(count.iter_mut()).zip(pt).zip(mask.iter()) {
-                *v += if m != 0.0 { y } else { 0.0 };
+                *v += if m != T::ZERO { y } else { T::ZERO };
                 *c += m;
             }
         }
-        vals.iter_mut().zip(count.iter()).for_each(|(v, c)| *v /= c.max(1.0));
+        vals.iter_mut().zip(count.iter()).for_each(|(v, &c)| {
+            *v /= if c > T::ONE { c } else { T::ONE };
+        });
         return;
     }
     drop_points(r, p, pts, s, len, row, mask);
@@ -781,18 +904,18 @@ fn evaluate(r: &Robust, p: &Prepared, s: usize, len: usize, row: usize, sc: &mut
             ties_vote(pts, len, ties, p.thresholds.as_deref(), votes);
             let median = matches!(r.method, Method::TiesMedian { .. });
             vals.clear();
-            vals.resize(len, 0.0);
+            vals.resize(len, T::ZERO);
             if !median {
                 count.clear();
-                count.resize(len, 0.0);
+                count.resize(len, T::ZERO);
             }
             for (i, pt) in pts.chunks_exact_mut(len.max(1)).enumerate() {
                 let w = if median {
                     p.weights.as_deref().expect("prepared")[i]
                 } else {
-                    1.0
+                    T::ONE
                 };
-                keep_agreeing(pt, &votes.vote, (!median).then_some(&mut count[..]), Some((w, &mut vals[..])));
+                T::keep_agreeing(pt, &votes.vote, (!median).then_some(&mut count[..]), Some((w, &mut vals[..])));
             }
             finish_sum(r, p, count, vals);
         }
@@ -806,11 +929,11 @@ fn evaluate(r: &Robust, p: &Prepared, s: usize, len: usize, row: usize, sc: &mut
 }
 
 /// A TIES sum over its count, or a median's weighted sum over the weights' sum.
-fn finish_sum(r: &Robust, p: &Prepared, count: &[f64], vals: &mut [f64]) {
+fn finish_sum<T: Work>(r: &Robust, p: &Prepared<T>, count: &[T], vals: &mut [T]) {
     match r.method {
-        Method::TiesSum(_) => vals.iter_mut().zip(count).for_each(|(v, c)| *v = finite_or_zero(*v / c)),
+        Method::TiesSum(_) => vals.iter_mut().zip(count).for_each(|(v, &c)| *v = finite_or_zero(*v / c)),
         _ => {
-            let wsum: f64 = p.weights.as_deref().expect("prepared").iter().sum();
+            let wsum = p.weights.as_deref().expect("prepared").iter().fold(T::ZERO, |a, &w| a + w);
             let clean = matches!(r.method, Method::TiesMedian { .. });
             vals.iter_mut().for_each(|v| {
                 *v /= wsum;
@@ -824,7 +947,7 @@ fn finish_sum(r: &Robust, p: &Prepared, count: &[f64], vals: &mut [f64]) {
 
 /// The robust term's value from a block's points (TIES-filtered, with their counts, where the
 /// method is a TIES one), into `vals`.
-fn evaluate_from(r: &Robust, p: &Prepared, len: usize, row: usize, pts: &[f64], count: &[f64], vals: &mut Vec<f64>) {
+fn evaluate_from<T: Work>(r: &Robust, p: &Prepared<T>, len: usize, row: usize, pts: &[T], count: &[T], vals: &mut Vec<T>) {
     let n = r.points.len();
     match r.method {
         Method::TiesSum(_) => {
@@ -837,7 +960,7 @@ fn evaluate_from(r: &Robust, p: &Prepared, len: usize, row: usize, pts: &[f64], 
             vals.iter_mut()
                 .zip(count.iter())
                 .enumerate()
-                .for_each(|(e, (v, c))| *v = finite_or_zero(*v * t[e / row] / c));
+                .for_each(|(e, (v, &c))| *v = finite_or_zero(*v * t[e / row] / c));
         }
         Method::TiesMedian { .. } | Method::GeometricMedian(_) => {
             weighted_sum(pts, len, p.weights.as_deref(), vals);
@@ -851,16 +974,17 @@ fn evaluate_from(r: &Robust, p: &Prepared, len: usize, row: usize, pts: &[f64], 
                 stock_rows(pts, n, len, row, cos_eps)
             };
             weighted_sum(pts, len, None, vals);
+            let nf = T::from_f64(n as f64);
             vals.iter_mut().enumerate().for_each(|(e, v)| {
                 let t = if whole { p.stock.expect("prepared") } else { t_rows[e / row] };
-                *v = finite_or_zero(t * (*v / n as f64));
+                *v = finite_or_zero(t * (*v / nf));
             });
         }
     }
 }
 
 /// The statistics passes of one robust term. Returns what it prepared and the bytes read.
-fn prepare(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize) -> Result<(Prepared, u64)> {
+fn prepare<T: Work>(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize) -> Result<(Prepared<T>, u64)> {
     let mut read = 0u64;
     let streams = match &r.dropout {
         Some(d) => (0..r.points.len()).map(|i| dropout::stream(d.seed, ctx.key, i)).collect(),
@@ -882,7 +1006,16 @@ fn prepare(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize) -
     }
     let (g, n) = gram(ctx, r, &prepared, blocks)?;
     read += n;
-    finish_prepared(&mut prepared, r, &g);
+    let np = r.points.len();
+    match r.method {
+        Method::ModelStock { cos_eps, .. } => {
+            prepared.stock = Some(T::from_f64(whole_stock(&g, np, cos_eps, T::SINGULAR)));
+        }
+        _ => {
+            let w = weiszfeld(&g, np, r.method.median().expect("median"));
+            prepared.weights = Some(w.into_iter().map(T::from_f64).collect());
+        }
+    }
     Ok((prepared, read))
 }
 
@@ -890,10 +1023,16 @@ fn prepare(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize) -
 /// unmasked values) and its TIES trim threshold (the m-th smallest |p| of the masked values,
 /// m = max(floor((1-k) numel), 1)). Points run in parallel while their tensors fit in 1 GB.
 /// Returns the bytes read.
-fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usize, prep: &mut Prepared) -> Result<u64> {
+fn point_stats<T: Work>(
+    ctx: &Ctx<'_>,
+    r: &Robust,
+    blocks: &[(usize, usize)],
+    numel: usize,
+    prep: &mut Prepared<T>,
+) -> Result<u64> {
     let k = r.method.ties().map(|t| t.k).filter(|&k| k < 1.0);
     let table = r.dropout.filter(|d| d.needs_table());
-    let one_point = |i: usize| -> Result<(Option<Vec<u64>>, f64, u64)> {
+    let one_point = |i: usize| -> Result<(Option<Vec<u64>>, T, u64)> {
         let terms = &r.points[i];
         // The point alone, its terms renumbered over the sources loaded for it: the same
         // arithmetic as `points` in the other passes, so the statistics are of the same values.
@@ -902,10 +1041,10 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
             method: r.method,
             dropout: None,
         };
-        let mut all = Vec::with_capacity(numel);
+        let mut all: Vec<T> = Vec::with_capacity(numel);
         let mut read = 0u64;
         for &(s, e) in blocks {
-            read += with_scratch(|sc| -> Result<u64> {
+            read += T::with_scratch(|sc| -> Result<u64> {
                 ctx.check_cancel()?;
                 let n = ctx.load_some(terms.iter().map(|&(j, _)| j), s, e, sc)?;
                 points(&one, &sc.x, e - s, &mut sc.pts);
@@ -919,7 +1058,7 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
             let tab = RankTable::build(&all, d.della_eps);
             dropout::table_bits(&all, dropout::stream(d.seed, ctx.key, i), &d, &tab)
         });
-        let mut thr = 0.0;
+        let mut thr = T::ZERO;
         if let Some(k) = k {
             match (&bits, &r.dropout) {
                 (Some(b), _) => times_bits(&mut all, b, 0),
@@ -935,8 +1074,8 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
         }
         Ok((bits, thr, read))
     };
-    // values (8 bytes each) and, for a rank table, its (key, position) pairs (16)
-    let per = if table.is_some() { 24 } else { 8 };
+    // values and, for a rank table, its counting state (about 16 bytes per element at most)
+    let per = std::mem::size_of::<T>() + if table.is_some() { 16 } else { 0 };
     let group = ((1usize << 30) / (numel.max(1) * per)).clamp(1, rayon::current_num_threads().max(1));
     let idx: Vec<usize> = (0..r.points.len()).collect();
     let mut read = 0u64;
@@ -959,18 +1098,18 @@ fn point_stats(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel: usiz
 }
 
 /// Masks a whole point tensor block by block (rows-mode ranks need the block's whole rows).
-fn apply_mask_whole(all: &mut [f64], blocks: &[(usize, usize)], key: [u32; 3], d: &Dropout, ranks: Ranks<'_>) {
+fn apply_mask_whole<T: Work>(all: &mut [T], blocks: &[(usize, usize)], key: [u32; 3], d: &Dropout, ranks: Ranks<'_>) {
     let mut m = Vec::new();
     for &(s, e) in blocks {
         let v = &mut all[s..e];
         dropout::mask(&mut m, v, s, key, d, ranks);
-        v.iter_mut().zip(&m).for_each(|(x, k)| *x *= k);
+        v.iter_mut().zip(&m).for_each(|(x, &k)| *x *= k);
     }
 }
 
-/// The Gram matrix of the points (TIES-filtered when the method says so), summed over blocks in
-/// block order; each block's partial is one matrix product.
-fn gram(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared, blocks: &[(usize, usize)]) -> Result<(Vec<f64>, u64)> {
+/// The Gram matrix of the points (TIES-filtered when the method says so), summed in f64 over
+/// blocks in block order; each block's partial is one matrix product in the working precision.
+fn gram<T: Work>(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared<T>, blocks: &[(usize, usize)]) -> Result<(Vec<f64>, u64)> {
     let np = r.points.len();
     let mut g = vec![0f64; np * np];
     let mut read = 0u64;
@@ -982,7 +1121,7 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared, blocks: &[(usize, usize)]) -
         let partials: Vec<(Vec<f64>, u64)> = chunk
             .par_iter()
             .map(|&(s, e)| -> Result<(Vec<f64>, u64)> {
-                with_scratch(|sc| {
+                T::with_scratch(|sc| {
                     ctx.check_cancel()?;
                     let n = ctx.load(s, e, sc)?;
                     let len = e - s;
@@ -999,7 +1138,10 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared, blocks: &[(usize, usize)]) -
                     if let Some(t) = r.method.ties() {
                         ties_filter(pts, len, t, prep.thresholds.as_deref(), false, count, votes);
                     }
-                    Ok((gram_block(pts, np, len), n))
+                    // (A hand-tiled symmetric kernel without packing measured slower: 5.5 s vs
+                    // 5.1 s at N=8 and 27 s vs 16 s at N=64, SDXL/8; the GEMM keeps its panels
+                    // in L1.)
+                    Ok((T::gram(pts, np, len), n))
                 })
             })
             .collect::<Result<_>>()?;
@@ -1011,50 +1153,9 @@ fn gram(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared, blocks: &[(usize, usize)]) -
     Ok((g, read))
 }
 
-/// The Gram matrix of one block's points (point-major, np x len): one matrix product. (A
-/// hand-tiled symmetric kernel without packing measured slower: 5.5 s vs 5.1 s at N=8 and 27 s vs
-/// 16 s at N=64, SDXL/8; the GEMM keeps its panels in L1.)
-fn gram_block(pts: &[f64], np: usize, len: usize) -> Vec<f64> {
-    let mut g = vec![0f64; np * np];
-    if len == 0 {
-        return g;
-    }
-    // SAFETY: `pts` is point-major: an np x len matrix with row stride len and column stride 1,
-    // read as its transpose (len x np) for the right operand. `g` is np x np, row-major. All
-    // pointers are valid for those extents; `g` does not alias `pts`.
-    unsafe {
-        matrixmultiply::dgemm(
-            np,
-            len,
-            np,
-            1.0,
-            pts.as_ptr(),
-            len as isize,
-            1,
-            pts.as_ptr(),
-            1,
-            len as isize,
-            0.0,
-            g.as_mut_ptr(),
-            np as isize,
-            1,
-        );
-    }
-    g
-}
-
-/// Median weights, or the whole-tensor model stock factor, from the Gram matrix.
-fn finish_prepared(prepared: &mut Prepared, r: &Robust, g: &[f64]) {
-    let np = r.points.len();
-    match r.method {
-        Method::ModelStock { cos_eps, .. } => prepared.stock = Some(whole_stock(g, np, cos_eps)),
-        _ => prepared.weights = Some(weiszfeld(g, np, r.method.median().expect("median"))),
-    }
-}
-
 /// The whole-tensor model stock factor (mergekit: the mean cosine over all pairs) from the Gram
-/// matrix of the `np` points.
-pub fn whole_stock(g: &[f64], np: usize, cos_eps: f64) -> f64 {
+/// matrix of the `np` points; `singular` is the working precision's [`Real::SINGULAR`].
+pub fn whole_stock(g: &[f64], np: usize, cos_eps: f64, singular: f64) -> f64 {
     let norm = |i: usize| g[i * np + i].max(0.0).sqrt().max(cos_eps);
     let mut c = 0.0;
     let mut pairs = 0usize;
@@ -1067,7 +1168,7 @@ pub fn whole_stock(g: &[f64], np: usize, cos_eps: f64) -> f64 {
     if pairs == 0 {
         1.0
     } else {
-        stock_factor(np, c / pairs as f64)
+        stock_factor(np, c / pairs as f64, singular)
     }
 }
 
@@ -1160,8 +1261,11 @@ mod tests {
 
     #[test]
     fn stock_factor_degenerate_rows_are_zero() {
-        assert_eq!(stock_factor(2, -1.0), 0.0);
-        assert!((stock_factor(3, 0.5) - 1.5 / 2.0).abs() < 1e-15);
+        assert_eq!(stock_factor(2, -1.0, 1e-9), 0.0);
+        assert!((stock_factor(3, 0.5, 1e-9) - 1.5 / 2.0).abs() < 1e-15);
+        // an f32 Gram's cosine of two opposite points is -1 only to f32 rounding
+        assert_eq!(stock_factor(2, -1.0 + 3e-7, f32::SINGULAR), 0.0);
+        assert!(stock_factor(2, -1.0 + 3e-7, f64::SINGULAR).abs() > 1e6);
     }
 
     #[test]

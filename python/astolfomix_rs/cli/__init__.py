@@ -55,8 +55,9 @@ def _bench_method(args: argparse.Namespace, ns: list[int], log) -> int:
         args.method, ns, folder=folder, arch=args.arch or "sdxl",
         factor=args.factor, threads=int(args.threads) if args.threads else None,
         sd_mecha_ns=tuple(int(n) for n in args.sd_mecha_n.split(",")) if args.sd_mecha_n else (), log=log,
+        precision=args.precision or "f64",
     )
-    emit(args, bench_robust.rows_json(rows), bench_robust.table(rows, args.method))
+    emit(args, bench_robust.rows_json(rows), bench_robust.table(rows, args.method, args.precision or "f64"))
     log(f"inputs and recipes left in {folder} (remove it to free the space)")
     return 0
 
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--method", help="a robust merge instead of the mean: " + ", ".join(bench_robust.METHODS)
                    + " (SDXL-layout fine-tunes; use --factor 4 for 0.45 GB files)")
     b.add_argument("--sd-mecha-n", default="8", help="with --method: the N values sd-mecha also runs (default 8)")
+    b.add_argument("--precision", choices=["f32", "f64"],
+                   help="with --method: working precision of both tools (default f64; sd-mecha's merge_dtype)")
     b.add_argument("--json", action="store_true")
 
     for name, fn in _extra_parsers():

@@ -13,6 +13,7 @@ from ..commands import recipe as rc
 from ..commands.inspect import inspect_file
 from ..core.engine import execute
 from ..core.reader import Checkpoint
+from ..errors import RecipeError
 from ..tools.synth import make_checkpoint
 from .common import add_cache_args, cache_from, command, emit, human_bytes, report_text, say, thread_count
 
@@ -46,7 +47,8 @@ def _estimate(bytes_to_read: int) -> float:
 def _merge_mecha(args: argparse.Namespace) -> int:
     """``merge RECIPE.mecha`` (sd-mecha's format) or a TOML recipe with a ``[robust]`` table."""
     recipe = mc.load_mecha(args.recipe)
-    plan, summary = mc.mecha_plan(recipe, Path(args.models), dtype=args.dtype or "f16", vote=args.vote)
+    plan, summary = mc.mecha_plan(recipe, Path(args.models), dtype=args.dtype or "f16", vote=args.vote,
+                                  precision=args.precision)
     out_dir = Path(args.out_dir or args.models)
     target = Path(args.o) if args.o else rc.safe_join(out_dir, Path(args.recipe).stem + ".safetensors", "output")
     threads = args.threads or os.cpu_count() or 1
@@ -58,7 +60,8 @@ def _merge_mecha(args: argparse.Namespace) -> int:
     if args.dry_run:
         passes = ", ".join(f"{k} x{v}" for k, v in summary["passes"].items() if v)
         text = (f"robust merge of {len(summary['inputs'])} models -> {target}\n"
-                f"methods: {', '.join(summary['methods']) or 'linear only'}; sign rule: {summary['sign_rule']}\n"
+                f"methods: {', '.join(summary['methods']) or 'linear only'}; sign rule: {summary['sign_rule']}; "
+                f"precision {summary['precision']}\n"
                 f"tensors: {passes}\n"
                 f"reads {human_bytes(summary['bytes_to_read'])} over all passes, about {summary['estimated_seconds']} s; "
                 f"peak memory about {human_bytes(summary['estimated_peak_bytes'])} ({threads} threads)" + seeds)
@@ -74,6 +77,8 @@ def _merge_mecha(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     if mc.is_robust_recipe(args.recipe):
         return _merge_mecha(args)
+    if args.precision:
+        raise RecipeError("--precision is for robust recipes (.mecha, TOML [robust]); means use --accumulate")
     r = rc.load(args.recipe)
     plan, summary = rc.merge_plan(r, Path(args.models), output=args.output, base=args.base, dtype=args.dtype,
                                   accumulate=args.accumulate, hash_inputs=args.hash_inputs,
@@ -165,6 +170,9 @@ def add_parsers(sub) -> None:
     m.add_argument("--threads", type=thread_count)
     m.add_argument("--hash-inputs", action="store_true", help="record each input's sha256 (webui sd_merge_models)")
     add_cache_args(m)
+    m.add_argument("--precision", choices=["f32", "f64"],
+                   help="robust recipes: working precision (default f64, or the TOML recipe's; f32 is faster and "
+                        "about sd-mecha's default float32)")
     m.add_argument("--vote", choices=["count", "mass"],
                    help=".mecha recipes: TIES sign rule for every node (default: each node's vote_sgn, as sd-mecha 1.1)")
     m.add_argument("--dry-run", action="store_true", help="print the resolved plan, write nothing")

@@ -30,6 +30,9 @@ from .recipe import load_toml, safe_join, stored_recipe
 # The graph
 
 
+#: working precisions of the robust merges (``rust/real.rs``)
+PRECISIONS = ("f32", "f64")
+
 @dataclass(frozen=True, eq=False)
 class Node:
     """A recipe node: a model file or a merge of other nodes."""
@@ -141,6 +144,8 @@ class MechaRecipe:
     root: Node
     text: str
     models: list[ModelNode]
+    #: working precision asked for by the recipe (TOML ``precision``); None: the default (f64)
+    precision: str | None = None
 
 
 def _tokenize(line: str, n: int) -> list[str]:
@@ -280,6 +285,9 @@ def parse_robust_toml(text: str) -> MechaRecipe:
     problems = []
     base, models, method = spec.get("base"), spec.get("models"), spec.get("method")
     params, alpha = spec.get("params", {}), spec.get("alpha", 1.0)
+    precision = spec.get("precision")
+    if precision is not None and precision not in PRECISIONS:
+        problems.append(f"robust.precision must be 'f32' or 'f64', not {precision!r}")
     if not isinstance(base, str):
         problems.append("robust.base must be a file name")
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
@@ -299,7 +307,7 @@ def parse_robust_toml(text: str) -> MechaRecipe:
     if bad:
         raise RecipeError("cannot run the recipe:\n  " + "\n  ".join(bad))
     root = MergeNode(method="add_difference", args=(b, node), kwargs={"alpha": float(alpha)})
-    return MechaRecipe(root=root, text=text, models=[b])
+    return MechaRecipe(root=root, text=text, models=[b], precision=precision)
 
 
 def load_mecha(path: str | os.PathLike[str]) -> MechaRecipe:
@@ -507,13 +515,19 @@ def mecha_plan(
     *,
     dtype: str | None = "f16",
     vote: str | None = None,
+    precision: str | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
     """The resolved plan of a recipe (a parsed ``.mecha`` or a graph from :func:`merge`). Model
     paths are resolved inside ``models`` (escapes refused) when given. ``vote`` ("count" or
-    "mass") overrides every ``vote_sgn``. Returns (plan, summary)."""
+    "mass") overrides every ``vote_sgn``. ``precision`` ("f64", the default, or "f32": half the
+    memory traffic, about sd-mecha's default float32) is the working precision of the element-wise
+    steps; it overrides the recipe's own. Returns (plan, summary)."""
     if vote not in (None, "count", "mass"):
         raise RecipeError(f"vote must be 'count' or 'mass', not '{vote}'")
     rec = recipe if isinstance(recipe, MechaRecipe) else MechaRecipe(recipe, "", [])
+    precision = precision or rec.precision or "f64"
+    if precision not in PRECISIONS:
+        raise RecipeError(f"precision must be 'f32' or 'f64', not '{precision}'")
     nodes = _model_nodes(rec.root)
     if not nodes:
         raise RecipeError("the recipe names no model")
@@ -555,7 +569,7 @@ def mecha_plan(
     methods = sorted({r[1] for o in outputs for r in _terms(o)}
                      | ({"isotropic"} if any(o.expr and o.expr[2] for o in outputs) else set()))
     rule = vote or "vote_sgn per node (false: count, true: mass)"
-    robust_meta: dict[str, Any] = {"methods": methods, "sign_rule": rule, "precision": "f64",
+    robust_meta: dict[str, Any] = {"methods": methods, "sign_rule": rule, "precision": precision,
                                    "apply_stock": "read as sd-mecha 1.1 (false applies model stock)",
                                    "tool": f"astolfomix_rs {__version__}"}
     seeds = compiler.seed_report()
@@ -568,11 +582,12 @@ def mecha_plan(
         "astolfomix.robust": json.dumps(robust_meta),
         "astolfomix.files": json.dumps([{"name": p.name, "size": ck.file_len} for p, ck in zip(paths, cks)]),
     }
-    plan = Plan(list(cks), outputs, metadata=meta)
+    plan = Plan(list(cks), outputs, metadata=meta, precision=precision)
     plan.resolve()
     # The resolved plan keeps the open files; the parsed headers (a few MB per SDXL input) go.
     plan.inputs = list(paths)
     summary = {"inputs": [str(p) for p in paths], "outputs": len(outputs), "methods": methods, "sign_rule": rule,
+               "precision": precision,
                "seeds": seeds,
                "passes": _passes(outputs), "bytes_to_read": plan.resolved.bytes_read if plan.resolved else 0}
     return plan, summary

@@ -164,7 +164,7 @@ class _Executor:
         with ThreadPoolExecutor(1) as self.pool:
             for idx, (name, out_dt, shape, numel, out_offset, out_len, op, srcs, weights, via) in enumerate(layout.tensors()):
                 if op == "expr":
-                    done += _Robust(self, hosts, srcs, exprs[name], shape, numel, name).run(writer, out_offset, out_dt)
+                    done += _Robust(self, hosts, srcs, exprs[name], shape, numel, name, via).run(writer, out_offset, out_dt)
                     if progress is not None:
                         progress(done, total)
                     continue
@@ -262,8 +262,10 @@ def execute(
 
 class _Robust:
     def __init__(self, ex: _Executor, hosts: list[Any], srcs: list, expr: tuple, shape: list[int], numel: int,
-                 key: str):
+                 key: str, via: str = "f64"):
         self.ex, self.hosts, self.srcs, self.numel, self.key, self.shape = ex, hosts, srcs, numel, key, shape
+        self.via = via
+        self.wd = torch.float64 if via == "f64" else torch.float32  # the working precision
         self.linear, self.terms = expr[0], expr[1]
         self.iso = expr[2] if len(expr) > 2 else []
         self.row = max(shape[-1], 1) if shape else 1
@@ -277,12 +279,14 @@ class _Robust:
     def load(self, j: int, s: int, e: int):
         i, d, off = self.srcs[j]
         size = ITEMSIZE[d]
-        x = self.ex._load(self.hosts[i], off + s * size, (e - s) * size, d, e - s, True)
+        f64 = self.wd == torch.float64
+        x = self.ex._load(self.hosts[i], off + s * size, (e - s) * size, d, e - s, f64)
         self.read += (e - s) * size
-        return x.clone() if d == "F64" else x  # an f64 source is a view of the staging ring
+        # a source already in the working dtype is a view of the staging ring
+        return x.clone() if d == ("F64" if f64 else "F32") else x
 
     def points(self, pts_terms: list, x: dict, s: int, e: int):
-        out = torch.zeros((len(pts_terms), e - s), dtype=torch.float64, device=self.ex.dev)
+        out = torch.zeros((len(pts_terms), e - s), dtype=self.wd, device=self.ex.dev)
         for i, terms in enumerate(pts_terms):
             for j, c in terms:
                 out[i] += c * x[j]
@@ -299,7 +303,7 @@ class _Robust:
         vote = P.sum(0) if params.get("vote_mass") else S.sum(0)
         bad = torch.isnan(P).any(0) | torch.isnan(vote)
         keep = (S == torch.sign(vote)) & ~bad
-        return torch.where(keep, P, torch.zeros_like(P)), keep.sum(0).to(torch.float64)
+        return torch.where(keep, P, torch.zeros_like(P)), keep.sum(0).to(P.dtype)
 
     def mask(self, params: dict, table, i: int, values, s: int):
         """Point ``i``'s keep mask for elements ``s..``, drawn by the engine's generator (the same
@@ -307,7 +311,7 @@ class _Robust:
         v = values.detach().to("cpu", torch.float64).contiguous().numpy()
         b = _core.robust_mask(v, s, int(params.get("seed", 0)), self.key, i, params["p"], params.get("della_eps", 0.0),
                               bool(params.get("rank_rows")), self.row, table)
-        return torch.frombuffer(bytearray(b), dtype=torch.float64).to(values.device)
+        return torch.frombuffer(bytearray(b), dtype=torch.float64).to(values.device, self.wd)
 
     def masked(self, params: dict, tables: list, P, s: int):
         """The points of a block times their masks (sd-mecha multiplies: a dropped NaN stays NaN)."""
@@ -328,14 +332,15 @@ class _Robust:
             for s, e in self.blocks:
                 x = self.block_sources(s, e, {j for j, _ in terms})
                 vals.append(self.points([terms], x, s, e)[0])
-            whole = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64, device=self.ex.dev)
-            table = _core.robust_rank_table(whole.cpu().numpy(), params["della_eps"]) if want_table else None
+            whole = torch.cat(vals) if vals else torch.zeros(0, dtype=self.wd, device=self.ex.dev)
+            table = (_core.robust_rank_table(whole.to("cpu", torch.float64).numpy(), params["della_eps"])
+                     if want_table else None)
             tables.append(table)
             if k < 1.0:
                 if "p" in params:
                     whole = torch.cat([whole[s:e] * self.mask(params, table, i, whole[s:e], s) for s, e in self.blocks])
                 thr.append(torch.kthvalue(whole.abs().cpu(), m).values.item() if whole.numel() else 0.0)
-        t = torch.tensor(thr, dtype=torch.float64, device=self.ex.dev) if k < 1.0 else None
+        t = torch.tensor(thr, dtype=self.wd, device=self.ex.dev) if k < 1.0 else None
         return t, (tables if want_table else [])
 
     def prepare(self, method: str, params: dict, pts_terms: list):
@@ -351,10 +356,10 @@ class _Robust:
                 P = self.masked(params, tables, self.points(pts_terms, self.block_sources(s, e, wanted), s, e), s)
                 if method == "ties_median":
                     P, _ = self.ties(P, params, thr)
-                G += P @ P.T
+                G += (P @ P.T).double()  # each block's product in the working precision, summed in f64
             g = G.cpu().numpy().ravel().tolist()
             if method == "model_stock":
-                extra = _core.robust_whole_stock(g, params.get("cos_eps", 1e-6))
+                extra = _core.robust_whole_stock(g, params.get("cos_eps", 1e-6), self.via)
             else:
                 extra = _core.robust_weiszfeld(g, params.get("eps", 1e-6), int(params.get("maxiter", 100)),
                                                params.get("ftol", 1e-20))
@@ -374,12 +379,13 @@ class _Robust:
         if method == "ties_sum":
             return clean(P.sum(0) / count)
         if method == "ties_stock":
-            return clean((P.sum(0).view(-1, self.row) * _stock_rows(P, self.row, params["cos_eps"])).view(-1) / count)
+            t = _stock_rows(P.double(), self.row, params["cos_eps"]).to(P.dtype)  # in f64, as the engine
+            return clean((P.sum(0).view(-1, self.row) * t).view(-1) / count)
         if method in ("ties_median", "geometric_median"):
-            w = torch.tensor(extra, dtype=torch.float64, device=P.device)
+            w = torch.tensor(extra, dtype=self.wd, device=P.device)
             v = (P * w[:, None]).sum(0) / w.sum()
             return clean(v) if method == "ties_median" else v
-        t = extra if params.get("whole") else _stock_rows(P, self.row, params["cos_eps"])
+        t = extra if params.get("whole") else _stock_rows(P.double(), self.row, params["cos_eps"]).to(P.dtype)
         mean = P.sum(0) / n
         return clean((mean.view(-1, self.row) * t).view(-1) if not params.get("whole") else t * mean)
 
@@ -389,7 +395,7 @@ class _Robust:
         wanted = {j for j, _ in self.linear} | {j for _, _, _, pts in self.terms for terms in pts for j, _ in terms}
         for s, e in self.blocks:
             x = self.block_sources(s, e, wanted)
-            acc = torch.zeros(e - s, dtype=torch.float64, device=self.ex.dev)
+            acc = torch.zeros(e - s, dtype=self.wd, device=self.ex.dev)
             for j, c in self.linear:
                 acc += c * x[j]
             for (a, m, p, pts), prep in zip(self.terms, prepared):
@@ -402,10 +408,11 @@ class _Robust:
         """Each isotropic term's inner expression over the whole tensor, then its SVD step."""
         out = []
         for _, params, inner in self.iso:
-            sub = _Robust(self.ex, self.hosts, self.srcs, inner, self.shape, self.numel, self.key)
-            whole = torch.cat([v for _, _, v in sub.blocks_values([])]) if self.numel else torch.zeros(0, dtype=torch.float64)
+            sub = _Robust(self.ex, self.hosts, self.srcs, inner, self.shape, self.numel, self.key, self.via)
+            whole = torch.cat([v for _, _, v in sub.blocks_values([])]) if self.numel else torch.zeros(0, dtype=self.wd)
             self.read += sub.read
-            out.append(_isotropic(whole, self.shape, params))
+            # the SVD step in f64 whatever the precision
+            out.append(_isotropic(whole.double(), self.shape, params).to(self.wd))
         return out
 
     def run(self, writer, out_offset: int, out_dt: str) -> int:

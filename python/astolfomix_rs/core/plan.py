@@ -44,7 +44,8 @@ def parse_dtype(dtype: str | None) -> str | None:
 class Output:
     """One output tensor: a ``copy`` of one source (converted if ``dtype`` differs), a ``cast``, a
     ``mean`` of several in this order, a ``constant`` (``data``: its bytes, ``shape``), or an
-    ``expr``: linear terms and robust merges over the sources, in f64 (see ``rust/robust.rs``)."""
+    ``expr``: linear terms and robust merges over the sources, in the plan's ``precision`` (see
+    ``rust/robust.rs``)."""
 
     name: str
     op: str  # "copy" | "cast" | "mean" | "constant"
@@ -79,13 +80,16 @@ class Plan:
     notes: dict[str, object] = field(default_factory=dict)
     #: set by :meth:`resolve` (or by a builder that resolved while it opened the inputs)
     resolved: _core.Layout | None = None
+    #: working precision of ``expr`` outputs (robust merges): "f64" or "f32"
+    precision: str = "f64"
 
     def input_paths(self) -> list[Path]:
         return [Path(p.path) if isinstance(p, Checkpoint) else Path(p) for p in self.inputs]
 
     def resolver(self) -> _core.Resolver:
         """A Rust resolver for this plan's outputs; ``add`` each opened input, then ``finish``."""
-        return _core.Resolver([o.as_core() for o in self.outputs], len(self.inputs), accumulate=self.accumulate)
+        return _core.Resolver([o.as_core() for o in self.outputs], len(self.inputs), accumulate=self.accumulate,
+                              precision=self.precision)
 
     def resolve(self) -> _core.Layout:
         """Checks the plan against its inputs and lays out the output, once. Inputs given as paths

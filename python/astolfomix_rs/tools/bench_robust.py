@@ -100,10 +100,10 @@ def _sampled(cmd: list[str], timeout: float) -> tuple[dict[str, Any], float]:
 
 def bench_method(method: str, ns: list[int], *, folder: Path, arch: str = "sdxl", factor: int = 4,
                  threads: int | None = None, sd_mecha_ns: tuple[int, ...] = (8,), timeout: float = 5400,
-                 log: Callable[[str], None] = print) -> list[Row]:
+                 log: Callable[[str], None] = print, precision: str = "f64") -> list[Row]:
     """For each N: the read floor (``cat`` of the inputs, one pass), this tool's merge, and
     sd-mecha's for N in ``sd_mecha_ns`` (where installed), each in a child process sampled for
-    RssAnon."""
+    RssAnon. Both tools work in ``precision`` (sd-mecha's ``merge_dtype``)."""
     if method not in METHODS:
         raise SystemExit(f"unknown method '{method}' (bench covers {', '.join(METHODS)})")
     rows = []
@@ -123,7 +123,7 @@ def bench_method(method: str, ns: list[int], *, folder: Path, arch: str = "sdxl"
         out = folder / f"ours-{method}-{n}.safetensors"
         res, peak = _sampled([sys.executable, "-m", "astolfomix_rs.tools.bench_robust", "ours",
                               json.dumps({"recipe": str(rpath), "models": str(folder), "out": str(out),
-                                          "threads": threads})], timeout)
+                                          "threads": threads, "precision": precision})], timeout)
         row.ours_s, row.ours_peak_anon_mb, row.ours_read_bytes = res["seconds"], peak, res["bytes_read"]
         log(f"N={n}: floor {row.floor_s:.1f} s ({in_bytes / 1e9:.1f} GB), ours {row.ours_s:.1f} s "
             f"({row.ours_s / row.floor_s:.2f}x floor), peak RssAnon {peak:.0f} MB")
@@ -131,7 +131,8 @@ def bench_method(method: str, ns: list[int], *, folder: Path, arch: str = "sdxl"
             sd_out = folder / f"sdmecha-{method}-{n}.safetensors"
             try:
                 res, peak = _sampled([sys.executable, "-m", "astolfomix_rs.tools.bench_robust", "sd-mecha",
-                                      json.dumps({"recipe": str(rpath), "models": str(folder), "out": str(sd_out)})],
+                                      json.dumps({"recipe": str(rpath), "models": str(folder), "out": str(sd_out),
+                                                  "precision": precision})],
                                      timeout)
                 row.sd_mecha_s, row.sd_mecha_peak_anon_mb = res["seconds"], peak
                 row.max_abs_diff = _max_diff(out, sd_out)
@@ -165,8 +166,9 @@ def _has_sd_mecha() -> bool:
     return importlib.util.find_spec("sd_mecha") is not None
 
 
-def table(rows: list[Row], method: str) -> str:
-    lines = [f"{method}: N, input GB, floor s, ours s, ours/floor, ours RssAnon MB, sd-mecha s, sd-mecha RssAnon MB"]
+def table(rows: list[Row], method: str, precision: str = "f64") -> str:
+    lines = [f"{method} ({precision}): N, input GB, floor s, ours s, ours/floor, ours RssAnon MB, sd-mecha s, "
+             "sd-mecha RssAnon MB"]
     for r in rows:
         sd = (f"{r.sd_mecha_s:.1f}", f"{r.sd_mecha_peak_anon_mb:.0f}") if r.sd_mecha_s else ("-", "-")
         lines.append(f"{r.n:4d} {r.input_bytes / 1e9:8.2f} {r.floor_s:8.1f} {r.ours_s or 0:8.1f} "
@@ -180,7 +182,8 @@ def _worker(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         from astolfomix_rs.commands import mecha as mc
 
         t = time.perf_counter()
-        plan, _ = mc.mecha_plan(mc.load_mecha(args["recipe"]), args["models"], dtype="f16")
+        plan, _ = mc.mecha_plan(mc.load_mecha(args["recipe"]), args["models"], dtype="f16",
+                                precision=args.get("precision", "f64"))
         rep = am.execute(plan, args["out"], threads=args.get("threads"), progress=False, durable=False, overwrite=True)
         return {"seconds": time.perf_counter() - t, "bytes_read": rep.bytes_read}
     if kind == "sd-mecha":
@@ -190,7 +193,8 @@ def _worker(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         sd_mecha.extensions.model_dirs.add_path(args["models"])
         t = time.perf_counter()
         recipe = sd_mecha.deserialize(Path(args["recipe"]).read_text().strip())  # it cannot read blank lines
-        sd_mecha.merge(recipe, output=args["out"], merge_dtype=torch.float64, output_dtype=torch.float16,
+        dt = torch.float32 if args.get("precision") == "f32" else torch.float64
+        sd_mecha.merge(recipe, output=args["out"], merge_dtype=dt, output_dtype=torch.float16,
                        threads=os.cpu_count())
         return {"seconds": time.perf_counter() - t}
     raise SystemExit(f"unknown worker kind {kind}")

@@ -1,0 +1,245 @@
+//! The working precision of the robust merges: their element-wise loops are written once over
+//! [`Real`] and run as f64 (the default) or f32 (`precision = "f32"`: half the bytes per value,
+//! twice the SIMD lanes). Whatever the precision, statistics that feed scalar steps (Gram sums
+//! across blocks, Weiszfeld, model stock factors, the isotropic SVD) are kept in f64.
+
+use std::cmp::Ordering;
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Sub};
+
+use crate::dtype::Dtype;
+use crate::kernels;
+
+/// f32 or f64.
+pub trait Real:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + PartialOrd
+    + Debug
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + AddAssign
+    + MulAssign
+    + DivAssign
+{
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+    /// `"f32"` or `"f64"`.
+    const NAME: &'static str;
+    /// A model stock denominator `|1 + (N-1) c|` below this is the singular case (t = 0): a
+    /// cosine from an f32 Gram matrix is good to about 1e-7, so f32 needs a wider margin.
+    const SINGULAR: f64;
+
+    /// The nearest value (an f64 parameter such as a coefficient or a weight).
+    fn from_f64(x: f64) -> Self;
+    /// Exact.
+    fn to_f64(self) -> f64;
+    /// NaN?
+    fn is_nan(self) -> bool;
+    /// Neither NaN nor infinite?
+    fn is_finite(self) -> bool;
+    /// `|x|`.
+    fn abs(self) -> Self;
+    /// 1 for bit 1, 0 for bit 0, built from the bits (an integer multiply): a select here let
+    /// the compiler turn `x *= mask` into masked stores, microcoded on AMD.
+    fn one_if(bit: u64) -> Self;
+    /// IEEE total order.
+    fn total_cmp(&self, other: &Self) -> Ordering;
+    /// The bits of `|x|` as an f64 (monotone in `|x|`): DELLA rank keys, so f32 and f64 values
+    /// that are equal get equal keys, and both executors build the same tables.
+    #[inline(always)]
+    fn rank_key(self) -> u64 {
+        self.to_f64().abs().to_bits()
+    }
+    /// `dst[i] = src[i]` from stored bytes of `dtype` (exact, or rounded to f32 for an f64
+    /// source in f32 precision).
+    fn load(dst: &mut [Self], src: &[u8], dtype: Dtype);
+    /// `out = round(acc)` into `dtype`, correctly rounded once; `acc` may be overwritten.
+    fn finish(acc: &mut [Self], out: &mut [u8], dtype: Dtype);
+    /// The Gram matrix `P P^T` of `np` points of `len` elements (point-major), as f64: one
+    /// matrix product in this precision.
+    fn gram(pts: &[Self], np: usize, len: usize) -> Vec<f64>;
+}
+
+impl Real for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    const NAME: &'static str = "f64";
+    const SINGULAR: f64 = 1e-9;
+
+    #[inline(always)]
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+    #[inline(always)]
+    fn abs(self) -> f64 {
+        f64::abs(self)
+    }
+    #[inline(always)]
+    fn one_if(bit: u64) -> f64 {
+        f64::from_bits(bit * 1f64.to_bits())
+    }
+    #[inline(always)]
+    fn total_cmp(&self, other: &f64) -> Ordering {
+        f64::total_cmp(self, other)
+    }
+
+    fn load(dst: &mut [f64], src: &[u8], dtype: Dtype) {
+        kernels::load_f64_slice(dst, src, dtype)
+    }
+
+    fn finish(acc: &mut [f64], out: &mut [u8], dtype: Dtype) {
+        if dtype == Dtype::F16 {
+            kernels::finish_f64_to_f16(acc, out);
+        } else {
+            kernels::finish_f64(acc, None, out, dtype);
+        }
+    }
+
+    fn gram(pts: &[f64], np: usize, len: usize) -> Vec<f64> {
+        let mut g = vec![0f64; np * np];
+        if len == 0 {
+            return g;
+        }
+        // SAFETY: `pts` is point-major: an np x len matrix with row stride len and column stride
+        // 1, read as its transpose (len x np) for the right operand. `g` is np x np, row-major.
+        // All pointers are valid for those extents; `g` does not alias `pts`.
+        unsafe {
+            matrixmultiply::dgemm(
+                np,
+                len,
+                np,
+                1.0,
+                pts.as_ptr(),
+                len as isize,
+                1,
+                pts.as_ptr(),
+                1,
+                len as isize,
+                0.0,
+                g.as_mut_ptr(),
+                np as isize,
+                1,
+            );
+        }
+        g
+    }
+}
+
+impl Real for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    const NAME: &'static str = "f32";
+    const SINGULAR: f64 = 1e-5;
+
+    #[inline(always)]
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
+    #[inline(always)]
+    fn abs(self) -> f32 {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn one_if(bit: u64) -> f32 {
+        f32::from_bits(bit as u32 * 1f32.to_bits())
+    }
+    #[inline(always)]
+    fn total_cmp(&self, other: &f32) -> Ordering {
+        f32::total_cmp(self, other)
+    }
+
+    fn load(dst: &mut [f32], src: &[u8], dtype: Dtype) {
+        kernels::load_f32_slice(dst, src, dtype)
+    }
+
+    fn finish(acc: &mut [f32], out: &mut [u8], dtype: Dtype) {
+        kernels::finish(kernels::Level::detect(), acc, None, out, dtype)
+    }
+
+    fn gram(pts: &[f32], np: usize, len: usize) -> Vec<f64> {
+        let mut g = vec![0f32; np * np];
+        if len > 0 {
+            // SAFETY: as for f64: `pts` is np x len point-major, `g` np x np, no aliasing.
+            unsafe {
+                matrixmultiply::sgemm(
+                    np,
+                    len,
+                    np,
+                    1.0,
+                    pts.as_ptr(),
+                    len as isize,
+                    1,
+                    pts.as_ptr(),
+                    1,
+                    len as isize,
+                    0.0,
+                    g.as_mut_ptr(),
+                    np as isize,
+                    1,
+                );
+            }
+        }
+        g.into_iter().map(f64::from).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gram_in_both_precisions_matches_direct_sums() {
+        let (np, len) = (3, 37);
+        let p64: Vec<f64> = (0..np * len).map(|i| ((i * 7919) % 101) as f64 / 50.0 - 1.0).collect();
+        let p32: Vec<f32> = p64.iter().map(|&x| x as f32).collect();
+        let g64 = f64::gram(&p64, np, len);
+        let g32 = f32::gram(&p32, np, len);
+        for a in 0..np {
+            for b in 0..np {
+                let want: f64 = (0..len).map(|e| p64[a * len + e] * p64[b * len + e]).sum();
+                assert!((g64[a * np + b] - want).abs() <= 1e-12 * want.abs().max(1.0));
+                assert!((g32[a * np + b] - want).abs() <= 1e-5 * want.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn rank_keys_agree_across_precisions() {
+        for x in [0.0f32, -0.0, 1.5e-8, -3.25, 65504.0] {
+            assert_eq!(x.rank_key(), (x as f64).rank_key());
+        }
+        assert!(2.0f32.rank_key() > 1.0f32.rank_key());
+    }
+}
