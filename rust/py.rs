@@ -180,9 +180,10 @@ fn plan_from_py(
     let precision =
         parse_accumulate(precision).map_err(|_| plan_err(format!("precision must be 'f32' or 'f64', not '{precision}'")))?;
     let mut names: HashMap<String, Arc<str>> = HashMap::new();
+    let mut exprs: HashMap<usize, Arc<Expr>> = HashMap::new();
     let outputs = outputs
         .iter()
-        .map(|item| output_from_py(&item, &mut names))
+        .map(|item| output_from_py(&item, &mut names, &mut exprs))
         .collect::<PyResult<_>>()?;
     Ok(Plan {
         outputs,
@@ -192,8 +193,15 @@ fn plan_from_py(
     })
 }
 
-/// One output in its Python form (see [`plan_from_py`]).
-fn output_from_py(item: &Bound<'_, PyAny>, names: &mut HashMap<String, Arc<str>>) -> PyResult<OutputTensor> {
+/// One output in its Python form (see [`plan_from_py`]). An expression object shared by several
+/// outputs (a recipe's keys have one shape) becomes one shared [`Expr`]: the plan then grows with
+/// N once, not once per key. `exprs` is keyed by the object's address, valid while `outputs`
+/// holds it.
+fn output_from_py(
+    item: &Bound<'_, PyAny>,
+    names: &mut HashMap<String, Arc<str>>,
+    exprs: &mut HashMap<usize, Arc<Expr>>,
+) -> PyResult<OutputTensor> {
     type Entry<'py> = (
         String,
         Option<String>,
@@ -229,10 +237,15 @@ fn output_from_py(item: &Bound<'_, PyAny>, names: &mut HashMap<String, Arc<str>>
         "mean" => Op::Mean { sources, weights },
         "expr" => {
             let expr = expr.ok_or_else(|| plan_err(format!("expression '{name}' has no expression")))?;
-            Op::Expr {
-                sources,
-                expr: Arc::new(expr_from_py(&expr).map_err(|e| plan_err(format!("'{name}': {e}")))?),
-            }
+            let expr = match exprs.get(&(expr.as_ptr() as usize)) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = Arc::new(expr_from_py(&expr).map_err(|e| plan_err(format!("'{name}': {e}")))?);
+                    exprs.insert(expr.as_ptr() as usize, e.clone());
+                    e
+                }
+            };
+            Op::Expr { sources, expr }
         }
         "constant" => {
             let data = data.ok_or_else(|| plan_err(format!("constant '{name}' has no data")))?;

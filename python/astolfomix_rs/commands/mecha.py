@@ -465,9 +465,10 @@ def _uniform(lin: dict[int, float]) -> bool:
     return n > 0 and all(abs(c - 1.0 / n) <= 1e-12 for c in lin.values())
 
 
-def compile_output(key: str, v: Value, dtype: str | None) -> Output:
+def compile_output(key: str, v: Value, dtype: str | None, shared: dict[str, tuple] | None = None) -> Output:
     """One plan output for a key's value: a copy, a uniform mean (the same bytes as ``mean``), or
-    an f64 expression."""
+    an expression. Equal expressions share one object through ``shared`` (a recipe's keys mostly
+    have one shape), so the plan does not hold one copy of the N points per key."""
     lin = {i: c for i, c in v.linear.items() if c != 0.0}
     if not v.robust and not v.iso and len(lin) == 1 and next(iter(lin.values())) == 1.0:
         return Output(key, "copy", [(next(iter(lin)), key)], dtype)
@@ -488,7 +489,10 @@ def compile_output(key: str, v: Value, dtype: str | None) -> Output:
 
     linear, robust = part(v)
     iso = [(b, params, part(inner)) for b, params, inner in v.iso]
-    return Output(key, "expr", [(i, key) for i in inputs], dtype, expr=(linear, robust, iso))
+    expr = (linear, robust, iso)
+    if shared is not None:
+        expr = shared.setdefault(repr(expr), expr)
+    return Output(key, "expr", [(i, key) for i in inputs], dtype, expr=expr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,6 +562,7 @@ def mecha_plan(
     compiler = Compiler(index, lambda i, k: k in infos[i] and infos[i][k].is_float, comp, vote)
     outputs: list[Output] = []
     keys = list(dict.fromkeys(k for info in infos for k in info))
+    shared: dict[str, tuple] = {}
     for key in keys:
         owner = next(i for i, info in enumerate(infos) if key in info)
         if not infos[owner][key].is_float:
@@ -565,7 +570,7 @@ def mecha_plan(
             continue
         v = compiler.value(rec.root, key)
         if v is not None:
-            outputs.append(compile_output(key, v, out_dtype))
+            outputs.append(compile_output(key, v, out_dtype, shared))
     methods = sorted({r[1] for o in outputs for r in _terms(o)}
                      | ({"isotropic"} if any(o.expr and o.expr[2] for o in outputs) else set()))
     rule = vote or "vote_sgn per node (false: count, true: mass)"
