@@ -855,41 +855,58 @@ fn robust_whole_stock(gram: Vec<f64>, cos_eps: f64, precision: &str) -> PyResult
     Ok(crate::robust::whole_stock(&gram, n, cos_eps, singular))
 }
 
-/// A DELLA rank table of one tensor of one point (`rust/dropout.rs`), for the torch path.
-#[pyclass(name = "RankTable", module = "astolfomix_rs._core", frozen)]
-struct PyRankTable(crate::dropout::RankTable);
-
-#[pymethods]
-impl PyRankTable {
-    /// The estimated ordinal ranks (1..n, float64 bytes) of `values`, elements `start..` of the
-    /// tensor the table was built from.
-    fn ranks<'py>(&self, py: Python<'py>, values: &Bound<'py, PyAny>, start: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let v = f64_values(py, values)?;
-        let bytes: Vec<u8> = v
-            .iter()
-            .enumerate()
-            .flat_map(|(j, &x)| self.0.rank(x, (start + j) as u64).to_le_bytes())
-            .collect();
-        Ok(PyBytes::new(py, &bytes))
-    }
-}
-
 fn f64_values(py: Python<'_>, values: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
     let buf = PyBuffer::<f64>::get(values)?;
     buf.to_vec(py)
 }
 
-/// The rank table of one point's whole tensor (float64 values), for a DELLA weight.
+/// The estimated DELLA ordinal ranks (1..n, float64 bytes) of every element of one point's whole
+/// tensor (float64 values), as the engine estimates them for a weight `della_eps`; `None` where
+/// the tensor holds a NaN (no rank term).
 #[pyfunction]
-fn robust_rank_table(py: Python<'_>, values: &Bound<'_, PyAny>, della_eps: f64) -> PyResult<PyRankTable> {
+fn robust_ranks<'py>(py: Python<'py>, values: &Bound<'py, PyAny>, della_eps: f64) -> PyResult<Option<Bound<'py, PyBytes>>> {
     let v = f64_values(py, values)?;
-    Ok(PyRankTable(py.detach(|| crate::dropout::RankTable::build(&v, della_eps))))
+    let ranks = py.detach(|| {
+        let wanted: Vec<u64> = (0..v.len() as u64).collect();
+        crate::dropout::ranks_of(&v, della_eps, &wanted)
+    });
+    Ok(ranks.map(|r| PyBytes::new(py, &r.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())))
+}
+
+/// The keep mask of one point's whole tensor (float64 values) with tensor-wide DELLA ranks, as
+/// the engine draws it (model `model` at `key`): bits, little-endian 64-bit words (bit `j % 64`
+/// of word `j / 64` is element `j`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn robust_della_bits<'py>(
+    py: Python<'py>,
+    values: &Bound<'py, PyAny>,
+    seed: u64,
+    key: &str,
+    model: usize,
+    p: f64,
+    della_eps: f64,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let d = Dropout {
+        p,
+        della_eps,
+        rows: false,
+        seed,
+    };
+    d.check().map_err(plan_err)?;
+    let v = f64_values(py, values)?;
+    let bits = py.detach(|| crate::dropout::della_bits(&v, crate::dropout::stream(seed, key, model), &d));
+    Ok(PyBytes::new(
+        py,
+        &bits.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>(),
+    ))
 }
 
 /// The keep mask (float64 0/1, as bytes) of one point's elements `start..start + len(values)` at
-/// `key`, drawn as the engine draws it: model `model` of a node with drop probability `p`.
+/// `key`, drawn as the engine draws it: model `model` of a node with drop probability `p`, DARE
+/// or DELLA with ranks within rows (tensor-wide ranks: [`robust_della_bits`]).
 #[pyfunction]
-#[pyo3(signature = (values, start, seed, key, model, p, della_eps=0.0, rank_rows=false, row=1, table=None))]
+#[pyo3(signature = (values, start, seed, key, model, p, della_eps=0.0, rank_rows=false, row=1))]
 #[allow(clippy::too_many_arguments)]
 fn robust_mask<'py>(
     py: Python<'py>,
@@ -902,7 +919,6 @@ fn robust_mask<'py>(
     della_eps: f64,
     rank_rows: bool,
     row: usize,
-    table: Option<PyRef<'py, PyRankTable>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let d = Dropout {
         p,
@@ -912,10 +928,15 @@ fn robust_mask<'py>(
     };
     d.check().map_err(plan_err)?;
     let v = f64_values(py, values)?;
-    let ranks = match (&table, rank_rows) {
-        (Some(t), _) => crate::dropout::Ranks::Table(&t.0),
-        (None, true) => crate::dropout::Ranks::Rows(row.max(1)),
-        (None, false) => crate::dropout::Ranks::None,
+    if della_eps != 0.0 && !rank_rows {
+        return Err(plan_err(
+            "tensor-wide DELLA ranks need the whole tensor: use robust_della_bits",
+        ));
+    }
+    let ranks = if rank_rows {
+        crate::dropout::Ranks::Rows(row.max(1))
+    } else {
+        crate::dropout::Ranks::None
     };
     let mut m = Vec::new();
     crate::dropout::mask(&mut m, &v, start, crate::dropout::stream(seed, key, model), &d, ranks);
@@ -970,10 +991,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(robust_block_len, m)?)?;
     m.add_function(wrap_pyfunction!(robust_weiszfeld, m)?)?;
     m.add_function(wrap_pyfunction!(robust_whole_stock, m)?)?;
-    m.add_function(wrap_pyfunction!(robust_rank_table, m)?)?;
+    m.add_function(wrap_pyfunction!(robust_ranks, m)?)?;
+    m.add_function(wrap_pyfunction!(robust_della_bits, m)?)?;
     m.add_function(wrap_pyfunction!(robust_mask, m)?)?;
     m.add_function(wrap_pyfunction!(mask_generator, m)?)?;
-    m.add_class::<PyRankTable>()?;
     m.add_function(wrap_pyfunction!(error_kinds, m)?)?;
     m.add_function(wrap_pyfunction!(open_count, m)?)?;
     m.add_function(wrap_pyfunction!(file_hashes, m)?)?;

@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use crate::dropout::{self, Dropout, RankTable, Ranks};
+use crate::dropout::{self, Dropout, Ranks};
 use crate::engine::{read_source, Io, Progress};
 use crate::error::{Error, Result};
 use crate::iso::Iso;
@@ -858,7 +858,7 @@ fn times_bits_impl<T: Work>(v: &mut [T], bits: &[u64], s: usize) {
 }
 
 /// Ranks drawn on the fly (tensor-wide ranks come as precomputed bits instead).
-fn ranks(d: &Dropout, row: usize) -> Ranks<'static> {
+fn ranks(d: &Dropout, row: usize) -> Ranks {
     if d.rows {
         Ranks::Rows(row)
     } else {
@@ -1054,10 +1054,7 @@ fn point_stats<T: Work>(
         }
         // DELLA with tensor-wide ranks: the table lives only here; the mask is drawn once, kept
         // as bits (numel / 8 bytes per point) for the other passes.
-        let bits = table.map(|d| {
-            let tab = RankTable::build(&all, d.della_eps);
-            dropout::table_bits(&all, dropout::stream(d.seed, ctx.key, i), &d, &tab)
-        });
+        let bits = table.map(|d| dropout::della_bits(&all, dropout::stream(d.seed, ctx.key, i), &d));
         let mut thr = T::ZERO;
         if let Some(k) = k {
             match (&bits, &r.dropout) {
@@ -1098,7 +1095,7 @@ fn point_stats<T: Work>(
 }
 
 /// Masks a whole point tensor block by block (rows-mode ranks need the block's whole rows).
-fn apply_mask_whole<T: Work>(all: &mut [T], blocks: &[(usize, usize)], key: [u32; 3], d: &Dropout, ranks: Ranks<'_>) {
+fn apply_mask_whole<T: Work>(all: &mut [T], blocks: &[(usize, usize)], key: [u32; 3], d: &Dropout, ranks: Ranks) {
     let mut m = Vec::new();
     for &(s, e) in blocks {
         let v = &mut all[s..e];

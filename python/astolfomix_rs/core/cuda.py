@@ -305,12 +305,18 @@ class _Robust:
         keep = (S == torch.sign(vote)) & ~bad
         return torch.where(keep, P, torch.zeros_like(P)), keep.sum(0).to(P.dtype)
 
-    def mask(self, params: dict, table, i: int, values, s: int):
+    def mask(self, params: dict, bits, i: int, values, s: int):
         """Point ``i``'s keep mask for elements ``s..``, drawn by the engine's generator (the same
-        bits on every executor; the values go through the host for their ranks)."""
+        bits on every executor): from the point's whole-tensor mask bits (DELLA with tensor-wide
+        ranks, drawn in the statistics pass), else drawn for the block (the values go through the
+        host for row ranks)."""
+        if bits is not None:
+            m = np.unpackbits(bits[s // 8:(s + values.numel() + 7) // 8 + 1], bitorder="little")
+            m = m[s % 8:s % 8 + values.numel()].astype(np.float64)
+            return torch.from_numpy(m).to(values.device, self.wd)
         v = values.detach().to("cpu", torch.float64).contiguous().numpy()
         b = _core.robust_mask(v, s, int(params.get("seed", 0)), self.key, i, params["p"], params.get("della_eps", 0.0),
-                              bool(params.get("rank_rows")), self.row, table)
+                              bool(params.get("rank_rows")), self.row)
         return torch.frombuffer(bytearray(b), dtype=torch.float64).to(values.device, self.wd)
 
     def masked(self, params: dict, tables: list, P, s: int):
@@ -321,7 +327,7 @@ class _Robust:
                             for i in range(P.shape[0])])
 
     def stats(self, params: dict, pts_terms: list):
-        """Per point, one whole tensor at a time: the DELLA rank table (unmasked values), then the
+        """Per point, one whole tensor at a time: the DELLA mask bits (ranks of the unmasked values), then the
         TIES trim threshold of the masked values."""
         k = params.get("k", 1.0)
         want_table = _della_table(params)
@@ -333,8 +339,9 @@ class _Robust:
                 x = self.block_sources(s, e, {j for j, _ in terms})
                 vals.append(self.points([terms], x, s, e)[0])
             whole = torch.cat(vals) if vals else torch.zeros(0, dtype=self.wd, device=self.ex.dev)
-            table = (_core.robust_rank_table(whole.to("cpu", torch.float64).numpy(), params["della_eps"])
-                     if want_table else None)
+            table = (np.frombuffer(_core.robust_della_bits(
+                whole.to("cpu", torch.float64).numpy(), int(params.get("seed", 0)), self.key, i, params["p"],
+                params["della_eps"]), np.uint8) if want_table else None)
             tables.append(table)
             if k < 1.0:
                 if "p" in params:
@@ -423,7 +430,7 @@ class _Robust:
 
 
 def _della_table(params: dict) -> bool:
-    """DELLA masks with tensor-wide ranks: a rank table from a statistics pass."""
+    """DELLA masks with tensor-wide ranks: mask bits drawn in a statistics pass."""
     return bool("p" in params and params.get("della_eps") and not params.get("rank_rows"))
 
 
