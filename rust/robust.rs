@@ -1032,7 +1032,7 @@ fn point_stats<T: Work>(
 ) -> Result<u64> {
     let k = r.method.ties().map(|t| t.k).filter(|&k| k < 1.0);
     let table = r.dropout.filter(|d| d.needs_table());
-    let one_point = |i: usize| -> Result<(Option<Vec<u64>>, T, u64)> {
+    let one_point = |i: usize, all: &mut Vec<T>| -> Result<(Option<Vec<u64>>, T, u64)> {
         let terms = &r.points[i];
         // The point alone, its terms renumbered over the sources loaded for it: the same
         // arithmetic as `points` in the other passes, so the statistics are of the same values.
@@ -1041,7 +1041,7 @@ fn point_stats<T: Work>(
             method: r.method,
             dropout: None,
         };
-        let mut all: Vec<T> = Vec::with_capacity(numel);
+        all.clear();
         let mut read = 0u64;
         for &(s, e) in blocks {
             read += T::with_scratch(|sc| -> Result<u64> {
@@ -1052,14 +1052,14 @@ fn point_stats<T: Work>(
                 Ok(n)
             })?;
         }
-        // DELLA with tensor-wide ranks: the table lives only here; the mask is drawn once, kept
-        // as bits (numel / 8 bytes per point) for the other passes.
-        let bits = table.map(|d| dropout::della_bits(&all, dropout::stream(d.seed, ctx.key, i), &d));
+        // DELLA with tensor-wide ranks: the mask is drawn here, once, from the whole tensor, and
+        // kept as bits (numel / 8 bytes per point) for the other passes.
+        let bits = table.map(|d| dropout::della_bits(all, dropout::stream(d.seed, ctx.key, i), &d));
         let mut thr = T::ZERO;
         if let Some(k) = k {
             match (&bits, &r.dropout) {
-                (Some(b), _) => times_bits(&mut all, b, 0),
-                (None, Some(d)) => apply_mask_whole(&mut all, blocks, dropout::stream(d.seed, ctx.key, i), d, ranks(d, ctx.row)),
+                (Some(b), _) => times_bits(all, b, 0),
+                (None, Some(d)) => apply_mask_whole(all, blocks, dropout::stream(d.seed, ctx.key, i), d, ranks(d, ctx.row)),
                 (None, None) => {}
             }
             all.iter_mut().for_each(|v| *v = v.abs());
@@ -1077,8 +1077,16 @@ fn point_stats<T: Work>(
     let idx: Vec<usize> = (0..r.points.len()).collect();
     let mut read = 0u64;
     let (mut bits, mut thr) = (Vec::new(), Vec::new());
+    // One whole-tensor buffer per concurrent point, reused by the next group: fresh pages for
+    // every point cost as much as the statistics themselves.
+    let mut wholes: Vec<Vec<T>> = (0..group.min(idx.len())).map(|_| Vec::with_capacity(numel)).collect();
     for g in idx.chunks(group) {
-        let done: Vec<_> = g.par_iter().with_max_len(1).map(|&i| one_point(i)).collect::<Result<_>>()?;
+        let done: Vec<_> = g
+            .par_iter()
+            .zip(wholes.par_iter_mut())
+            .with_max_len(1)
+            .map(|(&i, all)| one_point(i, all))
+            .collect::<Result<_>>()?;
         for (b, h, n) in done {
             bits.push(b);
             thr.push(h);
