@@ -426,6 +426,20 @@ pub fn accumulate_f64(acc: &mut [f64], src: &[u8], dtype: Dtype, weight: Option<
     }
 }
 
+/// `convert(f16 values, acc piece)` over `src`'s f16 values in pieces of 4096: inputs may start at
+/// any byte, so the bits are copied into an aligned buffer first.
+fn f16_pieces<T>(acc: &mut [T], src: &[u8], mut convert: impl FnMut(&[half::f16], &mut [T])) {
+    use half::slice::HalfBitsSliceExt;
+    let mut bits = [0u16; 4096];
+    for (a, c) in acc.chunks_mut(4096).zip(src.chunks(8192)) {
+        let b = &mut bits[..a.len()];
+        b.iter_mut()
+            .zip(c.chunks_exact(2))
+            .for_each(|(x, y)| *x = u16::from_le_bytes([y[0], y[1]]));
+        convert(b.reinterpret_cast::<half::f16>(), a);
+    }
+}
+
 /// Sets `acc[i] = f64(src[i])` exactly. F16 goes through `half`'s slice conversion (F16C when
 /// the CPU has it): the robust merges convert every input element to f64 in each pass.
 pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
@@ -436,16 +450,8 @@ pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
     );
     match dtype {
         Dtype::F16 => {
-            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-            // Inputs may start at any byte: copy the bits into an aligned buffer, in pieces.
-            let mut bits = [0u16; 4096];
-            for (a, c) in acc.chunks_mut(4096).zip(src.chunks(8192)) {
-                let b = &mut bits[..a.len()];
-                b.iter_mut()
-                    .zip(c.chunks_exact(2))
-                    .for_each(|(x, y)| *x = u16::from_le_bytes([y[0], y[1]]));
-                b.reinterpret_cast::<half::f16>().convert_to_f64_slice(a);
-            }
+            use half::slice::HalfFloatSliceExt;
+            f16_pieces(acc, src, |h, a| h.convert_to_f64_slice(a));
         }
         Dtype::F32 => acc
             .iter_mut()
@@ -469,16 +475,8 @@ pub fn load_f32_slice(acc: &mut [f32], src: &[u8], dtype: Dtype) {
     );
     match dtype {
         Dtype::F16 => {
-            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-            // Inputs may start at any byte: copy the bits into an aligned buffer, in pieces.
-            let mut bits = [0u16; 4096];
-            for (a, c) in acc.chunks_mut(4096).zip(src.chunks(8192)) {
-                let b = &mut bits[..a.len()];
-                b.iter_mut()
-                    .zip(c.chunks_exact(2))
-                    .for_each(|(x, y)| *x = u16::from_le_bytes([y[0], y[1]]));
-                b.reinterpret_cast::<half::f16>().convert_to_f32_slice(a);
-            }
+            use half::slice::HalfFloatSliceExt;
+            f16_pieces(acc, src, |h, a| h.convert_to_f32_slice(a));
         }
         Dtype::F32 => acc
             .iter_mut()

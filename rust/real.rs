@@ -68,39 +68,77 @@ pub trait Real:
     fn gram(pts: &[Self], np: usize, len: usize) -> Vec<f64>;
 }
 
+/// The methods f32 and f64 share, and the Gram product through `matrixmultiply`'s GEMM of
+/// that type.
+macro_rules! common {
+    ($t:ty, $gemm:path) => {
+        #[inline(always)]
+        fn from_f64(x: f64) -> $t {
+            x as $t
+        }
+        #[inline(always)]
+        fn to_f64(self) -> f64 {
+            self as f64
+        }
+        #[inline(always)]
+        fn is_nan(self) -> bool {
+            <$t>::is_nan(self)
+        }
+        #[inline(always)]
+        fn is_finite(self) -> bool {
+            <$t>::is_finite(self)
+        }
+        #[inline(always)]
+        fn abs(self) -> $t {
+            <$t>::abs(self)
+        }
+        #[inline(always)]
+        fn total_cmp(&self, other: &$t) -> Ordering {
+            <$t>::total_cmp(self, other)
+        }
+
+        fn gram(pts: &[$t], np: usize, len: usize) -> Vec<f64> {
+            let mut g = vec![0 as $t; np * np];
+            if len > 0 {
+                // SAFETY: `pts` is point-major: an np x len matrix with row stride len and column
+                // stride 1, read as its transpose (len x np) for the right operand. `g` is np x
+                // np, row-major. All pointers are valid for those extents; `g` does not alias
+                // `pts`.
+                unsafe {
+                    $gemm(
+                        np,
+                        len,
+                        np,
+                        1.0,
+                        pts.as_ptr(),
+                        len as isize,
+                        1,
+                        pts.as_ptr(),
+                        1,
+                        len as isize,
+                        0.0,
+                        g.as_mut_ptr(),
+                        np as isize,
+                        1,
+                    );
+                }
+            }
+            g.into_iter().map(|x| x as f64).collect()
+        }
+    };
+}
+
 impl Real for f64 {
     const ZERO: f64 = 0.0;
     const ONE: f64 = 1.0;
     const NAME: &'static str = "f64";
     const SINGULAR: f64 = 1e-9;
 
-    #[inline(always)]
-    fn from_f64(x: f64) -> f64 {
-        x
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn is_nan(self) -> bool {
-        f64::is_nan(self)
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f64::is_finite(self)
-    }
-    #[inline(always)]
-    fn abs(self) -> f64 {
-        f64::abs(self)
-    }
+    common!(f64, matrixmultiply::dgemm);
+
     #[inline(always)]
     fn one_if(bit: u64) -> f64 {
         f64::from_bits(bit * 1f64.to_bits())
-    }
-    #[inline(always)]
-    fn total_cmp(&self, other: &f64) -> Ordering {
-        f64::total_cmp(self, other)
     }
 
     fn load(dst: &mut [f64], src: &[u8], dtype: Dtype) {
@@ -114,35 +152,6 @@ impl Real for f64 {
             kernels::finish_f64(acc, None, out, dtype);
         }
     }
-
-    fn gram(pts: &[f64], np: usize, len: usize) -> Vec<f64> {
-        let mut g = vec![0f64; np * np];
-        if len == 0 {
-            return g;
-        }
-        // SAFETY: `pts` is point-major: an np x len matrix with row stride len and column stride
-        // 1, read as its transpose (len x np) for the right operand. `g` is np x np, row-major.
-        // All pointers are valid for those extents; `g` does not alias `pts`.
-        unsafe {
-            matrixmultiply::dgemm(
-                np,
-                len,
-                np,
-                1.0,
-                pts.as_ptr(),
-                len as isize,
-                1,
-                pts.as_ptr(),
-                1,
-                len as isize,
-                0.0,
-                g.as_mut_ptr(),
-                np as isize,
-                1,
-            );
-        }
-        g
-    }
 }
 
 impl Real for f32 {
@@ -151,33 +160,11 @@ impl Real for f32 {
     const NAME: &'static str = "f32";
     const SINGULAR: f64 = 1e-5;
 
-    #[inline(always)]
-    fn from_f64(x: f64) -> f32 {
-        x as f32
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn is_nan(self) -> bool {
-        f32::is_nan(self)
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f32::is_finite(self)
-    }
-    #[inline(always)]
-    fn abs(self) -> f32 {
-        f32::abs(self)
-    }
+    common!(f32, matrixmultiply::sgemm);
+
     #[inline(always)]
     fn one_if(bit: u64) -> f32 {
         f32::from_bits(bit as u32 * 1f32.to_bits())
-    }
-    #[inline(always)]
-    fn total_cmp(&self, other: &f32) -> Ordering {
-        f32::total_cmp(self, other)
     }
 
     fn load(dst: &mut [f32], src: &[u8], dtype: Dtype) {
@@ -186,32 +173,6 @@ impl Real for f32 {
 
     fn finish(acc: &mut [f32], out: &mut [u8], dtype: Dtype) {
         kernels::finish(kernels::Level::detect(), acc, None, out, dtype)
-    }
-
-    fn gram(pts: &[f32], np: usize, len: usize) -> Vec<f64> {
-        let mut g = vec![0f32; np * np];
-        if len > 0 {
-            // SAFETY: as for f64: `pts` is np x len point-major, `g` np x np, no aliasing.
-            unsafe {
-                matrixmultiply::sgemm(
-                    np,
-                    len,
-                    np,
-                    1.0,
-                    pts.as_ptr(),
-                    len as isize,
-                    1,
-                    pts.as_ptr(),
-                    1,
-                    len as isize,
-                    0.0,
-                    g.as_mut_ptr(),
-                    np as isize,
-                    1,
-                );
-            }
-        }
-        g.into_iter().map(f64::from).collect()
     }
 }
 
