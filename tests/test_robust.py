@@ -353,3 +353,12 @@ def test_recipe_text_reaches_the_terminal_escaped(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "evil.mecha"), "--models", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err and "line 3" in err
+
+
+def test_keys_of_one_shape_share_one_expression(tmp_path):
+    """The plan holds one compiled expression per recipe shape, not one copy of the N points per
+    key (planning 64 SDXL inputs held 174 MB before, 62 MB after)."""
+    files = make_pool(tmp_path, 4, seed=2)
+    plan, _ = mc.mecha_plan(mc.parse_mecha(recipe(files, "ties_sum_extended", k=1.0, apply_median=True)), tmp_path)
+    exprs = [o.expr for o in plan.outputs if o.op == "expr"]
+    assert len(exprs) > 3 and all(e is exprs[0] for e in exprs)
