@@ -363,7 +363,8 @@ class _Robust:
                 P = self.masked(params, tables, self.points(pts_terms, self.block_sources(s, e, wanted), s, e), s)
                 if method == "ties_median":
                     P, _ = self.ties(P, params, thr)
-                G += (P @ P.T).double()  # each block's product in the working precision, summed in f64
+                Pd = P.double()  # products and sums in f64 whatever the precision, as the engine
+                G += Pd @ Pd.T
             g = G.cpu().numpy().ravel().tolist()
             if method == "model_stock":
                 extra = _core.robust_whole_stock(g, params.get("cos_eps", 1e-6), self.via)
