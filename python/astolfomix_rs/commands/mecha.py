@@ -14,6 +14,7 @@ import json
 import math
 import os
 import secrets
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 from .. import _core
 from .._core import __version__
 from ..core.plan import Output, Plan, parse_dtype
-from ..core.reader import Checkpoint
+from ..core.reader import FLOAT_DTYPES, Checkpoint
 from ..errors import AstolfomixError, RecipeError
 from ..models.anatomy import detect
 from .recipe import load_toml, safe_join, stored_recipe
@@ -548,24 +549,30 @@ def mecha_plan(
         if p not in paths:
             paths.append(p)
         index[id(node)] = paths.index(p)
-    cks: list[Checkpoint] = []
+    # Each input is opened once, by the core; per input, Python keeps only its keys (interned: one
+    # string per key name across all inputs) and whether each is a float, not a TensorInfo per
+    # tensor (about 1 MB per SDXL input, which made planning grow with N).
+    cores: list[_core.Checkpoint] = []
+    floats: list[dict[str, bool]] = []
     for p in paths:
         try:
-            cks.append(Checkpoint(p))
+            core = _core.Checkpoint(os.fspath(p))
         except AstolfomixError as e:
             problems.append(str(e))
+            continue
+        cores.append(core)
+        floats.append({sys.intern(n): d in FLOAT_DTYPES for n, d, _, _, _ in core.tensors()})
     if problems:
         raise RecipeError(f"cannot run the recipe ({len(problems)} problems, nothing written):\n  " + "\n  ".join(problems[:40]))
-    infos = [ck.info for ck in cks]
-    anatomy = detect(cks[0])
+    anatomy = detect(Checkpoint(paths[0], core=cores[0]))
     comp = anatomy.component_of
-    compiler = Compiler(index, lambda i, k: k in infos[i] and infos[i][k].is_float, comp, vote)
+    compiler = Compiler(index, lambda i, k: floats[i].get(k, False), comp, vote)
     outputs: list[Output] = []
-    keys = list(dict.fromkeys(k for info in infos for k in info))
+    keys = list(dict.fromkeys(k for f in floats for k in f))
     shared: dict[str, tuple] = {}
     for key in keys:
-        owner = next(i for i, info in enumerate(infos) if key in info)
-        if not infos[owner][key].is_float:
+        owner = next(i for i, f in enumerate(floats) if key in f)
+        if not floats[owner][key]:
             outputs.append(Output(key, "copy", [(owner, key)], None))
             continue
         v = compiler.value(rec.root, key)
@@ -585,12 +592,13 @@ def mecha_plan(
     meta = {
         "astolfomix.mecha": stored_recipe(rec.text)[0] if rec.text else "(built with the Python API)",
         "astolfomix.robust": json.dumps(robust_meta),
-        "astolfomix.files": json.dumps([{"name": p.name, "size": ck.file_len} for p, ck in zip(paths, cks)]),
+        "astolfomix.files": json.dumps([{"name": p.name, "size": c.file_len} for p, c in zip(paths, cores)]),
     }
-    plan = Plan(list(cks), outputs, metadata=meta, precision=precision)
+    plan = Plan(list(cores), outputs, metadata=meta, precision=precision)
     plan.resolve()
-    # The resolved plan keeps the open files; the parsed headers (a few MB per SDXL input) go.
+    # The resolved plan keeps the open files; the parsed headers go.
     plan.inputs = list(paths)
+    del cores
     summary = {"inputs": [str(p) for p in paths], "outputs": len(outputs), "methods": methods, "sign_rule": rule,
                "precision": precision,
                "seeds": seeds,

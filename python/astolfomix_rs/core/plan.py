@@ -72,7 +72,7 @@ class Output:
 class Plan:
     """Output tensors over ``inputs``: paths, or checkpoints already open (used as they are)."""
 
-    inputs: list[Path | Checkpoint]
+    inputs: Sequence[Path | Checkpoint | _core.Checkpoint]
     outputs: list[Output] = field(default_factory=list)
     accumulate: str = "f32"
     metadata: dict[str, str] = field(default_factory=dict)
@@ -84,7 +84,7 @@ class Plan:
     precision: str = "f64"
 
     def input_paths(self) -> list[Path]:
-        return [Path(p.path) if isinstance(p, Checkpoint) else Path(p) for p in self.inputs]
+        return [Path(p.path) if isinstance(p, (Checkpoint, _core.Checkpoint)) else Path(p) for p in self.inputs]
 
     def resolver(self) -> _core.Resolver:
         """A Rust resolver for this plan's outputs; ``add`` each opened input, then ``finish``."""
@@ -93,11 +93,14 @@ class Plan:
 
     def resolve(self) -> _core.Layout:
         """Checks the plan against its inputs and lays out the output, once. Inputs given as paths
-        are opened here, one at a time (each header is dropped once its tensors are located)."""
+        are opened here, one at a time (each header is dropped once its tensors are located);
+        opened ones (``Checkpoint`` or the core's own) are used as they are."""
         if self.resolved is None:
             r = self.resolver()
             for i, p in enumerate(self.inputs):
-                r.add(i, p._core if isinstance(p, Checkpoint) else _core.Checkpoint(os.fspath(p)))
+                if isinstance(p, Checkpoint):
+                    p = p._core
+                r.add(i, p if isinstance(p, _core.Checkpoint) else _core.Checkpoint(os.fspath(p)))
             self.resolved = r.finish(self.metadata)
         return self.resolved
 

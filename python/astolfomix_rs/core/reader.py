@@ -94,8 +94,9 @@ class Checkpoint:
     >>> ck.tensor("first_stage_model.decoder.conv_in.bias")
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self._core = _core.Checkpoint(os.fspath(path))
+    def __init__(self, path: str | os.PathLike[str], *, core: _core.Checkpoint | None = None):
+        """Opens ``path``, or wraps ``core``, a file the core has opened already."""
+        self._core = core if core is not None else _core.Checkpoint(os.fspath(path))
         self.path = self._core.path
         self.file_len: int = self._core.file_len
         self.data_start: int = self._core.data_start
