@@ -86,7 +86,22 @@ class Row:
     sd_mecha_s: float | None = None
     sd_mecha_peak_anon_mb: float | None = None
     max_abs_diff: float | None = None
+    #: the page cache was emptied before the floor and before each tool's run (root only)
+    cold: bool = False
     notes: list[str] = field(default_factory=list)
+
+
+def drop_caches() -> bool:
+    """Empties the page cache, so the floor and each run read the inputs from disk alike (a floor
+    read right after the previous N's run is partly served from memory). Root only; False where
+    not permitted."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def _sampled(cmd: list[str], timeout: float) -> tuple[dict[str, Any], float]:
@@ -103,7 +118,8 @@ def bench_method(method: str, ns: list[int], *, folder: Path, arch: str = "sdxl"
                  log: Callable[[str], None] = print, precision: str = "f64") -> list[Row]:
     """For each N: the read floor (``cat`` of the inputs, one pass), this tool's merge, and
     sd-mecha's for N in ``sd_mecha_ns`` (where installed), each in a child process sampled for
-    RssAnon. Both tools work in ``precision`` (sd-mecha's ``merge_dtype``)."""
+    RssAnon. Both tools work in ``precision`` (sd-mecha's ``merge_dtype``). Where permitted (root),
+    the page cache is emptied before the floor and before each tool's run, so all read from disk."""
     if method not in METHODS:
         raise SystemExit(f"unknown method '{method}' (bench covers {', '.join(METHODS)})")
     rows = []
@@ -117,18 +133,23 @@ def bench_method(method: str, ns: list[int], *, folder: Path, arch: str = "sdxl"
         rpath.write_text(text)
         paths = [folder / "base.safetensors"] + [folder / f for f in files]
         in_bytes = sum(p.stat().st_size for p in paths)
+        cold = drop_caches()
         t = time.perf_counter()
         subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
-        row = Row(n=n, input_bytes=in_bytes, floor_s=time.perf_counter() - t)
+        row = Row(n=n, input_bytes=in_bytes, floor_s=time.perf_counter() - t, cold=cold)
+        row.cold = row.cold and drop_caches()
         out = folder / f"ours-{method}-{n}.safetensors"
         res, peak = _sampled([sys.executable, "-m", "astolfomix_rs.tools.bench_robust", "ours",
                               json.dumps({"recipe": str(rpath), "models": str(folder), "out": str(out),
                                           "threads": threads, "precision": precision})], timeout)
         row.ours_s, row.ours_peak_anon_mb, row.ours_read_bytes = res["seconds"], peak, res["bytes_read"]
-        log(f"N={n}: floor {row.floor_s:.1f} s ({in_bytes / 1e9:.1f} GB), ours {row.ours_s:.1f} s "
+        log(f"N={n}: floor {row.floor_s:.1f} s ({in_bytes / 1e9:.1f} GB{', cold cache' if row.cold else ''}), "
+            f"ours {row.ours_s:.1f} s "
             f"({row.ours_s / row.floor_s:.2f}x floor), peak RssAnon {peak:.0f} MB")
         if have_sd and n in sd_mecha_ns:
             sd_out = folder / f"sdmecha-{method}-{n}.safetensors"
+            if row.cold:
+                drop_caches()
             try:
                 res, peak = _sampled([sys.executable, "-m", "astolfomix_rs.tools.bench_robust", "sd-mecha",
                                       json.dumps({"recipe": str(rpath), "models": str(folder), "out": str(sd_out),
@@ -167,8 +188,9 @@ def _has_sd_mecha() -> bool:
 
 
 def table(rows: list[Row], method: str, precision: str = "f64") -> str:
-    lines = [f"{method} ({precision}): N, input GB, floor s, ours s, ours/floor, ours RssAnon MB, sd-mecha s, "
-             "sd-mecha RssAnon MB"]
+    cold = all(r.cold for r in rows)
+    lines = [f"{method} ({precision}, {'cold cache before each' if cold else 'warm page cache'}): N, input GB, floor s, "
+             "ours s, ours/floor, ours RssAnon MB, sd-mecha s, sd-mecha RssAnon MB"]
     for r in rows:
         sd = (f"{r.sd_mecha_s:.1f}", f"{r.sd_mecha_peak_anon_mb:.0f}") if r.sd_mecha_s else ("-", "-")
         lines.append(f"{r.n:4d} {r.input_bytes / 1e9:8.2f} {r.floor_s:8.1f} {r.ours_s or 0:8.1f} "
