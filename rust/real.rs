@@ -31,8 +31,6 @@ pub trait Real:
     const ZERO: Self;
     /// 1.
     const ONE: Self;
-    /// `"f32"` or `"f64"`.
-    const NAME: &'static str;
     /// A model stock denominator `|1 + (N-1) c|` below this is the singular case (t = 0): a
     /// cosine from an f32 Gram matrix is good to about 1e-7, so f32 needs a wider margin.
     const SINGULAR: f64;
@@ -104,7 +102,6 @@ macro_rules! common {
 impl Real for f64 {
     const ZERO: f64 = 0.0;
     const ONE: f64 = 1.0;
-    const NAME: &'static str = "f64";
     const SINGULAR: f64 = 1e-9;
 
     common!(f64);
@@ -174,7 +171,6 @@ impl Real for f64 {
 impl Real for f32 {
     const ZERO: f32 = 0.0;
     const ONE: f32 = 1.0;
-    const NAME: &'static str = "f32";
     const SINGULAR: f64 = 1e-5;
 
     common!(f32);
