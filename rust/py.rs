@@ -841,18 +841,11 @@ fn robust_weiszfeld(gram: Vec<f64>, eps: f64, maxiter: usize, ftol: f64) -> PyRe
     Ok(crate::robust::weiszfeld(&gram, n, Median { eps, maxiter, ftol }))
 }
 
-/// The whole-tensor model stock factor from an n x n Gram matrix (row-major) summed from
-/// products in `precision`.
+/// The whole-tensor model stock factor from an n x n Gram matrix (row-major).
 #[pyfunction]
-#[pyo3(signature = (gram, cos_eps, precision="f64"))]
-fn robust_whole_stock(gram: Vec<f64>, cos_eps: f64, precision: &str) -> PyResult<f64> {
-    use crate::real::Real;
+fn robust_whole_stock(gram: Vec<f64>, cos_eps: f64) -> PyResult<f64> {
     let n = gram_side(&gram)?;
-    let singular = match parse_accumulate(precision)? {
-        Accumulate::F64 => f64::SINGULAR,
-        Accumulate::F32 => f32::SINGULAR,
-    };
-    Ok(crate::robust::whole_stock(&gram, n, cos_eps, singular))
+    Ok(crate::robust::whole_stock(&gram, n, cos_eps))
 }
 
 fn f64_values(py: Python<'_>, values: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {

@@ -1,7 +1,7 @@
 //! The working precision of the robust merges: their element-wise loops are written once over
 //! [`Real`] and run as f64 (the default) or f32 (`precision = "f32"`: half the bytes per value,
-//! twice the SIMD lanes). Whatever the precision, statistics that feed scalar steps (Gram sums
-//! across blocks, Weiszfeld, model stock factors, the isotropic SVD) are kept in f64.
+//! twice the SIMD lanes). Whatever the precision, what feeds a scalar step (the Gram product,
+//! Weiszfeld, model stock factors, the isotropic SVD) is computed in f64.
 
 use std::cmp::Ordering;
 use std::fmt::Debug;
@@ -31,9 +31,6 @@ pub trait Real:
     const ZERO: Self;
     /// 1.
     const ONE: Self;
-    /// A model stock denominator `|1 + (N-1) c|` below this is the singular case (t = 0): a
-    /// cosine from an f32 Gram matrix is good to about 1e-7, so f32 needs a wider margin.
-    const SINGULAR: f64;
 
     /// The nearest value (an f64 parameter such as a coefficient or a weight).
     fn from_f64(x: f64) -> Self;
@@ -51,7 +48,7 @@ pub trait Real:
     /// IEEE total order.
     fn total_cmp(&self, other: &Self) -> Ordering;
     /// The bits of `|x|` as an f64 (monotone in `|x|`): DELLA rank keys, so f32 and f64 values
-    /// that are equal get equal keys, and both executors build the same tables.
+    /// that are equal get equal keys, and both executors draw the same masks.
     #[inline(always)]
     fn rank_key(self) -> u64 {
         self.to_f64().abs().to_bits()
@@ -61,8 +58,8 @@ pub trait Real:
     fn load(dst: &mut [Self], src: &[u8], dtype: Dtype);
     /// `out = round(acc)` into `dtype`, correctly rounded once; `acc` may be overwritten.
     fn finish(acc: &mut [Self], out: &mut [u8], dtype: Dtype);
-    /// The Gram matrix `P P^T` of `np` points of `len` elements (point-major), as f64: one
-    /// matrix product in this precision.
+    /// The Gram matrix `P P^T` of `np` points of `len` elements (point-major), products and sums
+    /// in f64 whatever the precision.
     fn gram(pts: &[Self], np: usize, len: usize) -> Vec<f64>;
 }
 
@@ -102,7 +99,6 @@ macro_rules! common {
 impl Real for f64 {
     const ZERO: f64 = 0.0;
     const ONE: f64 = 1.0;
-    const SINGULAR: f64 = 1e-9;
 
     common!(f64);
 
@@ -171,13 +167,12 @@ impl Real for f64 {
 impl Real for f32 {
     const ZERO: f32 = 0.0;
     const ONE: f32 = 1.0;
-    const SINGULAR: f64 = 1e-5;
 
     common!(f32);
 
-    /// Products and sums in f64 (dgemm over the block widened): sgemm's packing of this layout
-    /// took several times the product itself (10x, or 2x with an element-major copy), and f64
-    /// sums also keep the whole-tensor model stock's cosines exact for opposite points.
+    /// dgemm over the block widened: sgemm's packing of this layout took several times the
+    /// product itself (10x, or 2x with an element-major copy), and f64 sums keep the
+    /// whole-tensor model stock's cosines as exact as in f64 precision (two opposite points: -1).
     fn gram(pts: &[f32], np: usize, len: usize) -> Vec<f64> {
         let wide: Vec<f64> = pts.iter().map(|&x| x as f64).collect();
         f64::gram(&wide, np, len)

@@ -12,7 +12,8 @@
 //! order. So every thread count and chunk size gives the same bits.
 //!
 //! Numbers: the element-wise loops run in the plan's precision (f64 by default, f32 on request;
-//! see [`crate::real`]); Gram sums across blocks, Weiszfeld and the stock factors in f64. A robust term whose value is NaN or infinite at an element
+//! see [`crate::real`]); the Gram product, Weiszfeld and the stock factors in f64. A robust term
+//! whose value is NaN or infinite at an element
 //! contributes 0 there (sd-mecha's `nan_to_num` for its TIES methods). Model stock rows where
 //! `|1 + (N-1) c| < 1e-9` get `t = 0` (sd-mecha divides by zero there); with one point, `t = 1`.
 //! A Gram matrix that is not finite (NaN/Inf inputs) gives the uniform mean's weights.
@@ -795,16 +796,16 @@ fn stock_rows<T: Work>(pts: &[T], n: usize, len: usize, row: usize, cos_eps: f64
                 }
                 c += dot / (na.sqrt().max(cos_eps) * nb.sqrt().max(cos_eps));
             }
-            T::from_f64(stock_factor(n, c / (n - 1) as f64, f64::SINGULAR))
+            T::from_f64(stock_factor(n, c / (n - 1) as f64))
         })
         .collect()
 }
 
-/// `N c / (1 + (N-1) c)`, or 0 where the denominator is below `singular` (sd-mecha divides by
-/// zero there).
-fn stock_factor(n: usize, c: f64, singular: f64) -> f64 {
+/// `N c / (1 + (N-1) c)`, or 0 where the denominator is below 1e-9 (sd-mecha divides by zero
+/// there).
+fn stock_factor(n: usize, c: f64) -> f64 {
     let den = 1.0 + (n as f64 - 1.0) * c;
-    if den.abs() < singular {
+    if den.abs() < 1e-9 {
         0.0
     } else {
         n as f64 * c / den
@@ -1009,7 +1010,7 @@ fn prepare<T: Work>(ctx: &Ctx<'_>, r: &Robust, blocks: &[(usize, usize)], numel:
     let np = r.points.len();
     match r.method {
         Method::ModelStock { cos_eps, .. } => {
-            prepared.stock = Some(T::from_f64(whole_stock(&g, np, cos_eps, T::SINGULAR)));
+            prepared.stock = Some(T::from_f64(whole_stock(&g, np, cos_eps)));
         }
         _ => {
             let w = weiszfeld(&g, np, r.method.median().expect("median"));
@@ -1113,7 +1114,7 @@ fn apply_mask_whole<T: Work>(all: &mut [T], blocks: &[(usize, usize)], key: [u32
 }
 
 /// The Gram matrix of the points (TIES-filtered when the method says so), summed in f64 over
-/// blocks in block order; each block's partial is one matrix product in the working precision.
+/// blocks in block order; each block's partial is one matrix product ([`Real::gram`], in f64).
 fn gram<T: Work>(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared<T>, blocks: &[(usize, usize)]) -> Result<(Vec<f64>, u64)> {
     let np = r.points.len();
     let mut g = vec![0f64; np * np];
@@ -1159,8 +1160,8 @@ fn gram<T: Work>(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared<T>, blocks: &[(usize
 }
 
 /// The whole-tensor model stock factor (mergekit: the mean cosine over all pairs) from the Gram
-/// matrix of the `np` points; `singular` is the working precision's [`Real::SINGULAR`].
-pub fn whole_stock(g: &[f64], np: usize, cos_eps: f64, singular: f64) -> f64 {
+/// matrix of the `np` points.
+pub fn whole_stock(g: &[f64], np: usize, cos_eps: f64) -> f64 {
     let norm = |i: usize| g[i * np + i].max(0.0).sqrt().max(cos_eps);
     let mut c = 0.0;
     let mut pairs = 0usize;
@@ -1173,7 +1174,7 @@ pub fn whole_stock(g: &[f64], np: usize, cos_eps: f64, singular: f64) -> f64 {
     if pairs == 0 {
         1.0
     } else {
-        stock_factor(np, c / pairs as f64, singular)
+        stock_factor(np, c / pairs as f64)
     }
 }
 
@@ -1266,11 +1267,9 @@ mod tests {
 
     #[test]
     fn stock_factor_degenerate_rows_are_zero() {
-        assert_eq!(stock_factor(2, -1.0, 1e-9), 0.0);
-        assert!((stock_factor(3, 0.5, 1e-9) - 1.5 / 2.0).abs() < 1e-15);
-        // an f32 Gram's cosine of two opposite points is -1 only to f32 rounding
-        assert_eq!(stock_factor(2, -1.0 + 3e-7, f32::SINGULAR), 0.0);
-        assert!(stock_factor(2, -1.0 + 3e-7, f64::SINGULAR).abs() > 1e6);
+        assert_eq!(stock_factor(2, -1.0), 0.0);
+        assert!((stock_factor(3, 0.5) - 1.5 / 2.0).abs() < 1e-15);
+        assert!(stock_factor(2, -1.0 + 3e-7).abs() > 1e6);
     }
 
     #[test]

@@ -367,7 +367,7 @@ class _Robust:
                 G += Pd @ Pd.T
             g = G.cpu().numpy().ravel().tolist()
             if method == "model_stock":
-                extra = _core.robust_whole_stock(g, params.get("cos_eps", 1e-6), self.via)
+                extra = _core.robust_whole_stock(g, params.get("cos_eps", 1e-6))
             else:
                 extra = _core.robust_weiszfeld(g, params.get("eps", 1e-6), int(params.get("maxiter", 100)),
                                                params.get("ftol", 1e-20))
