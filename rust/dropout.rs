@@ -56,10 +56,16 @@ impl Dropout {
         self.della_eps != 0.0 && !self.rows
     }
 
+    /// The keep probability of an element of rank `rank` among `n`.
     fn q(&self, rank: f64, n: f64) -> f64 {
         let e = (rank / n - (n + 1.0) / (2.0 * n)) * self.della_eps;
         let e = if e.is_finite() { e } else { 0.0 };
         (1.0 - self.p + e).clamp(0.0, 1.0)
+    }
+
+    /// The keep probability without a rank term (DARE, or a tensor holding a NaN).
+    fn q_plain(&self) -> f64 {
+        (1.0 - self.p).clamp(0.0, 1.0)
     }
 }
 
@@ -159,7 +165,7 @@ pub fn mask<T: Real>(out: &mut Vec<T>, vals: &[T], start: usize, key: [u32; 3], 
     out.clear();
     out.resize(vals.len(), T::ZERO);
     let one = |keep: bool| if keep { T::ONE } else { T::ZERO };
-    let q0 = ceil_u64((1.0 - d.p).clamp(0.0, 1.0) * TWO32);
+    let q0 = ceil_u64(d.q_plain() * TWO32);
     let ranks = if d.della_eps == 0.0 { Ranks::None } else { ranks };
     let mut u = DRAWS.with(|u| std::mem::take(&mut *u.borrow_mut()));
     u.clear();
@@ -183,7 +189,7 @@ pub fn mask<T: Real>(out: &mut Vec<T>, vals: &[T], start: usize, key: [u32; 3], 
                 }
                 let n = vs.len() as f64;
                 for (i, (m, &x)) in ms.iter_mut().zip(us).enumerate() {
-                    let q = if nan { (1.0 - d.p).clamp(0.0, 1.0) } else { d.q(rank[i], n) };
+                    let q = if nan { d.q_plain() } else { d.q(rank[i], n) };
                     *m = one((x as f64) < q * TWO32);
                 }
             }
@@ -202,7 +208,7 @@ pub fn della_bits<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
     let mut bits = vec![0u64; vals.len().div_ceil(64)];
     let half = d.della_eps.abs() / 2.0;
     let (lo, hi) = if d.della_eps == 0.0 {
-        let q0 = ceil_u64((1.0 - d.p).clamp(0.0, 1.0) * TWO32);
+        let q0 = ceil_u64(d.q_plain() * TWO32);
         (q0, q0)
     } else {
         (
@@ -210,8 +216,8 @@ pub fn della_bits<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
             ceil_u64((1.0 - d.p + half).clamp(0.0, 1.0) * TWO32),
         )
     };
-    // (position, draw) of the draws inside the band, in position order
-    let mut band: Vec<(u64, u32)> = Vec::new();
+    // positions and draws of the draws inside the band, in position order
+    let (mut band, mut band_u): (Vec<u64>, Vec<u32>) = (Vec::new(), Vec::new());
     let mut u = vec![0u32; STEP];
     for (c, part) in vals.chunks(STEP).enumerate() {
         let start = c * STEP;
@@ -224,21 +230,21 @@ pub fn della_bits<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
             while inside != 0 {
                 let i = inside.trailing_zeros() as usize;
                 inside &= inside - 1;
-                band.push(((start + w * 64 + i) as u64, us[i]));
+                band.push((start + w * 64 + i) as u64);
+                band_u.push(us[i]);
             }
         }
     }
     if band.is_empty() {
         return bits;
     }
-    let wanted: Vec<u64> = band.iter().map(|&(j, _)| j).collect();
-    let ranks = ranks_of(vals, d.della_eps, &wanted);
+    let ranks = ranks_of(vals, d.della_eps, &band);
     let n = vals.len() as f64;
-    for (k, &(j, x)) in band.iter().enumerate() {
+    for (k, (&j, &x)) in band.iter().zip(&band_u).enumerate() {
         // a tensor with a NaN has no rank term: q = 1 - p
         let q = match &ranks {
             Some(r) => d.q(r[k], n),
-            None => (1.0 - d.p).clamp(0.0, 1.0),
+            None => d.q_plain(),
         };
         if (x as f64) < q * TWO32 {
             bits[j as usize / 64] |= 1 << (j % 64);
@@ -348,19 +354,19 @@ pub fn ranks_of<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64]) -> Option<V
         off[b] = (h * nsub) as u32;
     }
     let slots = spare + nsub;
-    let (mut cnt, mut first, mut mixed) = (vec![0u64; slots], vec![0u64; slots], vec![false; slots]);
-    // (bucket, sub-bucket, elements of the sub-bucket before it) per wanted element, recorded
-    // without a branch: each element writes the next entry, which only a wanted one keeps.
-    let mut seen: Vec<(u32, u64)> = vec![(0, 0); wanted.len() + 1];
     let sub_mask = (nsub - 1) as u64;
+    let slot = |k: u64| off[bucket(k)] as usize + ((k >> shift2) & sub_mask) as usize;
+    let (mut cnt, mut first, mut mixed) = (vec![0u64; slots], vec![0u64; slots], vec![false; slots]);
+    // (sub-bucket, elements of the sub-bucket before it) per wanted element, recorded without a
+    // branch: each element writes the next entry, which only a wanted one keeps.
+    let mut seen: Vec<(u32, u64)> = vec![(0, 0); wanted.len() + 1];
     let mut next = 0usize;
     let mut want = wanted[0];
     let mut idx = vec![0u32; 4096.min(n)];
     for (c0, part) in vals.chunks(4096).enumerate() {
         // the slots of a chunk first (a loop that vectorizes), then the counting
         for (o, &v) in idx.iter_mut().zip(part) {
-            let k = key(v);
-            *o = off[bucket(k)] + ((k >> shift2) & sub_mask) as u32;
+            *o = slot(key(v)) as u32;
         }
         for (e, (&i, &v)) in idx.iter().zip(part).enumerate() {
             let (i, k, j) = (i as usize, key(v), (c0 * 4096 + e) as u64);
@@ -410,8 +416,7 @@ pub fn ranks_of<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64]) -> Option<V
         // Heavy sub-buckets of several keys (rare): their elements sorted by (key, position).
         for (j, &v) in vals.iter().enumerate() {
             let k = key(v);
-            let i = off[bucket(k)] as usize + ((k >> shift2) & sub_mask) as usize;
-            if let Some(part) = sorted_parts.get_mut(&i) {
+            if let Some(part) = sorted_parts.get_mut(&slot(k)) {
                 part.push((k, j as u64));
             }
         }

@@ -863,7 +863,24 @@ fn robust_ranks<'py>(py: Python<'py>, values: &Bound<'py, PyAny>, della_eps: f64
         let wanted: Vec<u64> = (0..v.len() as u64).collect();
         crate::dropout::ranks_of(&v, della_eps, &wanted)
     });
-    Ok(ranks.map(|r| PyBytes::new(py, &r.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())))
+    Ok(ranks.map(|r| le_bytes(py, r.iter().map(|x| x.to_le_bytes()))))
+}
+
+/// Eight-byte little-endian values as one bytes object.
+fn le_bytes<'py>(py: Python<'py>, words: impl Iterator<Item = [u8; 8]>) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &words.flatten().collect::<Vec<u8>>())
+}
+
+/// Dropout parameters, checked (a clear error instead of a mask of nonsense).
+fn checked_dropout(p: f64, della_eps: f64, rows: bool, seed: u64) -> PyResult<Dropout> {
+    let d = Dropout {
+        p,
+        della_eps,
+        rows,
+        seed,
+    };
+    d.check().map_err(plan_err)?;
+    Ok(d)
 }
 
 /// The keep mask of one point's whole tensor (float64 values) with tensor-wide DELLA ranks, as
@@ -880,19 +897,10 @@ fn robust_della_bits<'py>(
     p: f64,
     della_eps: f64,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let d = Dropout {
-        p,
-        della_eps,
-        rows: false,
-        seed,
-    };
-    d.check().map_err(plan_err)?;
+    let d = checked_dropout(p, della_eps, false, seed)?;
     let v = f64_values(py, values)?;
     let bits = py.detach(|| crate::dropout::della_bits(&v, crate::dropout::stream(seed, key, model), &d));
-    Ok(PyBytes::new(
-        py,
-        &bits.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>(),
-    ))
+    Ok(le_bytes(py, bits.iter().map(|w| w.to_le_bytes())))
 }
 
 /// The keep mask (float64 0/1, as bytes) of one point's elements `start..start + len(values)` at
@@ -913,19 +921,13 @@ fn robust_mask<'py>(
     rank_rows: bool,
     row: usize,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let d = Dropout {
-        p,
-        della_eps,
-        rows: rank_rows,
-        seed,
-    };
-    d.check().map_err(plan_err)?;
-    let v = f64_values(py, values)?;
+    let d = checked_dropout(p, della_eps, rank_rows, seed)?;
     if della_eps != 0.0 && !rank_rows {
         return Err(plan_err(
             "tensor-wide DELLA ranks need the whole tensor: use robust_della_bits",
         ));
     }
+    let v = f64_values(py, values)?;
     let ranks = if rank_rows {
         crate::dropout::Ranks::Rows(row.max(1))
     } else {
@@ -933,8 +935,7 @@ fn robust_mask<'py>(
     };
     let mut m = Vec::new();
     crate::dropout::mask(&mut m, &v, start, crate::dropout::stream(seed, key, model), &d, ranks);
-    let bytes: Vec<u8> = m.iter().flat_map(|x| x.to_le_bytes()).collect();
-    Ok(PyBytes::new(py, &bytes))
+    Ok(le_bytes(py, m.iter().map(|x| x.to_le_bytes())))
 }
 
 /// The mask generator's name and version (recorded in outputs).

@@ -397,6 +397,7 @@ fn block_value<T: Work>(
 }
 
 /// Per-thread buffers, reused across blocks (fresh 512 KB vectors per block cost page faults).
+#[derive(Default)]
 struct Scratch<T> {
     x: Vec<Vec<T>>,
     buf: Vec<u8>,
@@ -407,22 +408,6 @@ struct Scratch<T> {
     acc: Vec<T>,
     out: Vec<u8>,
     votes: Votes<T>,
-}
-
-impl<T> Default for Scratch<T> {
-    fn default() -> Self {
-        Scratch {
-            x: Vec::new(),
-            buf: Vec::new(),
-            pts: Vec::new(),
-            count: Vec::new(),
-            vals: Vec::new(),
-            mask: Vec::new(),
-            acc: Vec::new(),
-            out: Vec::new(),
-            votes: Votes::default(),
-        }
-    }
 }
 
 struct Ctx<'a> {
@@ -530,18 +515,10 @@ dispatch!(ties_vote, ties_vote_avx2, ties_vote_impl, (pts: &mut [T], len: usize,
 dispatch!(weighted_sum, weighted_sum_avx2, weighted_sum_impl, (pts: &[T], len: usize, w: Option<&[T]>, vals: &mut Vec<T>));
 
 /// Per-element vote buffers for [`ties_filter`].
+#[derive(Default)]
 struct Votes<T> {
     vote: Vec<T>,
     bad: Vec<T>,
-}
-
-impl<T> Default for Votes<T> {
-    fn default() -> Self {
-        Votes {
-            vote: Vec::new(),
-            bad: Vec::new(),
-        }
-    }
 }
 
 #[inline(always)]
@@ -655,35 +632,28 @@ thread_local! {
     static SCRATCH32: std::cell::RefCell<Scratch<f32>> = std::cell::RefCell::new(Scratch::default());
 }
 
-impl Work for f64 {
-    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<f64>) -> R) -> R {
-        SCRATCH64.with(|sc| f(&mut sc.borrow_mut()))
-    }
+/// [`Work`] for one precision: its thread's scratch buffers and its AVX2 agreeing step.
+macro_rules! work {
+    ($t:ty, $scratch:ident, $avx2:ident) => {
+        impl Work for $t {
+            fn with_scratch<R>(f: impl FnOnce(&mut Scratch<$t>) -> R) -> R {
+                $scratch.with(|sc| f(&mut sc.borrow_mut()))
+            }
 
-    fn keep_agreeing(p: &mut [f64], s: &[f64], count: Option<&mut [f64]>, sum: Option<(f64, &mut [f64])>) {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: AVX2 was detected on this CPU.
-            return unsafe { x86::keep_agreeing_f64(p, s, count, sum) };
+            fn keep_agreeing(p: &mut [$t], s: &[$t], count: Option<&mut [$t]>, sum: Option<($t, &mut [$t])>) {
+                #[cfg(target_arch = "x86_64")]
+                if avx2() {
+                    // SAFETY: AVX2 was detected on this CPU.
+                    return unsafe { x86::$avx2(p, s, count, sum) };
+                }
+                keep_agreeing_portable(p, s, count, sum)
+            }
         }
-        keep_agreeing_portable(p, s, count, sum)
-    }
+    };
 }
 
-impl Work for f32 {
-    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<f32>) -> R) -> R {
-        SCRATCH32.with(|sc| f(&mut sc.borrow_mut()))
-    }
-
-    fn keep_agreeing(p: &mut [f32], s: &[f32], count: Option<&mut [f32]>, sum: Option<(f32, &mut [f32])>) {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: AVX2 was detected on this CPU.
-            return unsafe { x86::keep_agreeing_f32(p, s, count, sum) };
-        }
-        keep_agreeing_portable(p, s, count, sum)
-    }
-}
+work!(f64, SCRATCH64, keep_agreeing_f64);
+work!(f32, SCRATCH32, keep_agreeing_f32);
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {

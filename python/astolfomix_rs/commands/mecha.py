@@ -598,7 +598,6 @@ def mecha_plan(
     plan.resolve()
     # The resolved plan keeps the open files; the parsed headers go.
     plan.inputs = list(paths)
-    del cores
     summary = {"inputs": [str(p) for p in paths], "outputs": len(outputs), "methods": methods, "sign_rule": rule,
                "precision": precision,
                "seeds": seeds,
