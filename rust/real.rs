@@ -174,8 +174,16 @@ impl Real for f32 {
     /// product itself (10x, or 2x with an element-major copy), and f64 sums keep the
     /// whole-tensor model stock's cosines as exact as in f64 precision (two opposite points: -1).
     fn gram(pts: &[f32], np: usize, len: usize) -> Vec<f64> {
-        let wide: Vec<f64> = pts.iter().map(|&x| x as f64).collect();
-        f64::gram(&wide, np, len)
+        thread_local! {
+            /// The widened block, kept for the thread's life (a fresh 512 KB per block faults).
+            static WIDE: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        WIDE.with(|w| {
+            let mut wide = w.borrow_mut();
+            wide.clear();
+            wide.extend(pts.iter().map(|&x| x as f64));
+            f64::gram(&wide, np, len)
+        })
     }
 
     #[inline(always)]
