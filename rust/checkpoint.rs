@@ -54,6 +54,21 @@ impl InputFile {
         }
     }
 
+    /// Asks the kernel to start reading bytes `[offset, offset + len)` into the page cache now
+    /// (asynchronous read-ahead). Advice only: errors are ignored.
+    pub fn will_need(&self, offset: usize, len: usize) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a file descriptor this value owns; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset` with `pread` (a copy into `buf` instead of page faults
     /// on the map). A file that became shorter is reported as changed.
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {

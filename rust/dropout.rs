@@ -142,6 +142,9 @@ fn draws(out: &mut [u32], key: [u32; 3], start: u64) {
 thread_local! {
     /// Per thread: the draws of [`mask`], kept between calls.
     static DRAWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per thread: the bucket of every element of [`ranks_core`]'s tensor (fresh pages for each
+    /// tensor cost as much as filling them).
+    static BUCKET: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// How a point's ranks are known, for [`mask`] (tensor-wide ranks go through [`della_bits`]).
@@ -204,7 +207,25 @@ pub fn mask<T: Real>(out: &mut Vec<T>, vals: &[T], start: usize, key: [u32; 3], 
 /// inside it (a fraction |eps| of the elements) need a rank, computed for just those by
 /// [`ranks_of`].
 pub fn della_bits<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
-    const STEP: usize = 4096; // a multiple of 64: words never straddle steps
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn avx2<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
+        della_bits_impl(vals, key, d)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::Level::detect().has_avx2() {
+        // SAFETY: AVX2 was detected on this CPU.
+        return unsafe { avx2(vals, key, d) };
+    }
+    della_bits_impl(vals, key, d)
+}
+
+/// Elements per step of the passes below: their per-element buffers stay in the L1 cache, and
+/// an index within a step fits a `u16`.
+const STEP: usize = 4096;
+
+#[inline(always)]
+fn della_bits_impl<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
     let mut bits = vec![0u64; vals.len().div_ceil(64)];
     let half = d.della_eps.abs() / 2.0;
     let (lo, hi) = if d.della_eps == 0.0 {
@@ -216,41 +237,59 @@ pub fn della_bits<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
             ceil_u64((1.0 - d.p + half).clamp(0.0, 1.0) * TWO32),
         )
     };
-    // positions and draws of the draws inside the band, in position order
-    let (mut band, mut band_u): (Vec<u64>, Vec<u32>) = (Vec::new(), Vec::new());
+    // The draws inside the band, in position order: positions (also as bits), draws and keys.
+    let mut band = Band::default();
+    let mut inside_bits = vec![0u64; bits.len()];
+    let mut range = KeyRange::EMPTY;
     let mut u = vec![0u32; STEP];
     for (c, part) in vals.chunks(STEP).enumerate() {
-        let start = c * STEP;
+        let start = c * STEP; // a multiple of 64: words never straddle steps
         let u = &mut u[..part.len()];
         draws(u, key, start as u64);
+        range = range.join(KeyRange::of(part));
         for (w, us) in u.chunks(64).enumerate() {
             let keep = below(us, lo);
             let mut inside = below(us, hi) & !keep;
             bits[start / 64 + w] = keep;
+            inside_bits[start / 64 + w] = inside;
             while inside != 0 {
                 let i = inside.trailing_zeros() as usize;
                 inside &= inside - 1;
-                band.push((start + w * 64 + i) as u64);
-                band_u.push(us[i]);
+                let j = start + w * 64 + i;
+                band.pos.push(j as u64);
+                band.draw.push(us[i]);
+                band.key.push(part[j - start].rank_key());
             }
         }
     }
-    if band.is_empty() {
+    if band.pos.is_empty() {
         return bits;
     }
-    let ranks = ranks_of(vals, d.della_eps, &band);
+    // (not a closure: it would not inherit the caller's AVX2)
+    let ranks = if range.nan {
+        None
+    } else {
+        Some(ranks_core(vals, d.della_eps, &band.pos, &band.key, &inside_bits, range))
+    };
     let n = vals.len() as f64;
-    for (k, (&j, &x)) in band.iter().zip(&band_u).enumerate() {
+    for (k, (&j, &x)) in band.pos.iter().zip(&band.draw).enumerate() {
         // a tensor with a NaN has no rank term: q = 1 - p
         let q = match &ranks {
             Some(r) => d.q(r[k], n),
             None => d.q_plain(),
         };
-        if (x as f64) < q * TWO32 {
-            bits[j as usize / 64] |= 1 << (j % 64);
-        }
+        // (no branch: a band element is kept about half the time)
+        bits[j as usize / 64] |= (((x as f64) < q * TWO32) as u64) << (j % 64);
     }
     bits
+}
+
+/// The draws of [`della_bits`] that need a rank.
+#[derive(Default)]
+struct Band {
+    pos: Vec<u64>,
+    draw: Vec<u32>,
+    key: Vec<u64>,
 }
 
 /// Bit `i` set where `us[i] < t` (at most 64 draws; `t` up to 2^32).
@@ -286,150 +325,293 @@ fn below_avx2(us: &[u32], t: u64) -> u64 {
     out
 }
 
+/// The range of a tensor's rank keys (`|v|` as f64 bits, monotone): the smallest non-zero key,
+/// the largest key, and whether a key is a NaN's.
+#[derive(Clone, Copy)]
+struct KeyRange {
+    min: u64,
+    max: u64,
+    nan: bool,
+}
+
+impl KeyRange {
+    const EMPTY: KeyRange = KeyRange {
+        min: u64::MAX,
+        max: 0,
+        nan: false,
+    };
+    /// Bits of +infinity: every larger key of `|v|` is a NaN's.
+    const INF: u64 = 0x7ff0_0000_0000_0000;
+
+    /// A loop without branches (zeros and NaNs are selected, not skipped), so it vectorizes.
+    #[inline(always)]
+    fn of<T: Real>(vals: &[T]) -> KeyRange {
+        let (mut min, mut max) = (u64::MAX, 0u64);
+        for &v in vals {
+            let k = v.rank_key();
+            min = min.min(if k == 0 { u64::MAX } else { k });
+            max = max.max(k);
+        }
+        KeyRange {
+            min,
+            max,
+            nan: max > Self::INF,
+        }
+    }
+
+    fn join(self, o: KeyRange) -> KeyRange {
+        KeyRange {
+            min: self.min.min(o.min),
+            max: self.max.max(o.max),
+            nan: self.nan | o.nan,
+        }
+    }
+}
+
 /// Buckets of the first counting level at most (its counts stay in the L2 cache).
 const BUCKETS: usize = 1 << 16;
 /// Bits the second level splits a heavy bucket by.
 const SUB_BITS: u32 = 8;
+/// Marks a light bucket in the table of heavy ones (no sub-buckets), and an unused slot's key.
+const NONE: u32 = u32::MAX;
+const NO_KEY: u64 = u64::MAX;
+/// A slot whose elements hold more than one key.
+const MIXED: u64 = u64::MAX - 1;
+
+/// The first counting level: zero alone in bucket 0, the non-zero keys by their top bits in at
+/// most 65536 buckets over the tensor's non-zero range (keys of the tensor the range is of).
+struct Buckets {
+    shift: u32,
+    /// The smallest non-zero key with its low `shift` bits cleared.
+    base: u64,
+    nb: usize,
+}
+
+impl Buckets {
+    fn new(range: KeyRange, n: usize) -> Buckets {
+        // (all zeros: an empty non-zero range, one unused bucket)
+        let kmax = range.max.max(1);
+        let kmin = range.min.min(kmax);
+        let cap = n.clamp(256, BUCKETS) as u64;
+        let mut shift = 0;
+        while (kmax >> shift) - (kmin >> shift) >= cap {
+            shift += 1;
+        }
+        Buckets {
+            shift,
+            base: (kmin >> shift) << shift,
+            nb: ((kmax >> shift) - (kmin >> shift) + 2) as usize,
+        }
+    }
+
+    /// (a select, not a branch: zeros are common and unpredictable; no clamp, as every non-zero
+    /// key is in the range)
+    #[inline(always)]
+    fn of(&self, k: u64) -> u32 {
+        let b = (k.wrapping_sub(self.base) >> self.shift) as u32 + 1;
+        if k == 0 {
+            0
+        } else {
+            b
+        }
+    }
+}
 
 /// The ordinal ranks (1..n, ties by position) of `|v_j|` within `vals` for the positions
-/// `wanted` (increasing), each within `T / 2` of the exact rank, `T <= 1.8e-4 n / |eps|`: the keep
-/// probability is then within 0.9e-4 of the exact formula. `None` if `vals` holds a NaN.
-///
-/// Keys are the bits of `|v|` as an f64 (monotone). A first counting pass buckets them by their
-/// top bits (zero alone in bucket 0, at most 65536 buckets over the non-zero range); a wanted
-/// element of a bucket of at most `T` elements gets the bucket's middle rank. A second pass, in
-/// position order, splits every heavier bucket by the next 8 bits, counting each sub-bucket's
-/// elements as it goes and noting whether it holds more than one key: a wanted element of a light
-/// sub-bucket gets its middle rank, one of a sub-bucket of a single key (fp16 deltas repeat values:
-/// the common case) its exact rank, since ties rank by position and the running count is that
-/// position. The elements of the few heavy sub-buckets of several keys that hold a wanted
-/// element are sorted, which places those exactly. No sort of the tensor, no per-element table.
+/// `wanted` (strictly increasing), each within `T / 2` of the exact rank, `T <= 1.8e-4 n /
+/// |eps|`: the keep probability is then within 0.9e-4 of the exact formula. `None` if `vals`
+/// holds a NaN.
 pub fn ranks_of<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64]) -> Option<Vec<f64>> {
+    assert!(wanted.windows(2).all(|w| w[0] < w[1]), "wanted positions must increase");
+    let range = KeyRange::of(vals);
+    if range.nan {
+        return None;
+    }
+    let keys: Vec<u64> = wanted.iter().map(|&j| vals[j as usize].rank_key()).collect();
+    let mut want_bits = vec![0u64; vals.len().div_ceil(64)];
+    wanted.iter().for_each(|&j| want_bits[j as usize / 64] |= 1 << (j % 64));
+    Some(ranks_core(vals, della_eps, wanted, &keys, &want_bits, range))
+}
+
+/// [`ranks_of`] for wanted positions given with their keys and as bits, over a tensor of key
+/// range `range` (no NaN).
+///
+/// A first counting pass buckets the keys ([`Buckets`]); a wanted element of a bucket of at most
+/// `T` elements gets the bucket's middle rank. A second pass, in position order, visits only the
+/// elements of the heavier buckets and splits each such bucket by the next 8 bits, counting each
+/// sub-bucket's elements as it goes and noting whether it holds more than one key: a wanted
+/// element of a light sub-bucket gets its middle rank, one of a sub-bucket of a single key (fp16
+/// deltas repeat values: the common case) its exact rank, since ties rank by position and the
+/// running count is that position. The elements of the few heavy sub-buckets of several keys
+/// that hold a wanted element are sorted, which places those exactly. No sort of the tensor, no
+/// per-element table.
+#[inline(always)]
+fn ranks_core<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64], keys: &[u64], want_bits: &[u64], range: KeyRange) -> Vec<f64> {
     let n = vals.len();
     let mut ranks = vec![0f64; wanted.len()];
     if wanted.is_empty() {
-        return Some(ranks);
+        return ranks;
     }
     let q = ((1.8 * TOL * n as f64 / della_eps.abs().max(1e-300)).floor() as u64).max(1);
-    let key = |v: T| v.rank_key();
-    // Zero (common: untouched weights) gets a bucket of its own, so the others span only the
-    // range of the non-zero magnitudes.
-    let (mut kmin, mut kmax, mut nan) = (u64::MAX, 0u64, false);
-    for &v in vals {
-        let k = key(v);
-        nan |= v.is_nan();
-        kmin = if k == 0 { kmin } else { kmin.min(k) };
-        kmax = kmax.max(k);
+    let bk = Buckets::new(range, n);
+    // Pass 1: each element's bucket (a loop that vectorizes), kept for pass 2, and the counts.
+    let mut bucket = BUCKET.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    bucket.clear();
+    bucket.reserve(n);
+    // Four tables, one per element position mod 4: an increment rarely waits on the one before
+    // (repeated values hit one counter in a row). u32 counts per step-sized run, added to the
+    // u64 totals before they could overflow.
+    let mut count = vec![0u64; bk.nb];
+    let mut part_count = vec![0u32; 4 * bk.nb];
+    let mut pending = 0usize;
+    for part in vals.chunks(STEP) {
+        let from = bucket.len();
+        bucket.extend(part.iter().map(|&v| bk.of(v.rank_key())));
+        let bs = &bucket[from..];
+        let (t0, rest) = part_count.split_at_mut(bk.nb);
+        let (t1, rest) = rest.split_at_mut(bk.nb);
+        let (t2, t3) = rest.split_at_mut(bk.nb);
+        let mut quads = bs.chunks_exact(4);
+        for q4 in &mut quads {
+            t0[q4[0] as usize] += 1;
+            t1[q4[1] as usize] += 1;
+            t2[q4[2] as usize] += 1;
+            t3[q4[3] as usize] += 1;
+        }
+        for &b in quads.remainder() {
+            t0[b as usize] += 1;
+        }
+        pending += bs.len();
+        if pending > (u32::MAX as usize) - STEP {
+            flush(&mut count, &mut part_count);
+            pending = 0;
+        }
     }
-    if nan {
-        return None;
-    }
-    // (all zeros: an empty non-zero range, one unused bucket)
-    let kmax = kmax.max(1);
-    let kmin = kmin.min(kmax);
-    let cap = n.clamp(256, BUCKETS) as u64;
-    let mut shift = 0;
-    while (kmax >> shift) - (kmin >> shift) >= cap {
-        shift += 1;
-    }
-    let nb = ((kmax >> shift) - (kmin >> shift) + 2) as usize;
-    let base = kmin >> shift;
-    // (a multiply by `k != 0`, not a branch: zeros are common and unpredictable)
-    let bucket = |k: u64| -> usize { (((k >> shift).saturating_sub(base) + 1) as usize).min(nb - 1) * (k != 0) as usize };
-    // Pass 1: counts per bucket.
-    let mut count = vec![0u64; nb];
-    for &v in vals {
-        count[bucket(key(v))] += 1;
-    }
+    flush(&mut count, &mut part_count);
     let below_root = prefix(&count);
-    // Pass 2: heavy buckets split into sub-buckets (light buckets count into a spare range, so
-    // the loop does not branch on them); per wanted element: its bucket, sub-bucket and the
-    // count of its sub-bucket's elements before it.
-    let sub_bits = shift.min(SUB_BITS);
-    let (shift2, nsub) = (shift - sub_bits, 1usize << sub_bits);
-    let heavy: Vec<usize> = (0..nb).filter(|&b| count[b] > q).collect();
-    let spare = heavy.len() * nsub;
-    let mut off = vec![spare as u32; nb];
-    for (h, &b) in heavy.iter().enumerate() {
-        off[b] = (h * nsub) as u32;
-    }
-    let slots = spare + nsub;
-    let sub_mask = (nsub - 1) as u64;
-    let slot = |k: u64| off[bucket(k)] as usize + ((k >> shift2) & sub_mask) as usize;
-    let (mut cnt, mut first, mut mixed) = (vec![0u64; slots], vec![0u64; slots], vec![false; slots]);
-    // (sub-bucket, elements of the sub-bucket before it) per wanted element, recorded without a
-    // branch: each element writes the next entry, which only a wanted one keeps.
-    let mut seen: Vec<(u32, u64)> = vec![(0, 0); wanted.len() + 1];
-    let mut next = 0usize;
-    let mut want = wanted[0];
-    let mut idx = vec![0u32; 4096.min(n)];
-    for (c0, part) in vals.chunks(4096).enumerate() {
-        // the slots of a chunk first (a loop that vectorizes), then the counting
-        for (o, &v) in idx.iter_mut().zip(part) {
-            *o = slot(key(v)) as u32;
-        }
-        for (e, (&i, &v)) in idx.iter().zip(part).enumerate() {
-            let (i, k, j) = (i as usize, key(v), (c0 * 4096 + e) as u64);
-            let c = cnt[i];
-            cnt[i] = c + 1;
-            if c == 0 {
-                first[i] = k;
-            }
-            mixed[i] |= k != first[i];
-            seen[next] = (i as u32, c);
-            let hit = (j == want) as usize;
-            next += hit;
-            want = if hit == 1 {
-                wanted.get(next).copied().unwrap_or(u64::MAX)
-            } else {
-                want
-            };
-        }
-    }
-    seen.truncate(wanted.len());
-    // Sub-bucket counts below each sub-bucket, within its bucket.
-    let mut below_sub = vec![0u64; slots];
-    for h in 0..=heavy.len() {
-        let mut acc = 0;
-        for i in h * nsub..(h + 1) * nsub {
-            below_sub[i] = acc;
-            acc += cnt[i];
-        }
-    }
     let mid = |count: u64| count.saturating_sub(1) as f64 / 2.0 + 1.0;
-    let mut sorted_parts: std::collections::HashMap<usize, Vec<(u64, u64)>> = std::collections::HashMap::new();
-    for (k, &(i, c)) in seen.iter().enumerate() {
-        let (b, i) = (bucket(key(vals[wanted[k] as usize])), i as usize);
-        ranks[k] = below_root[b] as f64
-            + if count[b] <= q {
-                mid(count[b])
-            } else if cnt[i] <= q {
-                below_sub[i] as f64 + mid(cnt[i])
-            } else if !mixed[i] {
-                below_sub[i] as f64 + (c + 1) as f64
+    let is_heavy = |b: u32| count[b as usize] > q;
+    let wanted_heavy = keys.iter().filter(|&&k| is_heavy(bk.of(k))).count();
+    if wanted_heavy == 0 {
+        BUCKET.with(|b| *b.borrow_mut() = bucket);
+        for (r, &k) in ranks.iter_mut().zip(keys) {
+            let b = bk.of(k) as usize;
+            *r = below_root[b] as f64 + mid(count[b]);
+        }
+        return ranks;
+    }
+    // Pass 2, over the elements of heavy buckets only: per sub-bucket (slot) its count so far and
+    // its key (or MIXED); per wanted element, its slot and the count of the slot's elements
+    // before it.
+    let sub_bits = bk.shift.min(SUB_BITS);
+    let (shift2, nsub) = (bk.shift - sub_bits, 1usize << sub_bits);
+    let sub_mask = (nsub - 1) as u64;
+    let mut off = vec![NONE; bk.nb];
+    let mut heavy_bits = vec![0u64; bk.nb.div_ceil(64)];
+    let mut nheavy = 0usize;
+    for b in 0..bk.nb {
+        if is_heavy(b as u32) {
+            off[b] = (nheavy * nsub) as u32;
+            heavy_bits[b / 64] |= 1 << (b % 64);
+            nheavy += 1;
+        }
+    }
+    let slot = |b: u32, k: u64| off[b as usize] + ((k >> shift2) & sub_mask) as u32;
+    let mut slots: Vec<(u64, u64)> = vec![(0, NO_KEY); nheavy * nsub];
+    let mut seen: Vec<(u32, u64)> = vec![(0, 0); wanted_heavy + 1];
+    let mut next = 0usize;
+    let mut list = vec![0u16; STEP.min(n)];
+    for (c0, (bs, part)) in bucket.chunks(STEP).zip(vals.chunks(STEP)).enumerate() {
+        // the step's heavy elements, listed without a branch
+        let mut m = 0;
+        for (e, &b) in bs.iter().enumerate() {
+            list[m] = e as u16;
+            m += ((heavy_bits[b as usize / 64] >> (b % 64)) & 1) as usize;
+        }
+        for &e in &list[..m] {
+            let (e, j) = (e as usize, c0 * STEP + e as usize);
+            let k = part[e].rank_key();
+            let i = slot(bs[e], k);
+            let st = &mut slots[i as usize];
+            let c = st.0;
+            st.0 = c + 1;
+            st.1 = if st.1 == NO_KEY || st.1 == k { k } else { MIXED };
+            // every element writes the next entry; only a wanted one keeps it
+            seen[next] = (i, c);
+            next += ((want_bits[j / 64] >> (j % 64)) & 1) as usize;
+        }
+    }
+    BUCKET.with(|b| *b.borrow_mut() = bucket);
+    // Slot counts below each slot, within its bucket.
+    let mut below_sub = vec![0u64; slots.len()];
+    for part in 0..nheavy {
+        let mut acc = 0;
+        for i in part * nsub..(part + 1) * nsub {
+            below_sub[i] = acc;
+            acc += slots[i].0;
+        }
+    }
+    // Heavy slots of several keys that hold a wanted element: sorted below.
+    let mut sorted: Vec<u32> = vec![NONE; slots.len()];
+    let mut parts: Vec<Vec<(u64, u64)>> = Vec::new();
+    let mut it = seen.iter();
+    for (r, &k) in ranks.iter_mut().zip(keys) {
+        let b = bk.of(k);
+        *r = below_root[b as usize] as f64
+            + if !is_heavy(b) {
+                mid(count[b as usize])
             } else {
-                sorted_parts.entry(i).or_default();
-                below_sub[i] as f64 // the place within is added below
+                let &(i, c) = it.next().expect("one entry per heavy wanted element");
+                let (cnt, key) = slots[i as usize];
+                below_sub[i as usize] as f64
+                    + if cnt <= q {
+                        mid(cnt)
+                    } else if key != MIXED {
+                        (c + 1) as f64
+                    } else {
+                        if sorted[i as usize] == NONE {
+                            sorted[i as usize] = parts.len() as u32;
+                            parts.push(Vec::new());
+                        }
+                        0.0 // the place within is added below
+                    }
             };
     }
-    if !sorted_parts.is_empty() {
+    if !parts.is_empty() {
         // Heavy sub-buckets of several keys (rare): their elements sorted by (key, position).
+        let part_of = |k: u64| {
+            let b = bk.of(k);
+            if is_heavy(b) {
+                sorted[slot(b, k) as usize]
+            } else {
+                NONE
+            }
+        };
         for (j, &v) in vals.iter().enumerate() {
-            let k = key(v);
-            if let Some(part) = sorted_parts.get_mut(&slot(k)) {
-                part.push((k, j as u64));
+            let k = v.rank_key();
+            let p = part_of(k);
+            if p != NONE {
+                parts[p as usize].push((k, j as u64));
             }
         }
-        sorted_parts.values_mut().for_each(|p| p.sort_unstable());
-        for (k, &(i, _)) in seen.iter().enumerate() {
-            if let Some(part) = sorted_parts.get(&(i as usize)) {
-                let j = wanted[k];
-                let place = part.partition_point(|&x| x < (key(vals[j as usize]), j));
-                ranks[k] += (place + 1) as f64;
+        parts.iter_mut().for_each(|p| p.sort_unstable());
+        for ((r, &k), &j) in ranks.iter_mut().zip(keys).zip(wanted) {
+            let p = part_of(k);
+            if p != NONE {
+                *r += (parts[p as usize].partition_point(|&x| x < (k, j)) + 1) as f64;
             }
         }
     }
-    Some(ranks)
+    ranks
+}
+
+/// Adds the four partial tables of `part` into `count` and empties them.
+fn flush(count: &mut [u64], part: &mut [u32]) {
+    let nb = count.len();
+    for (t, c) in count.iter_mut().enumerate() {
+        *c += (part[t] + part[nb + t] + part[2 * nb + t] + part[3 * nb + t]) as u64;
+    }
+    part.fill(0);
 }
 
 /// Exclusive prefix sums, one entry more than `count`.
@@ -676,15 +858,19 @@ mod timing {
         };
         let key = super::stream(0, "k", 0);
         let mut best = f64::MAX;
-        let mut kept = 0;
+        let (mut kept, mut hash) = (0, 0u64);
         for _ in 0..7 {
             let t = std::time::Instant::now();
             let bits = super::della_bits(&vals, key, &d);
             best = best.min(t.elapsed().as_secs_f64());
             kept = bits.iter().map(|w| w.count_ones()).sum::<u32>();
+            // FNV-1a over the words: "same bits" checks across changes
+            hash = bits
+                .iter()
+                .fold(0xcbf2_9ce4_8422_2325, |h, &w| (h ^ w).wrapping_mul(0x100_0000_01b3));
         }
         eprintln!(
-            "della_bits {:.2} ns/el over {} ({kept} kept)",
+            "della_bits {:.2} ns/el over {} ({kept} kept, bits {hash:016x})",
             best / vals.len() as f64 * 1e9,
             vals.len()
         );

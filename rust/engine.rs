@@ -372,11 +372,31 @@ pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Pro
         // Robust passes read every input block by block: ask for sequential read-ahead.
         layout.inputs.iter().for_each(|f| f.advise_sequential());
     }
-    for t in &layout.tensors {
-        if let Kind::Expr { sources, expr, via } = &t.kind {
-            bytes_read += pool.install(|| crate::robust::run_expr(layout, t, sources, expr, *via, opts.io, &writer, progress))?;
+    let exprs: Vec<&Resolved> = layout
+        .tensors
+        .iter()
+        .filter(|t| matches!(t.kind, Kind::Expr { .. }))
+        .collect();
+    let ahead = ReadAhead::default();
+    bytes_read += std::thread::scope(|scope| -> Result<u64> {
+        if !exprs.is_empty() {
+            scope.spawn(|| ahead.run(layout, &exprs));
         }
-    }
+        let run = || -> Result<u64> {
+            let mut read = 0;
+            for (i, t) in exprs.iter().enumerate() {
+                ahead.at(i);
+                if let Kind::Expr { sources, expr, via } = &t.kind {
+                    read +=
+                        pool.install(|| crate::robust::run_expr(layout, t, sources, expr, *via, opts.io, &writer, progress))?;
+                }
+            }
+            Ok(read)
+        };
+        let read = run();
+        ahead.at(usize::MAX); // stops the read-ahead, also on an error
+        read
+    })?;
     // A read through the map past the end of an input truncated meanwhile got zeros: refuse to
     // commit an output built from them.
     for f in &layout.inputs {
@@ -393,6 +413,64 @@ pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Pro
         threads,
         kernel: level.name(),
     })
+}
+
+/// Read-ahead for multi-pass tensors, which run one at a time: while tensor `i` computes, a
+/// thread asks the kernel to read the inputs of the next ones (up to [`ReadAhead::BYTES`] of
+/// them) into the page cache, so a cold run costs about the larger of reading and computing
+/// rather than their sum. The page cache is not the process's memory, and the window bounds how
+/// much of it is claimed ahead.
+#[derive(Default)]
+struct ReadAhead {
+    /// The index of the tensor running now (`usize::MAX`: stop).
+    at: std::sync::Mutex<usize>,
+    moved: std::sync::Condvar,
+}
+
+impl ReadAhead {
+    const BYTES: u64 = 512 << 20;
+
+    fn at(&self, i: usize) {
+        *self.at.lock().unwrap_or_else(|e| e.into_inner()) = i;
+        self.moved.notify_all();
+    }
+
+    fn run(&self, layout: &Layout, exprs: &[&Resolved]) {
+        let bytes = |t: &Resolved| -> u64 {
+            match &t.kind {
+                Kind::Expr { sources, .. } => sources.iter().map(|r| (r.dtype.size() * t.numel) as u64).sum(),
+                _ => 0,
+            }
+        };
+        let mut next = 0usize; // the next tensor to ask for
+        loop {
+            let mut now = self.at.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if *now == usize::MAX {
+                    return;
+                }
+                // (tensors already running or done are not asked for)
+                next = next.max(*now);
+                if next >= exprs.len() {
+                    return;
+                }
+                let ahead: u64 = exprs[(*now + 1).min(next)..next].iter().map(|t| bytes(t)).sum();
+                if next <= *now + 1 || ahead < Self::BYTES {
+                    break;
+                }
+                now = self.moved.wait(now).unwrap_or_else(|e| e.into_inner());
+            }
+            drop(now);
+            let t = exprs[next];
+            if let Kind::Expr { sources, .. } = &t.kind {
+                for r in sources {
+                    let (b, e) = range(r, 0, t.numel);
+                    layout.inputs[r.input].will_need(b, e - b);
+                }
+            }
+            next += 1;
+        }
+    }
 }
 
 /// Opens `inputs` one at a time, checks the plan against each and lays out the output; each

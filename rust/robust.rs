@@ -457,10 +457,7 @@ impl Ctx<'_> {
 /// All points of a block, point-major (`pts[i * len + e]`): every element-wise step below is a
 /// loop over contiguous elements that the compiler vectorizes. The sum per point is in term order.
 #[inline(always)]
-fn points_impl<T: Work>(r: &Robust, x: &[Vec<T>], len: usize, pts: &mut Vec<T>) {
-    let n = r.points.len();
-    pts.resize(len * n, T::ZERO);
-    pts.truncate(len * n);
+fn points_impl<T: Work>(r: &Robust, x: &[Vec<T>], len: usize, pts: &mut [T]) {
     for (terms, p) in r.points.iter().zip(pts.chunks_exact_mut(len.max(1))) {
         match terms.as_slice() {
             // The common shape, a delta `m - b`: one pass, the same bits as the general loop.
@@ -509,7 +506,13 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(points, points_avx2, points_impl, (r: &Robust, x: &[Vec<T>], len: usize, pts: &mut Vec<T>));
+dispatch!(points_to, points_avx2, points_impl, (r: &Robust, x: &[Vec<T>], len: usize, pts: &mut [T]));
+
+/// [`points_to`] into `pts`, sized to hold them.
+fn points<T: Work>(r: &Robust, x: &[Vec<T>], len: usize, pts: &mut Vec<T>) {
+    pts.resize(len * r.points.len(), T::ZERO);
+    points_to(r, x, len, pts);
+}
 dispatch!(ties_filter, ties_filter_avx2, ties_filter_impl, (pts: &mut [T], len: usize, ties: Ties, thr: Option<&[T]>, want_count: bool, count: &mut Vec<T>, v: &mut Votes<T>));
 dispatch!(ties_vote, ties_vote_avx2, ties_vote_impl, (pts: &mut [T], len: usize, ties: Ties, thr: Option<&[T]>, v: &mut Votes<T>));
 dispatch!(weighted_sum, weighted_sum_avx2, weighted_sum_impl, (pts: &[T], len: usize, w: Option<&[T]>, vals: &mut Vec<T>));
@@ -1012,14 +1015,14 @@ fn point_stats<T: Work>(
             method: r.method,
             dropout: None,
         };
-        all.clear();
+        // (every element is written below: the buffer keeps its length, so no fill or copy)
+        all.resize(numel, T::ZERO);
         let mut read = 0u64;
         for &(s, e) in blocks {
             read += T::with_scratch(|sc| -> Result<u64> {
                 ctx.check_cancel()?;
                 let n = ctx.load_some(terms.iter().map(|&(j, _)| j), s, e, sc)?;
-                points(&one, &sc.x, e - s, &mut sc.pts);
-                all.extend_from_slice(&sc.pts);
+                points_to(&one, &sc.x, e - s, &mut all[s..e]);
                 Ok(n)
             })?;
         }
