@@ -408,7 +408,7 @@ impl Buckets {
     /// key is in the range)
     #[inline(always)]
     fn of(&self, k: u64) -> u32 {
-        let b = (k.wrapping_sub(self.base) >> self.shift) as u32 + 1;
+        let b = ((k.wrapping_sub(self.base) >> self.shift) as u32).wrapping_add(1);
         if k == 0 {
             0
         } else {

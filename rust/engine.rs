@@ -382,20 +382,16 @@ pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Pro
         if !exprs.is_empty() {
             scope.spawn(|| ahead.run(layout, &exprs));
         }
-        let run = || -> Result<u64> {
-            let mut read = 0;
-            for (i, t) in exprs.iter().enumerate() {
-                ahead.at(i);
-                if let Kind::Expr { sources, expr, via } = &t.kind {
-                    read +=
-                        pool.install(|| crate::robust::run_expr(layout, t, sources, expr, *via, opts.io, &writer, progress))?;
-                }
+        // stops the read-ahead when this closure ends, however it ends (an error, a panic)
+        let _stop = StopOnDrop(&ahead);
+        let mut read = 0;
+        for (i, t) in exprs.iter().enumerate() {
+            ahead.at(i);
+            if let Kind::Expr { sources, expr, via } = &t.kind {
+                read += pool.install(|| crate::robust::run_expr(layout, t, sources, expr, *via, opts.io, &writer, progress))?;
             }
-            Ok(read)
-        };
-        let read = run();
-        ahead.at(usize::MAX); // stops the read-ahead, also on an error
-        read
+        }
+        Ok(read)
     })?;
     // A read through the map past the end of an input truncated meanwhile got zeros: refuse to
     // commit an output built from them.
@@ -427,6 +423,15 @@ struct ReadAhead {
     moved: std::sync::Condvar,
 }
 
+/// Stops a [`ReadAhead`] when dropped.
+struct StopOnDrop<'a>(&'a ReadAhead);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.at(usize::MAX);
+    }
+}
+
 impl ReadAhead {
     const BYTES: u64 = 512 << 20;
 
@@ -436,6 +441,11 @@ impl ReadAhead {
     }
 
     fn run(&self, layout: &Layout, exprs: &[&Resolved]) {
+        self.run_with(layout, exprs, Self::BYTES)
+    }
+
+    /// [`ReadAhead::run`] with a window of `window` bytes.
+    fn run_with(&self, layout: &Layout, exprs: &[&Resolved], window: u64) {
         let bytes = |t: &Resolved| -> u64 {
             match &t.kind {
                 Kind::Expr { sources, .. } => sources.iter().map(|r| (r.dtype.size() * t.numel) as u64).sum(),
@@ -455,7 +465,7 @@ impl ReadAhead {
                     return;
                 }
                 let ahead: u64 = exprs[(*now + 1).min(next)..next].iter().map(|t| bytes(t)).sum();
-                if next <= *now + 1 || ahead < Self::BYTES {
+                if next <= *now + 1 || ahead < window {
                     break;
                 }
                 now = self.moved.wait(now).unwrap_or_else(|e| e.into_inner());
@@ -659,6 +669,65 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, Error::Cancelled));
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn read_ahead_ends_when_done_and_when_stopped() {
+        // Multi-pass tensors (linear expressions), larger than the window together: the
+        // read-ahead must finish once the runs move on, and stop at once when told.
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.safetensors");
+        let names: Vec<String> = (0..6).map(|i| format!("w{i}")).collect();
+        let tensors: Vec<_> = names
+            .iter()
+            .map(|n| (n.as_str(), Dtype::F16, vec![1024], f16_bytes(&[0.5; 1024])))
+            .collect();
+        write_file(&a, &tensors);
+        let plan = Plan {
+            outputs: names
+                .iter()
+                .map(|n| OutputTensor {
+                    name: n.clone(),
+                    dtype: Some(Dtype::F16),
+                    op: Op::Expr {
+                        sources: vec![Source {
+                            input: 0,
+                            tensor: n.as_str().into(),
+                        }],
+                        expr: Arc::new(crate::robust::Expr {
+                            linear: vec![(0, 2.0)],
+                            ..Default::default()
+                        }),
+                    },
+                })
+                .collect(),
+            accumulate: Accumulate::F32,
+            precision: Accumulate::F64,
+            metadata: Default::default(),
+        };
+        let layout = prepare(plan, &[a]).unwrap();
+        let exprs: Vec<&Resolved> = layout.tensors.iter().collect();
+        let finishes = |drive: &dyn Fn(&ReadAhead)| {
+            let ahead = ReadAhead::default();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    ahead.run_with(&layout, &exprs, 2048);
+                    tx.send(()).unwrap();
+                });
+                drive(&ahead);
+                let ok = rx.recv_timeout(std::time::Duration::from_secs(20)).is_ok();
+                ahead.at(usize::MAX);
+                ok
+            })
+        };
+        // the window holds one 2 KB tensor: the thread waits until the runs move on
+        assert!(finishes(&|a: &ReadAhead| (0..6).for_each(|i| a.at(i))));
+        assert!(finishes(&|a: &ReadAhead| a.at(usize::MAX)));
+        // and the whole run agrees with the expression
+        let out = d.path().join("o.safetensors");
+        run_layout(&layout, &out, &Options::default(), &Progress::default()).unwrap();
+        assert_eq!(read_tensor(&out, "w5"), f16_bytes(&[1.0; 1024]));
     }
 
     #[test]
