@@ -372,8 +372,10 @@ impl KeyRange {
 const BUCKETS: usize = 1 << 16;
 /// Bits the second level splits a heavy bucket by.
 const SUB_BITS: u32 = 8;
-/// Marks a light bucket in the table of heavy ones (no sub-buckets), and an unused slot's key.
+/// Marks a light bucket in the table of heavy ones (no sub-buckets), and a slot without a sorted
+/// part.
 const NONE: u32 = u32::MAX;
+/// The key of a slot no element has reached yet.
 const NO_KEY: u64 = u64::MAX;
 /// A slot whose elements hold more than one key.
 const MIXED: u64 = u64::MAX - 1;
@@ -609,7 +611,7 @@ fn ranks_core<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64], keys: &[u64],
 fn flush(count: &mut [u64], part: &mut [u32]) {
     let nb = count.len();
     for (t, c) in count.iter_mut().enumerate() {
-        *c += (part[t] + part[nb + t] + part[2 * nb + t] + part[3 * nb + t]) as u64;
+        *c += (0..4).map(|i| part[i * nb + t] as u64).sum::<u64>();
     }
     part.fill(0);
 }

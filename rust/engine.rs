@@ -423,6 +423,18 @@ struct ReadAhead {
     moved: std::sync::Condvar,
 }
 
+/// (input, first byte, end byte) of every source a multi-pass tensor reads.
+fn source_ranges(t: &Resolved) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let sources = match &t.kind {
+        Kind::Expr { sources, .. } => &sources[..],
+        _ => &[],
+    };
+    sources.iter().map(|r| {
+        let (b, e) = range(r, 0, t.numel);
+        (r.input, b, e)
+    })
+}
+
 /// Stops a [`ReadAhead`] when dropped.
 struct StopOnDrop<'a>(&'a ReadAhead);
 
@@ -446,12 +458,7 @@ impl ReadAhead {
 
     /// [`ReadAhead::run`] with a window of `window` bytes.
     fn run_with(&self, layout: &Layout, exprs: &[&Resolved], window: u64) {
-        let bytes = |t: &Resolved| -> u64 {
-            match &t.kind {
-                Kind::Expr { sources, .. } => sources.iter().map(|r| (r.dtype.size() * t.numel) as u64).sum(),
-                _ => 0,
-            }
-        };
+        let bytes = |t: &Resolved| -> u64 { source_ranges(t).map(|(_, b, e)| (e - b) as u64).sum() };
         let mut next = 0usize; // the next tensor to ask for
         loop {
             let mut now = self.at.lock().unwrap_or_else(|e| e.into_inner());
@@ -471,12 +478,8 @@ impl ReadAhead {
                 now = self.moved.wait(now).unwrap_or_else(|e| e.into_inner());
             }
             drop(now);
-            let t = exprs[next];
-            if let Kind::Expr { sources, .. } = &t.kind {
-                for r in sources {
-                    let (b, e) = range(r, 0, t.numel);
-                    layout.inputs[r.input].will_need(b, e - b);
-                }
+            for (input, b, e) in source_ranges(exprs[next]) {
+                layout.inputs[input].will_need(b, e - b);
             }
             next += 1;
         }
