@@ -142,9 +142,6 @@ fn draws(out: &mut [u32], key: [u32; 3], start: u64) {
 thread_local! {
     /// Per thread: the draws of [`mask`], kept between calls.
     static DRAWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Per thread: the bucket of every element of [`ranks_core`]'s tensor (fresh pages for each
-    /// tensor cost as much as filling them).
-    static BUCKET: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// How a point's ranks are known, for [`mask`] (tensor-wide ranks go through [`della_bits`]).
@@ -202,66 +199,147 @@ pub fn mask<T: Real>(out: &mut Vec<T>, vals: &[T], start: usize, key: [u32; 3], 
 }
 
 /// A whole tensor's DELLA mask with tensor-wide ranks (or a DARE mask), as bits: bit `j % 64` of
-/// word `j / 64` is element `j`. Draws are integers, 64 at a time; draws below the band
-/// `1 - p -+ |eps|/2` are kept and draws above it dropped whatever the rank, so only the draws
-/// inside it (a fraction |eps| of the elements) need a rank, computed for just those by
-/// [`ranks_of`].
+/// word `j / 64` is element `j`. The same as feeding the whole tensor to a [`DellaMask`].
 pub fn della_bits<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn avx2<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
-        della_bits_impl(vals, key, d)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::Level::detect().has_avx2() {
-        // SAFETY: AVX2 was detected on this CPU.
-        return unsafe { avx2(vals, key, d) };
-    }
-    della_bits_impl(vals, key, d)
+    let mut m = DellaMask::new(vals.len(), key, d);
+    m.feed(vals, vals.len());
+    m.finish(vals)
 }
 
 /// Elements per step of the passes below: their per-element buffers stay in the L1 cache, and
 /// an index within a step fits a `u16`.
 const STEP: usize = 4096;
 
+/// One model's DELLA mask over a whole tensor (tensor-wide ranks), drawn while the tensor is
+/// loaded. Draws are integers, 64 at a time; draws below the band `1 - p -+ |eps|/2` are kept
+/// and draws above it dropped whatever the rank, so only the draws inside it (a fraction |eps|
+/// of the elements) need a rank. [`DellaMask::feed`] decides the others for each newly loaded
+/// stretch while it is still in cache (keeping the band's positions, draws and keys, and the
+/// tensor's key range); [`DellaMask::finish`] ranks the band ([`ranks_of`]) and decides it.
+pub struct DellaMask {
+    d: Dropout,
+    key: [u32; 3],
+    /// Draws below `lo` are kept, draws from `hi` on dropped.
+    lo: u64,
+    hi: u64,
+    n: usize,
+    /// Elements drawn so far (a multiple of 64 until the last).
+    fed: usize,
+    bits: Vec<u64>,
+    /// The band's elements as bits (bit `j % 64` of word `j / 64`).
+    inside: Vec<u64>,
+    band: Band,
+    range: KeyRange,
+    u: Vec<u32>,
+}
+
+/// The draws of a [`DellaMask`] that need a rank, in position order.
+#[derive(Default)]
+struct Band {
+    pos: Vec<u64>,
+    draw: Vec<u32>,
+    key: Vec<u64>,
+}
+
+impl DellaMask {
+    /// The mask of `n` elements in stream `key`.
+    pub fn new(n: usize, key: [u32; 3], d: &Dropout) -> DellaMask {
+        let half = d.della_eps.abs() / 2.0;
+        let (lo, hi) = if d.della_eps == 0.0 {
+            let q0 = ceil_u64(d.q_plain() * TWO32);
+            (q0, q0)
+        } else {
+            (
+                ceil_u64((1.0 - d.p - half).clamp(0.0, 1.0) * TWO32),
+                ceil_u64((1.0 - d.p + half).clamp(0.0, 1.0) * TWO32),
+            )
+        };
+        DellaMask {
+            d: *d,
+            key,
+            lo,
+            hi,
+            n,
+            fed: 0,
+            bits: vec![0u64; n.div_ceil(64)],
+            inside: vec![0u64; n.div_ceil(64)],
+            band: Band::default(),
+            range: KeyRange::EMPTY,
+            u: vec![0u32; STEP],
+        }
+    }
+
+    /// Draws the elements of `vals` (the whole tensor, loaded up to `upto`) not drawn yet, up to
+    /// the last multiple of 64 before `upto` (all of them once `upto` is the tensor's length).
+    pub fn feed<T: Real>(&mut self, vals: &[T], upto: usize) {
+        assert_eq!(vals.len(), self.n, "the whole tensor's buffer");
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn avx2<T: Real>(m: &mut DellaMask, vals: &[T], upto: usize) {
+            feed_impl(m, vals, upto)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::Level::detect().has_avx2() {
+            // SAFETY: AVX2 was detected on this CPU.
+            return unsafe { avx2(self, vals, upto) };
+        }
+        feed_impl(self, vals, upto)
+    }
+
+    /// The mask, once every element was fed (any left are drawn first).
+    pub fn finish<T: Real>(mut self, vals: &[T]) -> Vec<u64> {
+        self.feed(vals, self.n);
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn avx2<T: Real>(m: DellaMask, vals: &[T]) -> Vec<u64> {
+            finish_impl(m, vals)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::Level::detect().has_avx2() {
+            // SAFETY: AVX2 was detected on this CPU.
+            return unsafe { avx2(self, vals) };
+        }
+        finish_impl(self, vals)
+    }
+}
+
 #[inline(always)]
-fn della_bits_impl<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> {
-    let mut bits = vec![0u64; vals.len().div_ceil(64)];
-    let half = d.della_eps.abs() / 2.0;
-    let (lo, hi) = if d.della_eps == 0.0 {
-        let q0 = ceil_u64(d.q_plain() * TWO32);
-        (q0, q0)
-    } else {
-        (
-            ceil_u64((1.0 - d.p - half).clamp(0.0, 1.0) * TWO32),
-            ceil_u64((1.0 - d.p + half).clamp(0.0, 1.0) * TWO32),
-        )
-    };
-    // The draws inside the band, in position order: positions (also as bits), draws and keys.
-    let mut band = Band::default();
-    let mut inside_bits = vec![0u64; bits.len()];
-    let mut range = KeyRange::EMPTY;
-    let mut u = vec![0u32; STEP];
-    for (c, part) in vals.chunks(STEP).enumerate() {
-        let start = c * STEP; // a multiple of 64: words never straddle steps
-        let u = &mut u[..part.len()];
-        draws(u, key, start as u64);
-        range = range.join(KeyRange::of(part));
+fn feed_impl<T: Real>(m: &mut DellaMask, vals: &[T], upto: usize) {
+    let end = if upto >= m.n { m.n } else { upto / 64 * 64 };
+    while m.fed < end {
+        let start = m.fed; // a multiple of 64: words never straddle steps
+        let part = &vals[start..(start + STEP).min(end)];
+        let u = &mut m.u[..part.len()];
+        draws(u, m.key, start as u64);
+        m.range = m.range.join(KeyRange::of(part));
         for (w, us) in u.chunks(64).enumerate() {
-            let keep = below(us, lo);
-            let mut inside = below(us, hi) & !keep;
-            bits[start / 64 + w] = keep;
-            inside_bits[start / 64 + w] = inside;
+            let keep = below(us, m.lo);
+            let mut inside = below(us, m.hi) & !keep;
+            m.bits[start / 64 + w] = keep;
+            m.inside[start / 64 + w] = inside;
             while inside != 0 {
                 let i = inside.trailing_zeros() as usize;
                 inside &= inside - 1;
                 let j = start + w * 64 + i;
-                band.pos.push(j as u64);
-                band.draw.push(us[i]);
-                band.key.push(part[j - start].rank_key());
+                m.band.pos.push(j as u64);
+                m.band.draw.push(us[i]);
+                m.band.key.push(part[j - start].rank_key());
             }
         }
+        m.fed = start + part.len();
     }
+}
+
+#[inline(always)]
+fn finish_impl<T: Real>(m: DellaMask, vals: &[T]) -> Vec<u64> {
+    let DellaMask {
+        d,
+        mut bits,
+        inside,
+        band,
+        range,
+        ..
+    } = m;
     if band.pos.is_empty() {
         return bits;
     }
@@ -269,7 +347,7 @@ fn della_bits_impl<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> 
     let ranks = if range.nan {
         None
     } else {
-        Some(ranks_core(vals, d.della_eps, &band.pos, &band.key, &inside_bits, range))
+        Some(ranks_core(vals, d.della_eps, &band.pos, &band.key, &inside, range))
     };
     let n = vals.len() as f64;
     for (k, (&j, &x)) in band.pos.iter().zip(&band.draw).enumerate() {
@@ -282,14 +360,6 @@ fn della_bits_impl<T: Real>(vals: &[T], key: [u32; 3], d: &Dropout) -> Vec<u64> 
         bits[j as usize / 64] |= (((x as f64) < q * TWO32) as u64) << (j % 64);
     }
     bits
-}
-
-/// The draws of [`della_bits`] that need a rank.
-#[derive(Default)]
-struct Band {
-    pos: Vec<u64>,
-    draw: Vec<u32>,
-    key: Vec<u64>,
 }
 
 /// Bit `i` set where `us[i] < t` (at most 64 draws; `t` up to 2^32).
@@ -438,15 +508,21 @@ pub fn ranks_of<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64]) -> Option<V
 /// [`ranks_of`] for wanted positions given with their keys and as bits, over a tensor of key
 /// range `range` (no NaN).
 ///
-/// A first counting pass buckets the keys ([`Buckets`]); a wanted element of a bucket of at most
-/// `T` elements gets the bucket's middle rank. A second pass, in position order, visits only the
-/// elements of the heavier buckets and splits each such bucket by the next 8 bits, counting each
-/// sub-bucket's elements as it goes and noting whether it holds more than one key: a wanted
-/// element of a light sub-bucket gets its middle rank, one of a sub-bucket of a single key (fp16
-/// deltas repeat values: the common case) its exact rank, since ties rank by position and the
-/// running count is that position. The elements of the few heavy sub-buckets of several keys
-/// that hold a wanted element are sorted, which places those exactly. No sort of the tensor, no
-/// per-element table.
+/// A counting sweep buckets the keys ([`Buckets`]); a wanted element of a bucket of at most `T`
+/// elements gets the bucket's middle rank. The elements of the heavier buckets that hold a
+/// wanted element are visited in position order and each such bucket is split by the next 8
+/// bits, counting each sub-bucket's elements as it goes and noting whether it holds more than
+/// one key: a wanted element of a light sub-bucket gets its middle rank, one of a sub-bucket of
+/// a single key (fp16 deltas repeat values: the common case) its exact rank, since ties rank by
+/// position and the running count is that position. The elements of the few heavy sub-buckets
+/// of several keys that hold a wanted element are sorted, which places those exactly. No sort of
+/// the tensor, no per-element table.
+///
+/// Which buckets are heavy is known only once all are counted, but the wanted elements of a
+/// DELLA band are a uniform sample of the tensor (draws do not depend on values): the buckets
+/// where the sample is dense are visited in the counting sweep itself, while the tensor is in
+/// cache, and a second sweep visits any heavy bucket the sample missed (rare; it makes the
+/// ranks the same whatever the sample).
 #[inline(always)]
 fn ranks_core<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64], keys: &[u64], want_bits: &[u64], range: KeyRange) -> Vec<f64> {
     let n = vals.len();
@@ -456,137 +532,83 @@ fn ranks_core<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64], keys: &[u64],
     }
     let q = ((1.8 * TOL * n as f64 / della_eps.abs().max(1e-300)).floor() as u64).max(1);
     let bk = Buckets::new(range, n);
-    // Pass 1: each element's bucket (a loop that vectorizes), kept for pass 2, and the counts.
-    let mut bucket = BUCKET.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    bucket.clear();
-    bucket.reserve(n);
-    // Four tables, one per element position mod 4: an increment rarely waits on the one before
-    // (repeated values hit one counter in a row). u32 counts per step-sized run, added to the
-    // u64 totals before they could overflow.
+    let mut wanted_in = vec![0u64; bk.nb];
+    keys.iter().for_each(|&k| wanted_in[bk.of(k) as usize] += 1);
+    // A heavy bucket (more than q elements) holds about q f wanted ones or more (f the wanted
+    // share). Visiting a light bucket costs about as much as missing a heavy one (a second
+    // sweep), and light buckets near q outnumber heavy ones: the cut is at 0.8 q f, where a
+    // bucket of 1.2 q is missed less than once in 1000. Below 64 the sample says too little.
+    let theta = wanted.len() as f64 / n as f64 * q as f64 * 0.8;
+    let likely: Vec<u32> = if theta >= 64.0 {
+        (0..bk.nb as u32).filter(|&b| wanted_in[b as usize] as f64 >= theta).collect()
+    } else {
+        Vec::new()
+    };
     let mut count = vec![0u64; bk.nb];
-    let mut part_count = vec![0u32; 4 * bk.nb];
-    let mut pending = 0usize;
-    for part in vals.chunks(STEP) {
-        let from = bucket.len();
-        bucket.extend(part.iter().map(|&v| bk.of(v.rank_key())));
-        let bs = &bucket[from..];
-        let (t0, rest) = part_count.split_at_mut(bk.nb);
-        let (t1, rest) = rest.split_at_mut(bk.nb);
-        let (t2, t3) = rest.split_at_mut(bk.nb);
-        let mut quads = bs.chunks_exact(4);
-        for q4 in &mut quads {
-            t0[q4[0] as usize] += 1;
-            t1[q4[1] as usize] += 1;
-            t2[q4[2] as usize] += 1;
-            t3[q4[3] as usize] += 1;
-        }
-        for &b in quads.remainder() {
-            t0[b as usize] += 1;
-        }
-        pending += bs.len();
-        if pending > (u32::MAX as usize) - STEP {
-            flush(&mut count, &mut part_count);
-            pending = 0;
-        }
+    let mut first = Ties::new(&bk, &likely, &wanted_in);
+    sweep(vals, &bk, Some(&mut count), &mut first, want_bits);
+    let is_heavy = |b: u32| count[b as usize] > q;
+    let missed: Vec<u32> = (0..bk.nb as u32)
+        .filter(|&b| is_heavy(b) && wanted_in[b as usize] > 0 && first.off[b as usize] == NONE)
+        .collect();
+    let mut second = Ties::new(&bk, &missed, &wanted_in);
+    if !missed.is_empty() {
+        sweep(vals, &bk, None, &mut second, want_bits);
     }
-    flush(&mut count, &mut part_count);
     let below_root = prefix(&count);
     let mid = |count: u64| count.saturating_sub(1) as f64 / 2.0 + 1.0;
-    let is_heavy = |b: u32| count[b as usize] > q;
-    let wanted_heavy = keys.iter().filter(|&&k| is_heavy(bk.of(k))).count();
-    if wanted_heavy == 0 {
-        BUCKET.with(|b| *b.borrow_mut() = bucket);
-        for (r, &k) in ranks.iter_mut().zip(keys) {
-            let b = bk.of(k) as usize;
-            *r = below_root[b] as f64 + mid(count[b]);
+    let (mut it1, mut it2) = (first.seen.iter(), second.seen.iter());
+    // Which visited set holds bucket `b`, if any.
+    let set = |b: u32| {
+        if first.off[b as usize] != NONE {
+            Some(0)
+        } else if second.off[b as usize] != NONE {
+            Some(1)
+        } else {
+            None
         }
-        return ranks;
-    }
-    // Pass 2, over the elements of heavy buckets only: per sub-bucket (slot) its count so far and
-    // its key (or MIXED); per wanted element, its slot and the count of the slot's elements
-    // before it.
-    let sub_bits = bk.shift.min(SUB_BITS);
-    let (shift2, nsub) = (bk.shift - sub_bits, 1usize << sub_bits);
-    let sub_mask = (nsub - 1) as u64;
-    let mut off = vec![NONE; bk.nb];
-    let mut heavy_bits = vec![0u64; bk.nb.div_ceil(64)];
-    let mut nheavy = 0usize;
-    for b in 0..bk.nb {
-        if is_heavy(b as u32) {
-            off[b] = (nheavy * nsub) as u32;
-            heavy_bits[b / 64] |= 1 << (b % 64);
-            nheavy += 1;
-        }
-    }
-    let slot = |b: u32, k: u64| off[b as usize] + ((k >> shift2) & sub_mask) as u32;
-    let mut slots: Vec<(u64, u64)> = vec![(0, NO_KEY); nheavy * nsub];
-    let mut seen: Vec<(u32, u64)> = vec![(0, 0); wanted_heavy + 1];
-    let mut next = 0usize;
-    let mut list = vec![0u16; STEP.min(n)];
-    for (c0, (bs, part)) in bucket.chunks(STEP).zip(vals.chunks(STEP)).enumerate() {
-        // the step's heavy elements, listed without a branch
-        let mut m = 0;
-        for (e, &b) in bs.iter().enumerate() {
-            list[m] = e as u16;
-            m += ((heavy_bits[b as usize / 64] >> (b % 64)) & 1) as usize;
-        }
-        for &e in &list[..m] {
-            let (e, j) = (e as usize, c0 * STEP + e as usize);
-            let k = part[e].rank_key();
-            let i = slot(bs[e], k);
-            let st = &mut slots[i as usize];
-            let c = st.0;
-            st.0 = c + 1;
-            st.1 = if st.1 == NO_KEY || st.1 == k { k } else { MIXED };
-            // every element writes the next entry; only a wanted one keeps it
-            seen[next] = (i, c);
-            next += ((want_bits[j / 64] >> (j % 64)) & 1) as usize;
-        }
-    }
-    BUCKET.with(|b| *b.borrow_mut() = bucket);
-    // Slot counts below each slot, within its bucket.
-    let mut below_sub = vec![0u64; slots.len()];
-    for part in 0..nheavy {
-        let mut acc = 0;
-        for i in part * nsub..(part + 1) * nsub {
-            below_sub[i] = acc;
-            acc += slots[i].0;
-        }
-    }
-    // Heavy slots of several keys that hold a wanted element: sorted below.
-    let mut sorted: Vec<u32> = vec![NONE; slots.len()];
+    };
+    // Per visited set, its heavy slots of several keys that hold a wanted element: sorted below.
+    let mut sorted: [Vec<u32>; 2] = [vec![NONE; first.slots.len()], vec![NONE; second.slots.len()]];
     let mut parts: Vec<Vec<(u64, u64)>> = Vec::new();
-    let mut it = seen.iter();
     for (r, &k) in ranks.iter_mut().zip(keys) {
         let b = bk.of(k);
+        let visit = set(b).map(|s| {
+            let it = if s == 0 { &mut it1 } else { &mut it2 };
+            (s, *it.next().expect("one entry per visited wanted element"))
+        });
         *r = below_root[b as usize] as f64
-            + if !is_heavy(b) {
-                mid(count[b as usize])
-            } else {
-                let &(i, c) = it.next().expect("one entry per heavy wanted element");
-                let (cnt, key) = slots[i as usize];
-                below_sub[i as usize] as f64
-                    + if cnt <= q {
-                        mid(cnt)
-                    } else if key != MIXED {
-                        (c + 1) as f64
-                    } else {
-                        if sorted[i as usize] == NONE {
-                            sorted[i as usize] = parts.len() as u32;
-                            parts.push(Vec::new());
+            + match visit {
+                Some((s, (i, c))) if is_heavy(b) => {
+                    let t = if s == 0 { &first } else { &second };
+                    let (cnt, key) = t.slots[i as usize];
+                    t.below_sub[i as usize] as f64
+                        + if cnt <= q {
+                            mid(cnt)
+                        } else if key != MIXED {
+                            (c + 1) as f64
+                        } else {
+                            let sp = &mut sorted[s][i as usize];
+                            if *sp == NONE {
+                                *sp = parts.len() as u32;
+                                parts.push(Vec::new());
+                            }
+                            0.0 // the place within is added below
                         }
-                        0.0 // the place within is added below
-                    }
+                }
+                _ => mid(count[b as usize]),
             };
     }
     if !parts.is_empty() {
         // Heavy sub-buckets of several keys (rare): their elements sorted by (key, position).
         let part_of = |k: u64| {
             let b = bk.of(k);
-            if is_heavy(b) {
-                sorted[slot(b, k) as usize]
-            } else {
-                NONE
+            match set(b) {
+                Some(s) if is_heavy(b) => {
+                    let t = if s == 0 { &first } else { &second };
+                    sorted[s][t.slot(b, k) as usize]
+                }
+                _ => NONE,
             }
         };
         for (j, &v) in vals.iter().enumerate() {
@@ -605,6 +627,125 @@ fn ranks_core<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64], keys: &[u64],
         }
     }
     ranks
+}
+
+/// The buckets a [`sweep`] visits, split into sub-buckets (slots), and what it found.
+struct Ties {
+    /// Per bucket: its first slot, or NONE where not visited; and as bits.
+    off: Vec<u32>,
+    bits: Vec<u64>,
+    shift2: u32,
+    sub_mask: u64,
+    /// Per slot: its count and its key (NO_KEY before its first element, MIXED after a second
+    /// key); then the counts of the slots before it within its bucket.
+    slots: Vec<(u64, u64)>,
+    below_sub: Vec<u64>,
+    /// Per wanted element of a visited bucket, in position order: its slot and the count of the
+    /// slot's elements before it (one spare entry: every element writes the next one).
+    seen: Vec<(u32, u64)>,
+}
+
+impl Ties {
+    fn new(bk: &Buckets, buckets: &[u32], wanted_in: &[u64]) -> Ties {
+        let sub_bits = bk.shift.min(SUB_BITS);
+        let nsub = 1usize << sub_bits;
+        let mut off = vec![NONE; bk.nb];
+        let mut bits = vec![0u64; bk.nb.div_ceil(64)];
+        let mut seen = 1;
+        for (i, &b) in buckets.iter().enumerate() {
+            off[b as usize] = (i * nsub) as u32;
+            bits[b as usize / 64] |= 1 << (b % 64);
+            seen += wanted_in[b as usize] as usize;
+        }
+        Ties {
+            off,
+            bits,
+            shift2: bk.shift - sub_bits,
+            sub_mask: (nsub - 1) as u64,
+            slots: vec![(0, NO_KEY); buckets.len() * nsub],
+            below_sub: Vec::new(),
+            seen: vec![(0, 0); seen],
+        }
+    }
+
+    #[inline(always)]
+    fn slot(&self, b: u32, k: u64) -> u32 {
+        self.off[b as usize] + ((k >> self.shift2) & self.sub_mask) as u32
+    }
+}
+
+/// One pass over the tensor in position order: each step's buckets (kept in the L1 cache),
+/// counted into `count` when given, and the elements of the buckets `t` visits, listed without
+/// a branch and counted into their slots.
+#[inline(always)]
+fn sweep<T: Real>(vals: &[T], bk: &Buckets, mut count: Option<&mut Vec<u64>>, t: &mut Ties, want_bits: &[u64]) {
+    // Four tables, one per element position mod 4: an increment rarely waits on the one before
+    // (repeated values hit one counter in a row). u32 counts per step-sized run, added to the
+    // u64 totals before they could overflow.
+    let mut part_count = if count.is_some() { vec![0u32; 4 * bk.nb] } else { Vec::new() };
+    let mut pending = 0usize;
+    let visits = !t.slots.is_empty();
+    let mut bucket = vec![0u32; STEP.min(vals.len())];
+    let mut list = vec![0u16; STEP.min(vals.len())];
+    let mut next = 0usize;
+    for (c0, part) in vals.chunks(STEP).enumerate() {
+        let bs = &mut bucket[..part.len()];
+        bs.iter_mut().zip(part).for_each(|(b, &v)| *b = bk.of(v.rank_key()));
+        if count.is_some() {
+            let (t0, rest) = part_count.split_at_mut(bk.nb);
+            let (t1, rest) = rest.split_at_mut(bk.nb);
+            let (t2, t3) = rest.split_at_mut(bk.nb);
+            let mut quads = bs.chunks_exact(4);
+            for q4 in &mut quads {
+                t0[q4[0] as usize] += 1;
+                t1[q4[1] as usize] += 1;
+                t2[q4[2] as usize] += 1;
+                t3[q4[3] as usize] += 1;
+            }
+            for &b in quads.remainder() {
+                t0[b as usize] += 1;
+            }
+            pending += bs.len();
+            if pending > (u32::MAX as usize) - STEP {
+                flush(count.as_deref_mut().expect("counting"), &mut part_count);
+                pending = 0;
+            }
+        }
+        if !visits {
+            continue;
+        }
+        // the step's visited elements, listed without a branch
+        let mut m = 0;
+        for (e, &b) in bs.iter().enumerate() {
+            list[m] = e as u16;
+            m += ((t.bits[b as usize / 64] >> (b % 64)) & 1) as usize;
+        }
+        for &e in &list[..m] {
+            let (e, j) = (e as usize, c0 * STEP + e as usize);
+            let k = part[e].rank_key();
+            let i = t.slot(bs[e], k);
+            let st = &mut t.slots[i as usize];
+            let c = st.0;
+            st.0 = c + 1;
+            st.1 = if st.1 == NO_KEY || st.1 == k { k } else { MIXED };
+            // every element writes the next entry; only a wanted one keeps it
+            t.seen[next] = (i, c);
+            next += ((want_bits[j / 64] >> (j % 64)) & 1) as usize;
+        }
+    }
+    if let Some(count) = count {
+        flush(count, &mut part_count);
+    }
+    // Slot counts below each slot, within its bucket.
+    let nsub = t.sub_mask as usize + 1;
+    t.below_sub = vec![0u64; t.slots.len()];
+    for (below, slots) in t.below_sub.chunks_mut(nsub).zip(t.slots.chunks(nsub)) {
+        let mut acc = 0;
+        for (b, s) in below.iter_mut().zip(slots) {
+            *b = acc;
+            acc += s.0;
+        }
+    }
 }
 
 /// Adds the four partial tables of `part` into `count` and empties them.
@@ -701,6 +842,31 @@ mod tests {
         let r = ranks_of(&vals, 0.5, &wanted).unwrap();
         let ex = exact(&vals);
         assert_eq!(r, wanted.iter().map(|&j| ex[j as usize]).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn ranks_do_not_depend_on_which_heavy_buckets_the_sample_predicts() {
+        // A value repeated 5000 times among 100k continuous ones: one heavy bucket.
+        let mut vals = lcg(105_000, 4);
+        let rep: Vec<usize> = (0..5000).map(|i| i * 21 + 3).collect();
+        rep.iter().for_each(|&j| vals[j] = 2.5e-4);
+        let ex = exact(&vals);
+        // Every position wanted: the sample sees the heavy bucket, visited in the counting sweep.
+        let all = all_ranks(&vals, 0.1);
+        // Only three of the repeated value wanted: the sample misses it (a second sweep).
+        let few: Vec<u64> = (0..vals.len() as u64)
+            .filter(|&j| vals[j as usize] != 2.5e-4 || [rep[7], rep[2500], rep[4999]].contains(&(j as usize)))
+            .collect();
+        let some = ranks_of(&vals, 0.1, &few).unwrap();
+        for (r, &j) in some.iter().zip(&few) {
+            assert_eq!(*r, all[j as usize], "position {j}");
+        }
+        for &j in &[rep[7], rep[2500], rep[4999]] {
+            assert_eq!(all[j], ex[j], "ties rank by position");
+        }
+        let n = vals.len() as f64;
+        let worst = all.iter().zip(&ex).map(|(a, b)| (a - b).abs() / n * 0.1).fold(0.0, f64::max);
+        assert!(worst <= TOL, "{worst}");
     }
 
     #[test]

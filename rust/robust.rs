@@ -1017,6 +1017,10 @@ fn point_stats<T: Work>(
         };
         // (every element is written below: the buffer keeps its length, so no fill or copy)
         all.resize(numel, T::ZERO);
+        // DELLA with tensor-wide ranks: the mask is drawn here, once, from the whole tensor, and
+        // kept as bits (numel / 8 bytes per point) for the other passes. Each block's draws are
+        // made as it is loaded, while it is in cache.
+        let mut della = table.map(|d| dropout::DellaMask::new(numel, dropout::stream(d.seed, ctx.key, i), &d));
         let mut read = 0u64;
         for &(s, e) in blocks {
             read += T::with_scratch(|sc| -> Result<u64> {
@@ -1025,10 +1029,11 @@ fn point_stats<T: Work>(
                 points_to(&one, &sc.x, e - s, &mut all[s..e]);
                 Ok(n)
             })?;
+            if let Some(m) = &mut della {
+                m.feed(all, e);
+            }
         }
-        // DELLA with tensor-wide ranks: the mask is drawn here, once, from the whole tensor, and
-        // kept as bits (numel / 8 bytes per point) for the other passes.
-        let bits = table.map(|d| dropout::della_bits(all, dropout::stream(d.seed, ctx.key, i), &d));
+        let bits = della.map(|m| m.finish(all));
         let mut thr = T::ZERO;
         if let Some(k) = k {
             match (&bits, &r.dropout) {
