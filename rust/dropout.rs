@@ -464,7 +464,10 @@ impl Buckets {
         // (all zeros: an empty non-zero range, one unused bucket)
         let kmax = range.max.max(1);
         let kmin = range.min.min(kmax);
-        let cap = n.clamp(256, BUCKETS) as u64;
+        // About n / 16 buckets: the tables (about 40 bytes a bucket) stay smaller than the
+        // tensor (measured: the bench's DGMLA 4% faster than with n buckets; light buckets
+        // still give ranks within tolerance, heavier ones are split below).
+        let cap = (n / 16).clamp(256, BUCKETS) as u64;
         let mut shift = 0;
         while (kmax >> shift) - (kmin >> shift) >= cap {
             shift += 1;
