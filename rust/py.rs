@@ -596,7 +596,7 @@ fn run_watched<T: Send>(
 
 /// Executes a resolved plan on the CPU and writes `output` atomically. Returns the report.
 #[pyfunction]
-#[pyo3(signature = (layout, output, *, threads=None, chunk=None, kernel=None, io="pread", durable=true, overwrite=false, in_place=None, progress=None))]
+#[pyo3(signature = (layout, output, *, threads=None, chunk=None, kernel=None, io="auto", durable=true, overwrite=false, in_place=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn execute<'py>(
     py: Python<'py>,
@@ -614,7 +614,8 @@ fn execute<'py>(
     let io = match io {
         "pread" => Io::Pread,
         "mmap" => Io::Mmap,
-        other => return Err(plan_err(format!("io must be 'pread' or 'mmap', not '{other}'"))),
+        "auto" => Io::Auto,
+        other => return Err(plan_err(format!("io must be 'auto', 'pread' or 'mmap', not '{other}'"))),
     };
     let layout = layout.get().0.clone();
     let opts = Options {

@@ -154,7 +154,7 @@ def _two_inputs(tmp_path):
     return files
 
 
-@pytest.mark.parametrize("io", ["pread", "mmap"])
+@pytest.mark.parametrize("io", ["pread", "mmap", "auto"])
 def test_an_input_truncated_after_opening_is_reported_by_the_engine(tmp_path, io):
     from astolfomix_rs import _core
     from astolfomix_rs.core.plan import mean_plan
@@ -164,6 +164,32 @@ def test_an_input_truncated_after_opening_is_reported_by_the_engine(tmp_path, io
     layout = mean_plan([am.Checkpoint(f) for f in files]).resolve()
     size = os.path.getsize(files[1])
     _truncate(files[1], size // 2)  # reads past the new end: SIGBUS through a map, EOF with pread
+    with pytest.raises(AstolfomixIOError, match=rf"changed while it was read \(now {size // 2} bytes, expected {size}\)"):
+        _core.execute(layout, str(tmp_path / "o.safetensors"), io=io, durable=False)
+    assert sorted(os.listdir(tmp_path)) == ["0.safetensors", "1.safetensors"]
+
+
+@pytest.mark.parametrize("io", ["pread", "mmap", "auto"])
+def test_an_input_truncated_under_a_robust_merge_is_reported(tmp_path, io):
+    # Robust tensors are read in several passes (through the map under "auto"): a read past
+    # the new end must fail the run, not merge zeros.
+    from astolfomix_rs import _core
+    from astolfomix_rs.commands import mecha as mc
+    from astolfomix_rs.errors import AstolfomixIOError
+
+    files = _two_inputs(tmp_path)
+    text = "\n".join([
+        "version 0.1.0",
+        *[f'model "{f.name}" model_config="sdxl-sgm" merge_space="weight"' for f in files],
+        "merge \"subtract\" &1 &0",
+        "merge \"ties_sum_with_dropout\" &2 probability=0.1 della_eps=-0.1 rescale=false k=1.0 "
+        "vote_sgn=true apply_median=true seed=0",
+        "merge \"add_difference\" &0 &3 alpha=1.0",
+    ])
+    plan, _ = mc.mecha_plan(mc.parse_mecha(text), tmp_path, dtype="f32")
+    layout = plan.resolve()
+    size = os.path.getsize(files[1])
+    _truncate(files[1], size // 2)
     with pytest.raises(AstolfomixIOError, match=rf"changed while it was read \(now {size // 2} bytes, expected {size}\)"):
         _core.execute(layout, str(tmp_path / "o.safetensors"), io=io, durable=False)
     assert sorted(os.listdir(tmp_path)) == ["0.safetensors", "1.safetensors"]

@@ -132,7 +132,7 @@ def _check_ml(x32):
         assert np.all(np.isnan(decode(ours[nan].view(np.uint8), d)))
 
 
-@pytest.mark.parametrize("kernel,io", [(k, "pread") for k in am.kernels()] + [(am.kernels()[-1], "mmap")])
+@pytest.mark.parametrize("kernel,io", [(k, "pread") for k in am.kernels()] + [(am.kernels()[-1], "mmap"), (am.kernels()[-1], "auto")])
 def test_every_kernel_gives_same_file(tmp_path, rng, kernel, io):
     paths = []
     for i, d in enumerate(["F16", "BF16", "F32"]):

@@ -21,7 +21,7 @@ def execute(
     threads: int | None = None,
     chunk: int | None = None,
     kernel: str | None = None,
-    io: str = "pread",
+    io: str = "auto",
     progress: bool | Callable[[int, int], None] = True,
     overwrite: bool = False,
     durable: bool = True,
@@ -30,8 +30,9 @@ def execute(
 ) -> Report:
     """Executes ``plan`` and writes ``output`` atomically. ``device`` is "cpu" (the Rust engine),
     "torch-cpu" (the torch executor on the CPU, for testing it), or "cuda"/"cuda:N". The engine
-    reads inputs with ``io="pread"`` (default: chunks copied into per-thread buffers) or
-    ``io="mmap"`` (straight from the map, paying page faults and the final unmap).
+    reads inputs with ``io="pread"`` (chunks copied into per-thread buffers), ``io="mmap"``
+    (straight from the map, paying page faults and the final unmap) or ``io="auto"`` (default:
+    pread for tensors read once, the map for robust tensors, read in several passes).
     ``in_place=i``: ``output`` is input ``i`` and is replaced atomically by the result."""
     output = Path(output)
     bar = ProgressBar(progress is True, output.name)
