@@ -120,6 +120,11 @@ fn draws(out: &mut [u32], key: [u32; 3], start: u64) {
     fn run_avx2(out: &mut [u32], key: [u32; 3], lo: u32, hi: u32) {
         run(out, key, lo, hi)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
+    fn run_avx512(out: &mut [u32], key: [u32; 3], lo: u32, hi: u32) {
+        run(out, key, lo, hi)
+    }
     let mut done = 0usize;
     while done < out.len() {
         let idx = start + done as u64;
@@ -127,6 +132,13 @@ fn draws(out: &mut [u32], key: [u32; 3], start: u64) {
         let left = ((1u64 << 32) - (idx & 0xffff_ffff)).min((out.len() - done) as u64) as usize;
         let part = &mut out[done..done + left];
         let (lo, hi) = (idx as u32, (idx >> 32) as u32);
+        #[cfg(target_arch = "x86_64")]
+        if use_avx512() {
+            // SAFETY: these AVX-512 subsets were detected on this CPU.
+            unsafe { run_avx512(part, key, lo, hi) };
+            done += left;
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::Level::detect().has_avx2() {
             // SAFETY: the level is AVX2 or above only where the CPU has AVX2.
@@ -137,6 +149,21 @@ fn draws(out: &mut [u32], key: [u32; 3], start: u64) {
         run(part, key, lo, hi);
         done += left;
     }
+}
+
+/// Whether the mask draws and DELLA ranks run their AVX-512 builds: the level allows AVX-512
+/// (`ASTOLFOMIX_KERNEL` can cap it) and the CPU has the F, VL, BW and DQ subsets. (About 7%
+/// faster than AVX2 for the ranks of a bench tensor; the robust loops stay at AVX2, where
+/// AVX-512 measured slower.)
+#[cfg(target_arch = "x86_64")]
+fn use_avx512() -> bool {
+    static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *YES.get_or_init(|| {
+        crate::kernels::Level::detect().has_avx512()
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+    })
 }
 
 thread_local! {
@@ -279,6 +306,16 @@ impl DellaMask {
             feed_impl(m, vals, upto)
         }
         #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
+        fn avx512<T: Real>(m: &mut DellaMask, vals: &[T], upto: usize) {
+            feed_impl(m, vals, upto)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if use_avx512() {
+            // SAFETY: these AVX-512 subsets were detected on this CPU.
+            return unsafe { avx512(self, vals, upto) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if crate::kernels::Level::detect().has_avx2() {
             // SAFETY: AVX2 was detected on this CPU.
             return unsafe { avx2(self, vals, upto) };
@@ -293,6 +330,16 @@ impl DellaMask {
         #[target_feature(enable = "avx2")]
         fn avx2<T: Real>(m: DellaMask, vals: &[T]) -> Vec<u64> {
             finish_impl(m, vals)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
+        fn avx512<T: Real>(m: DellaMask, vals: &[T]) -> Vec<u64> {
+            finish_impl(m, vals)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if use_avx512() {
+            // SAFETY: these AVX-512 subsets were detected on this CPU.
+            return unsafe { avx512(self, vals) };
         }
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::Level::detect().has_avx2() {

@@ -36,6 +36,11 @@ impl Level {
         self != Level::SCALAR
     }
 
+    /// Whether this is the AVX-512 level (F; callers needing more subsets check them).
+    pub fn has_avx512(self) -> bool {
+        self.0 == Imp::Avx512
+    }
+
     /// The best level this CPU supports (cached). `ASTOLFOMIX_KERNEL=scalar|avx2|avx512` caps it.
     pub fn detect() -> Level {
         static L: OnceLock<Level> = OnceLock::new();
