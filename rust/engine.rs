@@ -462,6 +462,7 @@ impl Drop for StopOnDrop<'_> {
 
 impl ReadAhead {
     const BYTES: u64 = 512 << 20;
+    const EXTENT: usize = 8 << 20;
 
     fn at(&self, i: usize) {
         *self.at.lock().unwrap_or_else(|e| e.into_inner()) = i;
@@ -476,6 +477,9 @@ impl ReadAhead {
     fn run_with(&self, layout: &Layout, exprs: &[&Resolved], window: u64) {
         let bytes = |t: &Resolved| -> u64 { source_ranges(t).map(|(_, b, e)| (e - b) as u64).sum() };
         let mut next = 0usize; // the next tensor to ask for
+                               // Per input, the end of what was asked for: requests run on to at least EXTENT bytes,
+                               // so the disk gets few large sequential reads per file instead of one per tensor.
+        let mut asked = vec![0usize; layout.inputs.len()];
         loop {
             let mut now = self.at.lock().unwrap_or_else(|e| e.into_inner());
             loop {
@@ -495,7 +499,12 @@ impl ReadAhead {
             }
             drop(now);
             for (input, b, e) in source_ranges(exprs[next]) {
-                layout.inputs[input].will_need(b, e - b);
+                if e > asked[input] {
+                    let from = b.max(asked[input]);
+                    let to = e.max(from + Self::EXTENT);
+                    layout.inputs[input].will_need(from, to - from);
+                    asked[input] = to;
+                }
             }
             next += 1;
         }
