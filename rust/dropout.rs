@@ -8,9 +8,10 @@
 //! - `q = clamp(1 - p + e, 0, 1)`; `e = 0` for DARE; for DELLA `e = (r/n - (n+1)/(2n)) * eps`
 //!   with `r` the ordinal rank (1..n, ties by position) of `|d|` within the whole tensor of that
 //!   model (sd-mecha) or within its row (`rows`, the DELLA paper's and mergekit's choice).
-//! - A tensor-wide rank needs the whole tensor of one model: [`della_bits`] draws a model's mask
-//!   from it in a statistics pass (one tensor of one model at a time), with ranks estimated to
-//!   within `TOL / |eps|` of n ([`ranks_of`]), so `q` is within `TOL` of the exact formula.
+//! - A tensor-wide rank needs the whole tensor of one model: a [`DellaMask`] draws a model's mask
+//!   in a statistics pass (one tensor of one model at a time, fed block by block as it is
+//!   loaded; [`della_bits`] for a tensor at hand), with ranks estimated to within `TOL / |eps|`
+//!   of n ([`ranks_of`]), so `q` is within `TOL` of the exact formula.
 //! - sd-mecha multiplies the delta by the mask, so a dropped NaN stays NaN (and a dropped
 //!   negative value becomes -0.0); we do the same. A model whose tensor holds a NaN gets `e = 0`
 //!   everywhere (sd-mecha's ranks are then all NaN, which it sets to 0).
