@@ -457,8 +457,9 @@ fn f16_pieces<T>(acc: &mut [T], src: &[u8], mut convert: impl FnMut(&[half::f16]
     }
 }
 
-/// Sets `acc[i] = f64(src[i])` exactly. F16 goes through `half`'s slice conversion (F16C when
-/// the CPU has it): the robust merges convert every input element to f64 in each pass.
+/// Sets `acc[i] = f64(src[i])` exactly. F16 goes through F16C 8 values at a time straight from
+/// the (possibly unaligned) bytes where the CPU has it, else `half`'s slice conversion: the
+/// robust merges convert every input element to f64 in each pass.
 pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
     assert_eq!(
         src.len(),
@@ -467,6 +468,12 @@ pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
     );
     match dtype {
         Dtype::F16 => {
+            #[cfg(target_arch = "x86_64")]
+            if Level::detect().has_avx2() {
+                // SAFETY: the level is AVX2 or above only where the CPU has AVX2 and F16C.
+                unsafe { x86f16::to_f64(acc, src) };
+                return;
+            }
             use half::slice::HalfFloatSliceExt;
             f16_pieces(acc, src, |h, a| h.convert_to_f64_slice(a));
         }
@@ -483,7 +490,7 @@ pub fn load_f64_slice(acc: &mut [f64], src: &[u8], dtype: Dtype) {
 }
 
 /// Sets `acc[i] = f32(src[i])` (exact, except an f64 source, which is rounded to nearest): the
-/// robust merges' f32 precision. F16 goes through `half`'s slice conversion (F16C where present).
+/// robust merges' f32 precision. F16 goes through F16C where present (as [`load_f64_slice`]).
 pub fn load_f32_slice(acc: &mut [f32], src: &[u8], dtype: Dtype) {
     assert_eq!(
         src.len(),
@@ -492,6 +499,12 @@ pub fn load_f32_slice(acc: &mut [f32], src: &[u8], dtype: Dtype) {
     );
     match dtype {
         Dtype::F16 => {
+            #[cfg(target_arch = "x86_64")]
+            if Level::detect().has_avx2() {
+                // SAFETY: the level is AVX2 or above only where the CPU has AVX2 and F16C.
+                unsafe { x86f16::to_f32(acc, src) };
+                return;
+            }
             use half::slice::HalfFloatSliceExt;
             f16_pieces(acc, src, |h, a| h.convert_to_f32_slice(a));
         }
@@ -500,6 +513,48 @@ pub fn load_f32_slice(acc: &mut [f32], src: &[u8], dtype: Dtype) {
             .zip(src.chunks_exact(4))
             .for_each(|(a, c)| *a = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         _ => load(acc, src, dtype),
+    }
+}
+
+/// f16 to f32/f64 with F16C, 8 values per step from unaligned bytes: exact conversions (as
+/// `half`'s, which calls the same instructions one 8-value call at a time: 13% of a DGMLA run).
+#[cfg(target_arch = "x86_64")]
+mod x86f16 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn to_f64(acc: &mut [f64], src: &[u8]) {
+        let n = acc.len().min(src.len() / 2);
+        let full = n / 8 * 8;
+        for i in (0..full).step_by(8) {
+            // SAFETY: i + 8 <= n: 16 bytes of `src` from byte 2i and 8 values of `acc` from i.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i);
+                let f = _mm256_cvtph_ps(h);
+                let p = acc.as_mut_ptr().add(i);
+                _mm256_storeu_pd(p, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+                _mm256_storeu_pd(p.add(4), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(f)));
+            }
+        }
+        for i in full..n {
+            acc[i] = half::f16::from_le_bytes([src[2 * i], src[2 * i + 1]]).to_f64();
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn to_f32(acc: &mut [f32], src: &[u8]) {
+        let n = acc.len().min(src.len() / 2);
+        let full = n / 8 * 8;
+        for i in (0..full).step_by(8) {
+            // SAFETY: as in `to_f64`.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i);
+                _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        for i in full..n {
+            acc[i] = half::f16::from_le_bytes([src[2 * i], src[2 * i + 1]]).to_f32();
+        }
     }
 }
 
@@ -692,7 +747,8 @@ mod tests {
 
     #[test]
     fn f16_sources_convert_alike_at_any_byte_offset() {
-        let vals: Vec<half::f16> = (0..10_000).map(|i| half::f16::from_f32((i as f32 - 5000.0) * 0.37)).collect();
+        // every f16 bit pattern (subnormals, infinities, NaNs, -0) and some more, at two offsets
+        let vals: Vec<half::f16> = (0..=u16::MAX).chain(0..123).map(half::f16::from_bits).collect();
         let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let want: Vec<f64> = vals.iter().map(|v| v.to_f64()).collect();
         // the same bytes at an even and at an odd address
@@ -701,12 +757,13 @@ mod tests {
             let start = (2 - buf.as_ptr() as usize % 2) % 2 + off;
             buf[start..start + bytes.len()].copy_from_slice(&bytes);
             let src = &buf[start..start + bytes.len()];
+            let same = |a: f64, w: f64| a.to_bits() == w.to_bits() || (a.is_nan() && w.is_nan());
             let mut a64 = vec![0f64; vals.len()];
             load_f64_slice(&mut a64, src, Dtype::F16);
-            assert_eq!(a64, want, "offset {off}");
+            assert!(a64.iter().zip(&want).all(|(&a, &w)| same(a, w)), "offset {off}");
             let mut a32 = vec![0f32; vals.len()];
             load_f32_slice(&mut a32, src, Dtype::F16);
-            assert!(a32.iter().zip(&want).all(|(&a, &w)| a as f64 == w), "offset {off}");
+            assert!(a32.iter().zip(&want).all(|(&a, &w)| same(a as f64, w)), "offset {off}");
         }
     }
 
