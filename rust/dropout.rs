@@ -490,8 +490,7 @@ impl KeyRange {
 const BUCKETS: usize = 1 << 16;
 /// Bits the second level splits a heavy bucket by.
 const SUB_BITS: u32 = 8;
-/// Marks a light bucket in the table of heavy ones (no sub-buckets), and a slot without a sorted
-/// part.
+/// Marks a bucket a sweep does not visit (no slots), and a slot without a sorted part.
 const NONE: u32 = u32::MAX;
 /// The key of a slot no element has reached yet.
 const NO_KEY: u64 = u64::MAX;
@@ -729,7 +728,7 @@ impl Ties {
 /// counted into `count` when given, and the elements of the buckets `t` visits, listed without
 /// a branch and counted into their slots.
 #[inline(always)]
-fn sweep<T: Real>(vals: &[T], bk: &Buckets, mut count: Option<&mut Vec<u64>>, t: &mut Ties, want_bits: &[u64]) {
+fn sweep<T: Real>(vals: &[T], bk: &Buckets, mut count: Option<&mut [u64]>, t: &mut Ties, want_bits: &[u64]) {
     // Four tables, one per element position mod 4: an increment rarely waits on the one before
     // (repeated values hit one counter in a row). u32 counts per step-sized run, added to the
     // u64 totals before they could overflow.

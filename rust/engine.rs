@@ -475,6 +475,8 @@ impl ReadAhead {
         };
         (ram / 6).clamp(512 << 20, 4 << 30)
     }
+    /// Bytes of one input asked for at least at a time: the disk gets a few large sequential
+    /// reads per file instead of one per tensor.
     const EXTENT: usize = 8 << 20;
 
     fn at(&self, i: usize) {
@@ -489,9 +491,9 @@ impl ReadAhead {
     /// [`ReadAhead::run`] with a window of `window` bytes.
     fn run_with(&self, layout: &Layout, exprs: &[&Resolved], window: u64) {
         let bytes = |t: &Resolved| -> u64 { source_ranges(t).map(|(_, b, e)| (e - b) as u64).sum() };
-        let mut next = 0usize; // the next tensor to ask for
-                               // Per input, the end of what was asked for: requests run on to at least EXTENT bytes,
-                               // so the disk gets few large sequential reads per file instead of one per tensor.
+        // The next tensor to ask for; per input, the end of what was asked for (requests run on
+        // to at least EXTENT bytes).
+        let mut next = 0usize;
         let mut asked = vec![0usize; layout.inputs.len()];
         loop {
             let mut now = self.at.lock().unwrap_or_else(|e| e.into_inner());

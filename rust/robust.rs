@@ -1050,8 +1050,9 @@ fn point_stats<T: Work>(
         }
         Ok((bits, thr, read))
     };
-    // values and, for a rank table, its counting state (about 16 bytes per element at most)
-    let per = std::mem::size_of::<T>() + if table.is_some() { 16 } else { 0 };
+    // values and, for a rank table, its mask state: the keep and band bits, and 20 bytes per band
+    // element (position, draw, key), a fraction |eps| of the elements (all of them from |eps| = 1)
+    let per = std::mem::size_of::<T>() + if table.is_some() { 21 } else { 0 };
     let group = ((1usize << 30) / (numel.max(1) * per)).clamp(1, rayon::current_num_threads().max(1));
     let idx: Vec<usize> = (0..r.points.len()).collect();
     let mut read = 0u64;
