@@ -607,7 +607,6 @@ fn ranks_core<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64], keys: &[u64],
     }
     let below_root = prefix(&count);
     let mid = |count: u64| count.saturating_sub(1) as f64 / 2.0 + 1.0;
-    let (mut it1, mut it2) = (first.seen.iter(), second.seen.iter());
     // Which visited set holds bucket `b`, if any.
     let set = |b: u32| {
         if first.off[b as usize] != NONE {
@@ -618,36 +617,45 @@ fn ranks_core<T: Real>(vals: &[T], della_eps: f64, wanted: &[u64], keys: &[u64],
             None
         }
     };
+    // Every wanted element first gets its bucket's middle rank (a lookup, no branch); those of
+    // heavy visited buckets are then placed within their bucket, set by set.
+    let light: Vec<f64> = below_root.iter().zip(&count).map(|(&b, &c)| b as f64 + mid(c)).collect();
+    ranks.iter_mut().zip(keys).for_each(|(r, &k)| *r = light[bk.of(k) as usize]);
     // Per visited set, its heavy slots of several keys that hold a wanted element: sorted below.
     let mut sorted: [Vec<u32>; 2] = [vec![NONE; first.slots.len()], vec![NONE; second.slots.len()]];
     let mut parts: Vec<Vec<(u64, u64)>> = Vec::new();
-    for (r, &k) in ranks.iter_mut().zip(keys) {
-        let b = bk.of(k);
-        let visit = set(b).map(|s| {
-            let it = if s == 0 { &mut it1 } else { &mut it2 };
-            (s, *it.next().expect("one entry per visited wanted element"))
-        });
-        *r = below_root[b as usize] as f64
-            + match visit {
-                Some((s, (i, c))) if is_heavy(b) => {
-                    let t = if s == 0 { &first } else { &second };
-                    let (cnt, key) = t.slots[i as usize];
-                    t.below_sub[i as usize] as f64
-                        + if cnt <= q {
-                            mid(cnt)
-                        } else if key != MIXED {
-                            (c + 1) as f64
-                        } else {
-                            let sp = &mut sorted[s][i as usize];
-                            if *sp == NONE {
-                                *sp = parts.len() as u32;
-                                parts.push(Vec::new());
-                            }
-                            0.0 // the place within is added below
-                        }
-                }
-                _ => mid(count[b as usize]),
-            };
+    for (s, t) in [&first, &second].into_iter().enumerate() {
+        if t.slots.is_empty() {
+            continue;
+        }
+        // the set's wanted elements, in position order as its `seen` entries, listed without a
+        // branch (the spare entry takes the last write)
+        let mut list = vec![0u32; t.seen.len()];
+        let mut m = 0;
+        for (w, &k) in keys.iter().enumerate() {
+            list[m] = w as u32;
+            m += (t.off[bk.of(k) as usize] != NONE) as usize;
+        }
+        for (&w, &(i, c)) in list[..m].iter().zip(&t.seen) {
+            let b = bk.of(keys[w as usize]);
+            if !is_heavy(b) {
+                continue;
+            }
+            let (cnt, key) = t.slots[i as usize];
+            ranks[w as usize] = (below_root[b as usize] + t.below_sub[i as usize]) as f64
+                + if cnt <= q {
+                    mid(cnt)
+                } else if key != MIXED {
+                    (c + 1) as f64
+                } else {
+                    let sp = &mut sorted[s][i as usize];
+                    if *sp == NONE {
+                        *sp = parts.len() as u32;
+                        parts.push(Vec::new());
+                    }
+                    0.0 // the place within is added below
+                };
+        }
     }
     if !parts.is_empty() {
         // Heavy sub-buckets of several keys (rare): their elements sorted by (key, position).
