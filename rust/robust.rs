@@ -798,6 +798,63 @@ fn weighted_sum_impl<T: Work>(pts: &[T], len: usize, w: Option<&[T]>, vals: &mut
     }
 }
 
+/// The block's points (elements `s..s + len`), each times its dropout mask: [`points`] then
+/// [`drop_points`], in one loop where the masks are a statistics pass's bits.
+#[allow(clippy::too_many_arguments)]
+fn points_dropped<T: Work>(
+    r: &Robust,
+    p: &Prepared<T>,
+    x: &[Vec<T>],
+    s: usize,
+    len: usize,
+    row: usize,
+    pts: &mut Vec<T>,
+    mask: &mut Vec<T>,
+) {
+    if r.dropout.is_some() && p.bits.len() == r.points.len() {
+        pts.resize(len * r.points.len(), T::ZERO);
+        points_bits(r, x, len, &p.bits, s, pts);
+    } else {
+        points(r, x, len, pts);
+        drop_points(r, p, pts, s, len, row, mask);
+    }
+}
+
+dispatch!(points_bits, points_bits_avx2, points_bits_impl, (r: &Robust, x: &[Vec<T>], len: usize, bits: &[Vec<u64>], s: usize, pts: &mut [T]));
+
+/// [`points_impl`] with each value times its bit, as [`times_bits_impl`] multiplies (the
+/// same operations in the same order: the same bits).
+#[inline(always)]
+fn points_bits_impl<T: Work>(r: &Robust, x: &[Vec<T>], len: usize, bits: &[Vec<u64>], s: usize, pts: &mut [T]) {
+    for ((terms, p), b) in r.points.iter().zip(pts.chunks_exact_mut(len.max(1))).zip(bits) {
+        match terms.as_slice() {
+            [(a, ca), (c, cc)] => {
+                let (xa, xc) = (&x[*a][..len], &x[*c][..len]);
+                let (ca, cc) = (T::from_f64(*ca), T::from_f64(*cc));
+                let mut e = 0;
+                while e < len {
+                    let j = s + e;
+                    let (word, off) = (b[j / 64], j % 64);
+                    let take = (64 - off).min(len - e);
+                    let w = e..e + take;
+                    for (k, ((o, &va), &vc)) in p[w.clone()].iter_mut().zip(&xa[w.clone()]).zip(&xc[w]).enumerate() {
+                        *o = (T::ZERO + ca * va + cc * vc) * T::one_if((word >> (off + k)) & 1);
+                    }
+                    e += take;
+                }
+            }
+            _ => {
+                p.iter_mut().for_each(|v| *v = T::ZERO);
+                for &(j, c) in terms {
+                    let c = T::from_f64(c);
+                    p.iter_mut().zip(&x[j][..len]).for_each(|(o, &v)| *o += c * v);
+                }
+                times_bits_impl(p, b, s);
+            }
+        }
+    }
+}
+
 /// Multiplies each point's block (elements `s..s + len`) by its dropout mask, as sd-mecha
 /// multiplies (a dropped NaN stays NaN).
 fn drop_points<T: Work>(r: &Robust, p: &Prepared<T>, pts: &mut [T], s: usize, len: usize, row: usize, mask: &mut Vec<T>) {
@@ -851,8 +908,8 @@ fn evaluate<T: Work>(r: &Robust, p: &Prepared<T>, s: usize, len: usize, row: usi
         mask,
         ..
     } = sc;
-    points(r, x, len, pts);
     if r.method == Method::MaskedMean {
+        points(r, x, len, pts);
         // sd-mecha's `dropout`: kept values summed (a dropped NaN does not count), over the kept count.
         let d = r.dropout.as_ref().expect("checked");
         vals.clear();
@@ -871,7 +928,7 @@ fn evaluate<T: Work>(r: &Robust, p: &Prepared<T>, s: usize, len: usize, row: usi
         });
         return;
     }
-    drop_points(r, p, pts, s, len, row, mask);
+    points_dropped(r, p, x, s, len, row, pts, mask);
     match r.method {
         // The agreeing points go straight into the (weighted) sum: no filtered copy.
         Method::TiesSum(ties) | Method::TiesMedian { ties, .. } => {
@@ -1118,8 +1175,7 @@ fn gram<T: Work>(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared<T>, blocks: &[(usize
                         mask,
                         ..
                     } = sc;
-                    points(r, x, len, pts);
-                    drop_points(r, prep, pts, s, len, ctx.row, mask);
+                    points_dropped(r, prep, x, s, len, ctx.row, pts, mask);
                     if let Some(t) = r.method.ties() {
                         ties_filter(pts, len, t, prep.thresholds.as_deref(), false, count, votes);
                     }
