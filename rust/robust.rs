@@ -558,7 +558,7 @@ fn ties_filter_impl<T: Work>(
         count.resize(len, T::ZERO);
     }
     for p in pts.chunks_exact_mut(len.max(1)) {
-        T::keep_agreeing(p, &v.vote, want_count.then_some(&mut count[..]), None);
+        T::keep_agreeing(p, &v.vote, want_count.then_some(&mut count[..]));
     }
 }
 
@@ -599,19 +599,44 @@ fn ties_vote_impl<T: Work>(pts: &mut [T], len: usize, ties: Ties, thr: Option<&[
 }
 
 /// The agreeing part of one point: `d` where `isign(d) == s`, else 0 (the bits of `d` kept:
-/// -0.0 stays), written back to `p`, or with `sum = (w, vals)` added as `vals += d * w` instead
-/// (`p` untouched: the output pass needs no filtered copy). With `count`, adds 1 per kept element.
+/// -0.0 stays), written back to `p`. With `count`, adds 1 per kept element.
 #[inline(always)]
-fn keep_agreeing_portable<T: Real>(p: &mut [T], s: &[T], mut count: Option<&mut [T]>, mut sum: Option<(T, &mut [T])>) {
+fn keep_agreeing_portable<T: Real>(p: &mut [T], s: &[T], mut count: Option<&mut [T]>) {
     for (e, (d, &s)) in p.iter_mut().zip(s).enumerate() {
         let keep = isign(*d) == s;
         if let Some(c) = count.as_deref_mut() {
             c[e] += if keep { T::ONE } else { T::ZERO };
         }
-        let kept = if keep { *d } else { T::ZERO };
-        match sum.as_mut() {
-            Some((w, vals)) => vals[e] += kept * *w,
-            None => *d = kept,
+        *d = if keep { *d } else { T::ZERO };
+    }
+}
+
+/// The agreeing parts of all points summed, element by element: `vals[e] = 0 + kept_0 w_0 +
+/// kept_1 w_1 + ...` (weights 1 without `w`), and with `count` the kept count, from element `from`
+/// on. The same operations in the same order as [`keep_agreeing_portable`] point after point into
+/// zeroed sums, in one pass (no zeroing, no sums read back per point).
+#[inline(always)]
+fn agreeing_sum_portable<T: Real>(
+    pts: &[T],
+    len: usize,
+    s: &[T],
+    w: Option<&[T]>,
+    mut count: Option<&mut [T]>,
+    vals: &mut [T],
+    from: usize,
+) {
+    let np = pts.len().checked_div(len).unwrap_or(0);
+    for e in from..len {
+        let (mut acc, mut c) = (T::ZERO, T::ZERO);
+        for i in 0..np {
+            let d = pts[i * len + e];
+            let keep = isign(d) == s[e];
+            acc += (if keep { d } else { T::ZERO }) * w.map_or(T::ONE, |w| w[i]);
+            c += if keep { T::ONE } else { T::ZERO };
+        }
+        vals[e] = acc;
+        if let Some(cn) = count.as_deref_mut() {
+            cn[e] = c;
         }
     }
 }
@@ -627,7 +652,11 @@ trait Work: Real {
     /// [`keep_agreeing_portable`] with AVX2 where present. Written with intrinsics because the
     /// compiler turns the in-place select into masked stores (`vmaskmovpd`), which are microcoded
     /// on AMD and took half of this step's time; the same compare-and-mask gives the same bits.
-    fn keep_agreeing(p: &mut [Self], s: &[Self], count: Option<&mut [Self]>, sum: Option<(Self, &mut [Self])>);
+    fn keep_agreeing(p: &mut [Self], s: &[Self], count: Option<&mut [Self]>);
+
+    /// [`agreeing_sum_portable`] over a whole block (`vals` and `count` `len` long), with AVX2
+    /// where present.
+    fn agreeing_sum(pts: &[Self], len: usize, s: &[Self], w: Option<&[Self]>, count: Option<&mut [Self]>, vals: &mut [Self]);
 }
 
 thread_local! {
@@ -637,44 +666,124 @@ thread_local! {
 
 /// [`Work`] for one precision: its thread's scratch buffers and its AVX2 agreeing step.
 macro_rules! work {
-    ($t:ty, $scratch:ident, $avx2:ident) => {
+    ($t:ty, $scratch:ident, $avx2:ident, $sum_avx2:ident) => {
         impl Work for $t {
             fn with_scratch<R>(f: impl FnOnce(&mut Scratch<$t>) -> R) -> R {
                 $scratch.with(|sc| f(&mut sc.borrow_mut()))
             }
 
-            fn keep_agreeing(p: &mut [$t], s: &[$t], count: Option<&mut [$t]>, sum: Option<($t, &mut [$t])>) {
+            fn keep_agreeing(p: &mut [$t], s: &[$t], count: Option<&mut [$t]>) {
                 #[cfg(target_arch = "x86_64")]
                 if avx2() {
                     // SAFETY: AVX2 was detected on this CPU.
-                    return unsafe { x86::$avx2(p, s, count, sum) };
+                    return unsafe { x86::$avx2(p, s, count) };
                 }
-                keep_agreeing_portable(p, s, count, sum)
+                keep_agreeing_portable(p, s, count)
+            }
+
+            fn agreeing_sum(pts: &[$t], len: usize, s: &[$t], w: Option<&[$t]>, count: Option<&mut [$t]>, vals: &mut [$t]) {
+                let np = pts.len().checked_div(len).unwrap_or(0);
+                assert!(s.len() >= len && vals.len() >= len && w.map_or(true, |w| w.len() >= np));
+                assert!(count.as_deref().map_or(true, |c| c.len() >= len) && pts.len() == np * len);
+                #[cfg(target_arch = "x86_64")]
+                if avx2() {
+                    // SAFETY: AVX2 was detected on this CPU; the lengths were checked.
+                    return unsafe { x86::$sum_avx2(pts, len, s, w, count, vals) };
+                }
+                agreeing_sum_portable(pts, len, s, w, count, vals, 0)
             }
         }
     };
 }
 
-work!(f64, SCRATCH64, keep_agreeing_f64);
-work!(f32, SCRATCH32, keep_agreeing_f32);
+work!(f64, SCRATCH64, keep_agreeing_f64, agreeing_sum_f64);
+work!(f32, SCRATCH32, keep_agreeing_f32, agreeing_sum_f32);
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::keep_agreeing_portable;
+    use super::{agreeing_sum_portable, keep_agreeing_portable};
+
+    /// [`agreeing_sum_portable`] `$w` elements at a time: the lanes' sums and counts stay in
+    /// registers across the points. The caller checked the lengths.
+    macro_rules! agreeing_sum_avx2 {
+        ($name:ident, $t:ty, $w:expr, $set1:ident, $zero:ident, $load:ident, $store:ident, $and:ident, $cmp:ident, $sub:ident, $add:ident, $mul:ident) => {
+            #[target_feature(enable = "avx2")]
+            pub(super) fn $name(
+                pts: &[$t],
+                len: usize,
+                s: &[$t],
+                w: Option<&[$t]>,
+                mut count: Option<&mut [$t]>,
+                vals: &mut [$t],
+            ) {
+                let np = pts.len().checked_div(len).unwrap_or(0);
+                let full = len / $w * $w;
+                let (one, zero) = ($set1(1.0), $zero());
+                for e in (0..full).step_by($w) {
+                    // SAFETY: e + $w <= len, and every slice holds len elements (pts np rows).
+                    unsafe {
+                        let sv = $load(s.as_ptr().add(e));
+                        let (mut acc, mut c) = (zero, zero);
+                        for i in 0..np {
+                            let d = $load(pts.as_ptr().add(i * len + e));
+                            let pos = $and($cmp::<_CMP_GT_OQ>(d, zero), one);
+                            let neg = $and($cmp::<_CMP_LT_OQ>(d, zero), one);
+                            let keep = $cmp::<_CMP_EQ_OQ>($sub(pos, neg), sv);
+                            let wi = $set1(w.map_or(1.0, |w| *w.get_unchecked(i)));
+                            acc = $add(acc, $mul($and(d, keep), wi));
+                            c = $add(c, $and(keep, one));
+                        }
+                        $store(vals.as_mut_ptr().add(e), acc);
+                        if let Some(cn) = count.as_deref_mut() {
+                            $store(cn.as_mut_ptr().add(e), c);
+                        }
+                    }
+                }
+                agreeing_sum_portable(pts, len, s, w, count, vals, full);
+            }
+        };
+    }
+
+    agreeing_sum_avx2!(
+        agreeing_sum_f64,
+        f64,
+        4,
+        _mm256_set1_pd,
+        _mm256_setzero_pd,
+        _mm256_loadu_pd,
+        _mm256_storeu_pd,
+        _mm256_and_pd,
+        _mm256_cmp_pd,
+        _mm256_sub_pd,
+        _mm256_add_pd,
+        _mm256_mul_pd
+    );
+    agreeing_sum_avx2!(
+        agreeing_sum_f32,
+        f32,
+        8,
+        _mm256_set1_ps,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_and_ps,
+        _mm256_cmp_ps,
+        _mm256_sub_ps,
+        _mm256_add_ps,
+        _mm256_mul_ps
+    );
 
     /// One AVX2 agreeing step per lane width: `$w` lanes of `$t`.
     macro_rules! keep_agreeing_avx2 {
         ($name:ident, $t:ty, $w:expr, $set1:ident, $zero:ident, $load:ident, $store:ident, $and:ident, $cmp:ident, $sub:ident, $add:ident, $mul:ident) => {
             #[target_feature(enable = "avx2")]
-            pub(super) fn $name(p: &mut [$t], s: &[$t], mut count: Option<&mut [$t]>, mut sum: Option<($t, &mut [$t])>) {
+            pub(super) fn $name(p: &mut [$t], s: &[$t], mut count: Option<&mut [$t]>) {
                 let n = p
                     .len()
                     .min(s.len())
                     .min(count.as_deref().map_or(usize::MAX, |c| c.len()));
-                let n = n.min(sum.as_ref().map_or(usize::MAX, |(_, v)| v.len()));
-                let w = $set1(sum.as_ref().map_or(1.0, |(w, _)| *w));
                 let full = n / $w * $w;
                 let (one, zero) = ($set1(1.0), $zero());
                 for i in (0..full).step_by($w) {
@@ -685,26 +794,14 @@ mod x86 {
                         let pos = $and($cmp::<_CMP_GT_OQ>(d, zero), one);
                         let neg = $and($cmp::<_CMP_LT_OQ>(d, zero), one);
                         let keep = $cmp::<_CMP_EQ_OQ>($sub(pos, neg), sv);
-                        let kept = $and(d, keep);
-                        match sum.as_mut() {
-                            Some((_, vals)) => {
-                                let vp = vals.as_mut_ptr().add(i);
-                                $store(vp, $add($load(vp), $mul(kept, w)));
-                            }
-                            None => $store(p.as_mut_ptr().add(i), kept),
-                        }
+                        $store(p.as_mut_ptr().add(i), $and(d, keep));
                         if let Some(c) = count.as_deref_mut() {
                             let cp = c.as_mut_ptr().add(i);
                             $store(cp, $add($load(cp), $and(keep, one)));
                         }
                     }
                 }
-                keep_agreeing_portable(
-                    &mut p[full..n],
-                    &s[full..n],
-                    count.map(|c| &mut c[full..n]),
-                    sum.map(|(w, v)| (w, &mut v[full..n])),
-                );
+                keep_agreeing_portable(&mut p[full..n], &s[full..n], count.map(|c| &mut c[full..n]));
             }
         };
     }
@@ -934,20 +1031,13 @@ fn evaluate<T: Work>(r: &Robust, p: &Prepared<T>, s: usize, len: usize, row: usi
         Method::TiesSum(ties) | Method::TiesMedian { ties, .. } => {
             ties_vote(pts, len, ties, p.thresholds.as_deref(), votes);
             let median = matches!(r.method, Method::TiesMedian { .. });
-            vals.clear();
+            // (every element is written: no fill)
             vals.resize(len, T::ZERO);
             if !median {
-                count.clear();
                 count.resize(len, T::ZERO);
             }
-            for (i, pt) in pts.chunks_exact_mut(len.max(1)).enumerate() {
-                let w = if median {
-                    p.weights.as_deref().expect("prepared")[i]
-                } else {
-                    T::ONE
-                };
-                T::keep_agreeing(pt, &votes.vote, (!median).then_some(&mut count[..]), Some((w, &mut vals[..])));
-            }
+            let w = if median { p.weights.as_deref() } else { None };
+            T::agreeing_sum(pts, len, &votes.vote, w, (!median).then_some(&mut count[..]), vals);
             finish_sum(r, p, count, vals);
         }
         _ => {
@@ -1271,6 +1361,43 @@ mod tests {
         let g = vec![1.0, 0.0, 0.0, 4.0];
         assert_eq!(weiszfeld(&g, 2, Median { maxiter: 0, ..med() }), vec![1.0, 1.0]);
         assert_eq!(weiszfeld(&[f64::NAN, 0.0, 0.0, 1.0], 2, med()), vec![1.0, 1.0]);
+    }
+
+    /// The one-pass sum has the bits of the point-after-point one, in both precisions, with and
+    /// without weights and counts, signed zeros, NaNs and a ragged tail.
+    #[test]
+    fn agreeing_sum_has_the_bits_of_point_after_point() {
+        fn check<T: Work>() {
+            let (np, len) = (5, 23);
+            let special = [0.0, -0.0, f64::NAN, 1e-300, -3.5];
+            let pts: Vec<T> = (0..np * len)
+                .map(|i| {
+                    T::from_f64(if i % 7 == 0 {
+                        special[i % 5]
+                    } else {
+                        ((i * 7919) % 97) as f64 / 13.0 - 3.7
+                    })
+                })
+                .collect();
+            let s: Vec<T> = (0..len).map(|e| T::from_f64([1.0, -1.0, 0.0][e % 3])).collect();
+            let w: Vec<T> = (0..np).map(|i| T::from_f64(0.3 + i as f64 / 7.0)).collect();
+            for weights in [None, Some(&w[..])] {
+                let (mut want, mut want_c) = (vec![T::ZERO; len], vec![T::ZERO; len]);
+                for (i, pt) in pts.chunks_exact(len).enumerate() {
+                    let mut kept = pt.to_vec();
+                    keep_agreeing_portable(&mut kept, &s, Some(&mut want_c));
+                    let wi = weights.map_or(T::ONE, |w| w[i]);
+                    want.iter_mut().zip(&kept).for_each(|(v, &k)| *v += k * wi);
+                }
+                let (mut got, mut got_c) = (vec![T::ONE; len], vec![T::ONE; len]);
+                T::agreeing_sum(&pts, len, &s, weights, Some(&mut got_c), &mut got);
+                let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want));
+                assert_eq!(bits(&got_c), bits(&want_c));
+            }
+        }
+        check::<f64>();
+        check::<f32>();
     }
 
     #[test]
