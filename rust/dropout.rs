@@ -413,6 +413,11 @@ fn finish_impl<T: Real>(m: DellaMask, vals: &[T]) -> Vec<u64> {
 /// Bit `i` set where `us[i] < t` (at most 64 draws; `t` up to 2^32).
 fn below(us: &[u32], t: u64) -> u64 {
     #[cfg(target_arch = "x86_64")]
+    if us.len() == 64 && use_avx512() {
+        // SAFETY: these AVX-512 subsets were detected on this CPU; `us` holds 64 draws.
+        return unsafe { below_avx512(us, t) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if us.len() == 64 && crate::kernels::Level::detect().has_avx2() {
         // SAFETY: AVX2 was detected on this CPU; `us` holds 64 draws.
         return unsafe { below_avx2(us, t) };
@@ -439,6 +444,24 @@ fn below_avx2(us: &[u32], t: u64) -> u64 {
         let x = unsafe { _mm256_loadu_si256(us.as_ptr().add(g * 8) as *const __m256i) };
         let lt = _mm256_cmpgt_epi32(tv, _mm256_xor_si256(x, bias));
         out |= (_mm256_movemask_ps(_mm256_castsi256_ps(lt)) as u32 as u64) << (g * 8);
+    }
+    out
+}
+
+/// [`below`] 16 draws at a time: AVX-512 compares unsigned and gives the mask itself.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
+fn below_avx512(us: &[u32], t: u64) -> u64 {
+    use std::arch::x86_64::*;
+    if t > u32::MAX as u64 {
+        return u64::MAX;
+    }
+    let tv = _mm512_set1_epi32(t as u32 as i32);
+    let mut out = 0u64;
+    for g in 0..4 {
+        // SAFETY: `us` holds 64 draws, so lanes g * 16 .. g * 16 + 16 are in it.
+        let x = unsafe { _mm512_loadu_si512(us.as_ptr().add(g * 16) as *const _) };
+        out |= (_mm512_cmplt_epu32_mask(x, tv) as u64) << (g * 16);
     }
     out
 }
