@@ -1269,9 +1269,8 @@ fn gram<T: Work>(ctx: &Ctx<'_>, r: &Robust, prep: &Prepared<T>, blocks: &[(usize
                     if let Some(t) = r.method.ties() {
                         ties_filter(pts, len, t, prep.thresholds.as_deref(), false, count, votes);
                     }
-                    // (A hand-tiled symmetric kernel without packing measured slower: 5.5 s vs
-                    // 5.1 s at N=8 and 27 s vs 16 s at N=64, SDXL/8; the GEMM keeps its panels
-                    // in L1.)
+                    // (Up to 8 points an AVX-512 FMA kernel; beyond, the GEMM: a portable
+                    // hand-tiled kernel had measured slower there, 27 s vs 16 s at N=64, SDXL/8.)
                     Ok((T::gram(pts, np, len), n))
                 })
             })
