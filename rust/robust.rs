@@ -746,35 +746,6 @@ mod x86 {
         };
     }
 
-    agreeing_sum_avx2!(
-        agreeing_sum_f64,
-        f64,
-        4,
-        _mm256_set1_pd,
-        _mm256_setzero_pd,
-        _mm256_loadu_pd,
-        _mm256_storeu_pd,
-        _mm256_and_pd,
-        _mm256_cmp_pd,
-        _mm256_sub_pd,
-        _mm256_add_pd,
-        _mm256_mul_pd
-    );
-    agreeing_sum_avx2!(
-        agreeing_sum_f32,
-        f32,
-        8,
-        _mm256_set1_ps,
-        _mm256_setzero_ps,
-        _mm256_loadu_ps,
-        _mm256_storeu_ps,
-        _mm256_and_ps,
-        _mm256_cmp_ps,
-        _mm256_sub_ps,
-        _mm256_add_ps,
-        _mm256_mul_ps
-    );
-
     /// One AVX2 agreeing step per lane width: `$w` lanes of `$t`.
     macro_rules! keep_agreeing_avx2 {
         ($name:ident, $t:ty, $w:expr, $set1:ident, $zero:ident, $load:ident, $store:ident, $and:ident, $cmp:ident, $sub:ident, $add:ident, $mul:ident) => {
@@ -806,34 +777,43 @@ mod x86 {
         };
     }
 
-    keep_agreeing_avx2!(
-        keep_agreeing_f64,
-        f64,
-        4,
-        _mm256_set1_pd,
-        _mm256_setzero_pd,
-        _mm256_loadu_pd,
-        _mm256_storeu_pd,
-        _mm256_and_pd,
-        _mm256_cmp_pd,
-        _mm256_sub_pd,
-        _mm256_add_pd,
-        _mm256_mul_pd
-    );
-    keep_agreeing_avx2!(
-        keep_agreeing_f32,
-        f32,
-        8,
-        _mm256_set1_ps,
-        _mm256_setzero_ps,
-        _mm256_loadu_ps,
-        _mm256_storeu_ps,
-        _mm256_and_ps,
-        _mm256_cmp_ps,
-        _mm256_sub_ps,
-        _mm256_add_ps,
-        _mm256_mul_ps
-    );
+    /// Instantiates an AVX2 step macro for f64 (4 lanes) and f32 (8 lanes), as the functions
+    /// named `$f64` and `$f32`: each width's intrinsics are listed once.
+    macro_rules! both_widths {
+        ($step:ident, $f64:ident, $f32:ident) => {
+            $step!(
+                $f64,
+                f64,
+                4,
+                _mm256_set1_pd,
+                _mm256_setzero_pd,
+                _mm256_loadu_pd,
+                _mm256_storeu_pd,
+                _mm256_and_pd,
+                _mm256_cmp_pd,
+                _mm256_sub_pd,
+                _mm256_add_pd,
+                _mm256_mul_pd
+            );
+            $step!(
+                $f32,
+                f32,
+                8,
+                _mm256_set1_ps,
+                _mm256_setzero_ps,
+                _mm256_loadu_ps,
+                _mm256_storeu_ps,
+                _mm256_and_ps,
+                _mm256_cmp_ps,
+                _mm256_sub_ps,
+                _mm256_add_ps,
+                _mm256_mul_ps
+            );
+        };
+    }
+
+    both_widths!(agreeing_sum_avx2, agreeing_sum_f64, agreeing_sum_f32);
+    both_widths!(keep_agreeing_avx2, keep_agreeing_f64, keep_agreeing_f32);
 }
 
 fn finite_or_zero<T: Real>(v: T) -> T {
