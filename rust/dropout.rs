@@ -301,55 +301,48 @@ impl DellaMask {
     /// the last multiple of 64 before `upto` (all of them once `upto` is the tensor's length).
     pub fn feed<T: Real>(&mut self, vals: &[T], upto: usize) {
         assert_eq!(vals.len(), self.n, "the whole tensor's buffer");
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
-        fn avx2<T: Real>(m: &mut DellaMask, vals: &[T], upto: usize) {
-            feed_impl(m, vals, upto)
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
-        fn avx512<T: Real>(m: &mut DellaMask, vals: &[T], upto: usize) {
-            feed_impl(m, vals, upto)
-        }
-        #[cfg(target_arch = "x86_64")]
-        if use_avx512() {
-            // SAFETY: these AVX-512 subsets were detected on this CPU.
-            return unsafe { avx512(self, vals, upto) };
-        }
-        #[cfg(target_arch = "x86_64")]
-        if crate::kernels::Level::detect().has_avx2() {
-            // SAFETY: AVX2 was detected on this CPU.
-            return unsafe { avx2(self, vals, upto) };
-        }
-        feed_impl(self, vals, upto)
+        feed_best(self, vals, upto)
     }
 
     /// The mask, once every element was fed (any left are drawn first).
     pub fn finish<T: Real>(mut self, vals: &[T]) -> Vec<u64> {
         self.feed(vals, self.n);
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
-        fn avx2<T: Real>(m: DellaMask, vals: &[T]) -> Vec<u64> {
-            finish_impl(m, vals)
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
-        fn avx512<T: Real>(m: DellaMask, vals: &[T]) -> Vec<u64> {
-            finish_impl(m, vals)
-        }
-        #[cfg(target_arch = "x86_64")]
-        if use_avx512() {
-            // SAFETY: these AVX-512 subsets were detected on this CPU.
-            return unsafe { avx512(self, vals) };
-        }
-        #[cfg(target_arch = "x86_64")]
-        if crate::kernels::Level::detect().has_avx2() {
-            // SAFETY: AVX2 was detected on this CPU.
-            return unsafe { avx2(self, vals) };
-        }
-        finish_impl(self, vals)
+        finish_best(self, vals)
     }
 }
+
+/// `fn $name` runs `$imp` in its best build for this CPU: AVX-512 (F, VL, BW, DQ), AVX2, or
+/// portable. The builds are the same code; the bits are the same.
+macro_rules! best_build {
+    ($name:ident => $imp:ident ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        fn $name<T: Real>($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            fn avx2<T: Real>($($arg: $ty),*) -> $ret {
+                $imp($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
+            fn avx512<T: Real>($($arg: $ty),*) -> $ret {
+                $imp($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if use_avx512() {
+                // SAFETY: these AVX-512 subsets were detected on this CPU.
+                return unsafe { avx512($($arg),*) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::kernels::Level::detect().has_avx2() {
+                // SAFETY: AVX2 was detected on this CPU.
+                return unsafe { avx2($($arg),*) };
+            }
+            $imp($($arg),*)
+        }
+    };
+}
+
+best_build!(feed_best => feed_impl(m: &mut DellaMask, vals: &[T], upto: usize) -> ());
+best_build!(finish_best => finish_impl(m: DellaMask, vals: &[T]) -> Vec<u64>);
 
 #[inline(always)]
 fn feed_impl<T: Real>(m: &mut DellaMask, vals: &[T], upto: usize) {

@@ -408,12 +408,11 @@ pub fn run_layout(layout: &Layout, output: &Path, opts: &Options, progress: &Pro
         };
         // A small tensor keeps few threads busy (a block or two per pass): runs of them go
         // side by side, each computed as alone (the same bits).
-        let small = |t: &&&Resolved| t.numel < SMALL_EXPR;
         let mut read = 0;
         let mut i = 0;
         while i < exprs.len() {
             ahead.at(i);
-            let len = exprs[i..].iter().take_while(small).count().max(1);
+            let len = exprs[i..].iter().take_while(|t| t.numel < SMALL_EXPR).count().max(1);
             let group = &exprs[i..i + len];
             read += pool.install(|| group.par_iter().with_max_len(1).map(|t| run(t)).sum::<Result<u64>>())?;
             i += len;

@@ -102,8 +102,8 @@ impl Real for f64 {
 
     common!(f64);
 
-    /// Blocks of up to [`GRAM_PART`] points: the GEMM of each block pair on or above the
-    /// diagonal, the rest mirrored (the matrix is symmetric; a product's terms commute, so a
+    /// Up to 8 points with AVX-512: [`gram_avx512`]. Else blocks of up to [`GRAM_PART`] points:
+    /// the GEMM of each block pair on or above the diagonal, the rest mirrored (the matrix is symmetric; a product's terms commute, so a
     /// mirrored entry has the bits the GEMM would give it). At 64 points that is 3 of 4 blocks.
     fn gram(pts: &[f64], np: usize, len: usize) -> Vec<f64> {
         #[cfg(target_arch = "x86_64")]
@@ -223,8 +223,7 @@ fn gram_few(pts: &[f64], np: usize, len: usize) -> Vec<f64> {
 
 /// Rows two at a time against every row on or after the first: 2N accumulators of 8 lanes,
 /// each lane a sum over the elements of its residue mod 8, in element order, added up lane by
-/// lane at the end. Entry (i, j) and (j, i) take the same products in the same order (products
-/// commute), so the matrix is exactly symmetric.
+/// lane at the end. The upper triangle is computed and mirrored: exactly symmetric.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn gram_avx512<const N: usize>(pts: &[f64], len: usize) -> Vec<f64> {

@@ -455,25 +455,31 @@ impl Ctx<'_> {
 }
 
 /// All points of a block, point-major (`pts[i * len + e]`): every element-wise step below is a
-/// loop over contiguous elements that the compiler vectorizes. The sum per point is in term order.
+/// loop over contiguous elements that the compiler vectorizes.
 #[inline(always)]
 fn points_impl<T: Work>(r: &Robust, x: &[Vec<T>], len: usize, pts: &mut [T]) {
     for (terms, p) in r.points.iter().zip(pts.chunks_exact_mut(len.max(1))) {
-        match terms.as_slice() {
-            // The common shape, a delta `m - b`: one pass, the same bits as the general loop.
-            [(a, ca), (b, cb)] => {
-                let (xa, xb) = (&x[*a][..len], &x[*b][..len]);
-                let (ca, cb) = (T::from_f64(*ca), T::from_f64(*cb));
-                for ((o, &va), &vb) in p.iter_mut().zip(xa).zip(xb) {
-                    *o = T::ZERO + ca * va + cb * vb;
-                }
+        point_into(terms, x, len, p);
+    }
+}
+
+/// One point of a block into `p`: the sum of its terms, in term order.
+#[inline(always)]
+fn point_into<T: Work>(terms: &[(usize, f64)], x: &[Vec<T>], len: usize, p: &mut [T]) {
+    match terms {
+        // The common shape, a delta `m - b`: one pass, the same bits as the general loop.
+        [(a, ca), (b, cb)] => {
+            let (xa, xb) = (&x[*a][..len], &x[*b][..len]);
+            let (ca, cb) = (T::from_f64(*ca), T::from_f64(*cb));
+            for ((o, &va), &vb) in p.iter_mut().zip(xa).zip(xb) {
+                *o = T::ZERO + ca * va + cb * vb;
             }
-            _ => {
-                p.iter_mut().for_each(|v| *v = T::ZERO);
-                for &(j, c) in terms {
-                    let c = T::from_f64(c);
-                    p.iter_mut().zip(&x[j][..len]).for_each(|(o, &v)| *o += c * v);
-                }
+        }
+        _ => {
+            p.iter_mut().for_each(|v| *v = T::ZERO);
+            for &(j, c) in terms {
+                let c = T::from_f64(c);
+                p.iter_mut().zip(&x[j][..len]).for_each(|(o, &v)| *o += c * v);
             }
         }
     }
@@ -900,34 +906,27 @@ fn points_dropped<T: Work>(
 dispatch!(points_bits, points_bits_avx2, points_bits_impl, (r: &Robust, x: &[Vec<T>], len: usize, bits: &[Vec<u64>], s: usize, pts: &mut [T]));
 
 /// [`points_impl`] with each value times its bit, as [`times_bits_impl`] multiplies (the
-/// same operations in the same order: the same bits).
+/// same operations in the same order: the same bits); a delta in one loop.
 #[inline(always)]
 fn points_bits_impl<T: Work>(r: &Robust, x: &[Vec<T>], len: usize, bits: &[Vec<u64>], s: usize, pts: &mut [T]) {
     for ((terms, p), b) in r.points.iter().zip(pts.chunks_exact_mut(len.max(1))).zip(bits) {
-        match terms.as_slice() {
-            [(a, ca), (c, cc)] => {
-                let (xa, xc) = (&x[*a][..len], &x[*c][..len]);
-                let (ca, cc) = (T::from_f64(*ca), T::from_f64(*cc));
-                let mut e = 0;
-                while e < len {
-                    let j = s + e;
-                    let (word, off) = (b[j / 64], j % 64);
-                    let take = (64 - off).min(len - e);
-                    let w = e..e + take;
-                    for (k, ((o, &va), &vc)) in p[w.clone()].iter_mut().zip(&xa[w.clone()]).zip(&xc[w]).enumerate() {
-                        *o = (T::ZERO + ca * va + cc * vc) * T::one_if((word >> (off + k)) & 1);
-                    }
-                    e += take;
-                }
+        let [(a, ca), (c, cc)] = terms.as_slice() else {
+            point_into(terms, x, len, p);
+            times_bits_impl(p, b, s);
+            continue;
+        };
+        let (xa, xc) = (&x[*a][..len], &x[*c][..len]);
+        let (ca, cc) = (T::from_f64(*ca), T::from_f64(*cc));
+        let mut e = 0;
+        while e < len {
+            let j = s + e;
+            let (word, off) = (b[j / 64], j % 64);
+            let take = (64 - off).min(len - e);
+            let w = e..e + take;
+            for (k, ((o, &va), &vc)) in p[w.clone()].iter_mut().zip(&xa[w.clone()]).zip(&xc[w]).enumerate() {
+                *o = (T::ZERO + ca * va + cc * vc) * T::one_if((word >> (off + k)) & 1);
             }
-            _ => {
-                p.iter_mut().for_each(|v| *v = T::ZERO);
-                for &(j, c) in terms {
-                    let c = T::from_f64(c);
-                    p.iter_mut().zip(&x[j][..len]).for_each(|(o, &v)| *o += c * v);
-                }
-                times_bits_impl(p, b, s);
-            }
+            e += take;
         }
     }
 }
